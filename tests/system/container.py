@@ -1,0 +1,365 @@
+"""System-test harness: a cached Debian 12 rootfs and systemd-nspawn containers
+booted with systemd as PID 1, on a host whose own PID 1 is not systemd.
+
+The recipe is DESIGN.md's "Booting systemd on a machine whose PID 1 is not
+systemd". Stdlib only; usable from pytest and as a script:
+
+    python3 -m tests.system.container rootfs            # build/print the cached rootfs
+    python3 -m tests.system.container demo --deb-dir DIR
+    python3 -m tests.system.container shell
+"""
+import argparse
+import fcntl
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUITE = "bookworm"
+CACHE_DIR = Path("/var/cache/lclusterd-tests")
+LOG_DIR = Path("/tmp/lclusterd-tests")
+# Bump when build_rootfs changes what it puts into a rootfs, so old caches are not reused.
+ROOTFS_RECIPE = "1"
+
+# Always needed to boot: systemd as PID 1 and a system bus.
+BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3"]
+# What the system tests put into the rootfs beforehand, so that
+# `apt-get install ./lclusterd_*.deb` runs offline in a --private-network container.
+TEST_PACKAGES = [
+    # runtime dependencies of our .deb (debian/control Depends)
+    "python3-etcd3", "python3-dbus-next", "python3-systemd", "python3-pyroute2",
+    "python3-click", "python3-aiohttp", "etcd-server",
+    # etcdctl, to look at etcd from the tests
+    "etcd-client",
+    # ps, ip, and adduser/useradd to add a non-root test user
+    "procps", "iproute2", "adduser", "passwd",
+]
+
+# A sane environment for commands run inside: nothing leaks in from the host
+# (XDG_RUNTIME_DIR, pyenv's PATH, locale, ...).
+INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INNER_ENV = ["PATH=" + INNER_PATH, "LANG=C.UTF-8", "TERM=dumb",
+             "DEBIAN_FRONTEND=noninteractive"]
+# runuser keeps the caller's environment: set the user's own HOME/USER/LOGNAME.
+AS_USER = ('u=$(id -un); HOME=$(getent passwd "$u" | cut -d: -f6); '
+           'export HOME USER="$u" LOGNAME="$u"; cd "$HOME" 2>/dev/null; exec sh -c "$1"')
+# Runs in the child between setsid and exec: join the container's own cgroups.
+JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+class ContainerError(RuntimeError):
+    pass
+
+
+def check_host():
+    """Fail with a clear message when this host cannot run system tests."""
+    missing = [t for t in ("debootstrap", "systemd-nspawn", "nsenter", "chroot")
+               if not shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin")]
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (debootstrap, nspawn, cgroups)")
+    if missing:
+        problems.append("missing tools: %s (apt-get install systemd-container "
+                        "debootstrap util-linux coreutils)" % " ".join(missing))
+    if problems:
+        raise ContainerError("cannot run system tests: " + "; ".join(problems))
+
+
+def apt_mirror():
+    """The Debian mirror this host's apt uses for SUITE (so debootstrap works on this network)."""
+    d = Path("/etc/apt/sources.list.d")
+    files = [Path("/etc/apt/sources.list"), *sorted(d.glob("*.list")), *sorted(d.glob("*.sources"))]
+    for f in files:
+        if not f.is_file():
+            continue
+        text = f.read_text()
+        if f.suffix == ".sources":  # deb822: paragraphs of "Field: value"
+            for para in re.split(r"\n\s*\n", text):
+                fields = dict(m.groups() for m in
+                              re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", para, re.M))
+                if (fields.get("Enabled", "yes") != "no"
+                        and "deb" in fields.get("Types", "").split()
+                        and SUITE in fields.get("Suites", "").split()):
+                    return fields["URIs"].split()[0]
+        else:
+            for m in re.finditer(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
+                if m.group(2) == SUITE:
+                    return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def _umount_under(path):
+    """Unmount whatever an interrupted debootstrap left mounted (proc, sys) below path."""
+    prefix = str(path).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for p in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", p], check=False)
+
+
+def _remove_tree(path):
+    _umount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def build_rootfs(extra_packages=TEST_PACKAGES):
+    """Return a Debian SUITE rootfs with BASE_PACKAGES + extra_packages, built once and cached.
+
+    Built into a temp dir beside the cache and renamed into place, under a lock,
+    so an interrupted build leaves no half cache and concurrent callers build once.
+    """
+    packages = sorted(set(BASE_PACKAGES) | set(extra_packages))
+    key = hashlib.sha256(f"{SUITE} {ROOTFS_RECIPE} {' '.join(packages)}".encode()).hexdigest()[:16]
+    final = CACHE_DIR / f"rootfs-{key}"
+    if final.is_dir():
+        return final
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / f"rootfs-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():  # built by another caller while we waited
+            return final
+        for stale in CACHE_DIR.glob(f".rootfs-{key}.tmp-*"):  # interrupted builds
+            _remove_tree(stale)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=f".rootfs-{key}.tmp-"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: the container's / would shut out non-root users
+        log = CACHE_DIR / f"rootfs-{key}.log"
+        try:
+            with open(log, "wb") as out:
+                r = subprocess.run(["debootstrap", "--variant=minbase",
+                                    "--include=" + ",".join(packages),
+                                    SUITE, str(tmp), apt_mirror()],
+                                   stdout=out, stderr=subprocess.STDOUT)
+            if r.returncode:
+                raise ContainerError(f"debootstrap failed ({r.returncode}), see {log}:\n"
+                                     + _tail(log))
+            # A minbase rootfs has no /etc/hosts: Debian's etcd.service then cannot resolve localhost.
+            (tmp / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+            # Empty machine-id: every boot gets its own, so containers from one rootfs differ.
+            (tmp / "etc/machine-id").write_text("")
+            # Keep the cache small (nspawn --ephemeral copies it on every boot).
+            subprocess.run(["chroot", str(tmp), "apt-get", "clean"], check=True,
+                           stdout=subprocess.DEVNULL)
+            for f in (tmp / "var/lib/apt/lists").glob("*_*"):
+                f.unlink()
+            os.rename(tmp, final)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+    return final
+
+
+def _tail(path, n=30):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def _children(pid):
+    """PIDs whose parent is pid (scan /proc: works without CONFIG_PROC_CHILDREN)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after "(comm)"
+                kids.append(int(d))
+    return kids
+
+
+def _comm(pid):
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+class Container:
+    """A Debian container booted with systemd-nspawn, systemd as its PID 1.
+
+    Lifecycle: start() -> run(...)* -> stop() (idempotent) or poweroff_hard().
+    """
+
+    def __init__(self, name, rootfs, binds_ro=None, private_network=True):
+        self.name = name
+        self.rootfs = Path(rootfs)
+        self.binds_ro = dict(binds_ro or {})
+        self.private_network = private_network
+        self.log_path = LOG_DIR / f"{name}.log"
+        self.nspawn = None        # subprocess.Popen of systemd-nspawn
+        self.init_pid = None      # the container's systemd, as seen from the host
+        self._cgroups = []        # cgroup dirs we made, removed by stop()
+        self._snapshot = None     # nspawn's --ephemeral copy of rootfs
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _make_cgroups(self):
+        """A cgroup of our own in every hierarchy (DESIGN.md: with --keep-unit nspawn
+        would share its caller's cgroup, and two containers' systemds would collide)."""
+        procs = []
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctl, path = line.split(":", 2)
+            ctl = ctl.replace("name=", "") or "unified"
+            parent = Path("/sys/fs/cgroup", ctl) / path.lstrip("/")
+            cg = parent / self.name
+            cg.mkdir()  # fails if it exists: never adopt someone else's cgroup
+            self._cgroups.append(cg)
+            if "cpuset" in ctl.split(","):  # a v1 cpuset takes no task until it has cpus and mems
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    (cg / f).write_text((parent / f).read_text())
+            procs.append(str(cg / "cgroup.procs"))
+        return procs
+
+    def _remove_cgroups(self):
+        for cg in reversed(self._cgroups):
+            for _ in range(50):  # the kernel takes a moment to empty a cgroup of dead tasks
+                try:
+                    for d, _subdirs, _files in os.walk(cg, topdown=False):  # depth first
+                        os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                print(f"warning: could not remove cgroup {cg}", file=sys.stderr)
+        self._cgroups = []
+
+    def start(self, timeout=120):
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        cmd = ["systemd-nspawn", "-D", str(self.rootfs), "--ephemeral", "--register=no",
+               "--keep-unit", "-b", "-M", self.name, "--console=passive"]
+        if self.private_network:
+            cmd.append("--private-network")  # its own ports: several etcds on :2379
+        cmd += [f"--bind-ro={host}:{inside}" for host, inside in self.binds_ro.items()]
+        try:
+            procs = self._make_cgroups()
+            with open(self.log_path, "wb") as log:
+                self.nspawn = subprocess.Popen(
+                    ["sh", "-c", JOIN_CGROUPS, "sh", *procs, "--", *cmd],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # setsid: no terminal signals from our session
+                    env={"PATH": INNER_PATH, "LANG": "C.UTF-8"})
+            deadline = time.monotonic() + timeout
+            self._find_init(deadline)
+            self._wait_running(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _find_init(self, deadline):
+        """The container's systemd: the child of nspawn once it has exec'd systemd."""
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise self._boot_error(f"systemd-nspawn exited with {self.nspawn.returncode}")
+            for pid in _children(self.nspawn.pid):
+                if _comm(pid) == "systemd":
+                    self.init_pid = pid
+                    self._snapshot = self._find_snapshot()
+                    return
+            time.sleep(0.05)
+        raise self._boot_error("timed out waiting for the container's init")
+
+    def _find_snapshot(self):
+        """Where nspawn copied the rootfs for --ephemeral: the source of the container's /
+        (read from its mountinfo), so poweroff_hard() can remove it as nspawn would."""
+        try:
+            for line in Path(f"/proc/{self.init_pid}/mountinfo").read_text().splitlines():
+                fields = line.split()
+                if fields[4] == "/":
+                    p = Path(fields[3])
+                    if p.parent == self.rootfs.parent and p.name.startswith(".#machine."):
+                        return p
+        except OSError:
+            pass
+        return None
+
+    def _wait_running(self, deadline):
+        state = ""
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise self._boot_error(f"systemd-nspawn exited with {self.nspawn.returncode}")
+            left = max(1, deadline - time.monotonic())
+            try:  # fails while the container's systemd has no bus yet: retry
+                r = self.run("systemctl is-system-running --wait", check=False, timeout=left)
+                state = r.stdout.strip()
+            except subprocess.TimeoutExpired:
+                break
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.2)
+        raise self._boot_error(f"not running after boot timeout (state {state!r})")
+
+    def _boot_error(self, what):
+        return ContainerError(f"container {self.name}: {what}; last lines of "
+                              f"{self.log_path}:\n{_tail(self.log_path)}")
+
+    def run(self, cmd, *, user=None, check=True, timeout=120, input=None):
+        """Run the shell command string cmd inside (as root, or as user); text output captured."""
+        if self.init_pid is None:
+            raise ContainerError(f"container {self.name} is not started")
+        argv = ["nsenter", "-t", str(self.init_pid), "-a", "env", "-i", *INNER_ENV]
+        if user is None:
+            argv += ["HOME=/root", "USER=root", "LOGNAME=root", "sh", "-c", cmd]
+        else:
+            argv += ["runuser", "-u", user, "--", "sh", "-c", AS_USER, "sh", cmd]
+        # Own session: nsenter forks into the pid namespace, so on timeout we
+        # kill the whole process group, not just nsenter.
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env={"PATH": INNER_PATH})
+        try:
+            out, err = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+        r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+        if check and r.returncode:
+            raise ContainerError(f"in {self.name}{' as ' + user if user else ''}: {cmd!r} "
+                                 f"exited {r.returncode}\n--- stdout:\n{out}--- stderr:\n{err}")
+        return r
+
+    def stop(self, timeout=60):
+        """Clean shutdown (SIGTERM to nspawn), SIGKILL after timeout; remove our cgroups."""
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to halt
+            try:
+                self.nspawn.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.poweroff_hard()
+        self._cleanup()
+
+    def poweroff_hard(self):
+        """Pull the plug: SIGKILL nspawn and the container's init (kills all inside)."""
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            for pid in (self.nspawn.pid, self.init_pid):
+                if pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            self.nspawn.wait()
+        self._cleanup()
+
+    def _cleanup(self):
+        self.init_pid = None
+        if self._snapshot is not None:  # left behind when nspawn was killed
+            _remove_tree(self._snapshot)
+            self._snapshot = None
+        self._remove_cgroups()
