@@ -1,0 +1,125 @@
+"""HTTP/JSON routes (aiohttp). See docs/api.md for the contract.
+
+Callers on the unix socket are known by its peer credentials (SO_PEERCRED).
+Errors are answered as {"error": "one line"} with the status of the table below.
+"""
+
+import json
+import pwd
+import socket
+import struct
+
+from aiohttp import web
+
+from lclusterd import __version__, core
+from lclusterd.node import Caller, Conflict, PermissionDenied
+from lclusterd.store import Unavailable as StoreUnavailable
+
+# Which failure becomes which answer.
+STATUS_OF = (
+    (core.InvalidInput, 400),  # the request itself is wrong
+    (PermissionDenied, 403),  # only the submitter or root may do this
+    (core.AmbiguousRef, 409),  # a prefix names several jobs
+    (LookupError, 404),  # no such job
+    (Conflict, 409),  # a record kept changing under us: retry
+    (StoreUnavailable, 503),  # etcd is down: nothing was written
+)
+
+SUBMIT_FIELDS = {"command"}
+MAX_BODY = 2 * core.MAX_COMMAND_BYTES  # JSON escaping can double a command
+
+
+def make_app(node):
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app["node"] = node
+    app.router.add_post("/v1/jobs", submit)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{ref}", check)
+    app.router.add_delete("/v1/jobs/{ref}", remove)
+    app.router.add_get("/v1/health", health)
+    return app
+
+
+def _error(status, message):
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return _error(e.status, e.reason if e.status != 413 else "request body too large")
+        raise
+    except Exception as e:
+        for kind, status in STATUS_OF:
+            if isinstance(e, kind):
+                return _error(status, e.args[0] if e.args else str(e))
+        raise
+
+
+def caller_of(request):
+    """The peer's uid/gid from the unix socket; TCP callers are nobody yet."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise PermissionDenied("permission denied: only local callers are served")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, gid = struct.unpack("3i", creds)
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return Caller(uid=uid, gid=gid, user=user)
+
+
+async def _body(request, allowed):
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise core.InvalidInput("request body is not valid JSON")
+    if not isinstance(body, dict):
+        raise core.InvalidInput("request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise core.InvalidInput(f"unknown field(s): {', '.join(unknown)}")
+    return body
+
+
+async def submit(request):
+    body = await _body(request, SUBMIT_FIELDS)
+    if "command" not in body:
+        raise core.InvalidInput("missing field: command")
+    job = await request.app["node"].submit(body["command"], caller_of(request))
+    return web.json_response({"job": job.to_dict()}, status=201)
+
+
+async def check(request):
+    job = await request.app["node"].find(request.match_info["ref"])
+    return web.json_response({"job": job.to_dict()})
+
+
+async def remove(request):
+    job = await request.app["node"].remove(request.match_info["ref"], caller_of(request))
+    return web.json_response({"job": job.to_dict()})
+
+
+async def list_jobs(request):
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise core.InvalidInput("limit must be a number")
+    state = request.query.get("state")
+    if state is not None and state not in core.STATES:
+        raise core.InvalidInput(f"unknown state '{state}' (one of {', '.join(core.STATES)})")
+    jobs = await request.app["node"].list(limit=max(0, limit), state=state)
+    return web.json_response({"jobs": [job.to_dict() for job in jobs]})
+
+
+async def health(request):
+    node = request.app["node"]
+    try:
+        await node.ping()
+    except StoreUnavailable as e:
+        return _error(503, str(e))
+    return web.json_response({"node": node.config.node_name, "version": __version__, "etcd": "ok"})

@@ -1,0 +1,135 @@
+"""A small synchronous client of lclusterd's HTTP/JSON API (docs/api.md).
+
+Standard library only: lclusterc must work wherever python3 does. Every
+failure becomes one ClientError with a one-line message for people; what it
+means as an exit status is the CLI's business (cli.py's table).
+"""
+
+import http.client
+import json
+import socket
+import urllib.parse
+
+DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"
+TIMEOUT = 30.0  # seconds per request: the daemon answers at once or not at all
+# DELETE of a running job waits for it to stop (the daemon's stop_timeout,
+# then SIGKILL), so it gets longer.
+REMOVE_TIMEOUT = 120.0
+
+# Causes of a ClientError that are not HTTP statuses (those are ints).
+UNREACHABLE = "unreachable"  # no socket, nobody listening, connection lost, timeout
+DENIED = "denied"  # the socket itself refused us (file permissions)
+BAD_ANSWER = "bad-answer"  # something answered, but not the API we know
+
+
+class ClientError(Exception):
+    """One failure: `message` is one line for people; `cause` is the HTTP
+    status (int) of an error answer, or UNREACHABLE, DENIED or BAD_ANSWER."""
+
+    def __init__(self, message, cause):
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix stream socket: only connect() differs."""
+
+    def __init__(self, path, timeout=TIMEOUT):
+        super().__init__("localhost", timeout=timeout)  # Host: header only
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, socket_path=DEFAULT_SOCKET, timeout=TIMEOUT):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    # The one place that knows the transport: a TCP+token one (--server URL)
+    # would return an HTTP(S)Connection here and add its header in _request.
+    def _connection(self, timeout):
+        return UnixHTTPConnection(self.socket_path, timeout)
+
+    def _unreachable(self, why):
+        return ClientError(
+            f"lclusterd is not reachable at {self.socket_path} ({why}); start it with "
+            "'sudo systemctl start lclusterd.socket' (or lclusterd.service)", UNREACHABLE)
+
+    def _request(self, method, path, body=None, timeout=None):
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        conn = self._connection(timeout or self.timeout)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            answer = conn.getresponse()
+            raw = answer.read()
+        except FileNotFoundError:
+            raise self._unreachable("no such socket") from None
+        except ConnectionRefusedError:
+            raise self._unreachable("connection refused") from None
+        except PermissionError:
+            raise ClientError(f"permission denied on the socket {self.socket_path}", DENIED) from None
+        except TimeoutError:
+            raise ClientError(f"lclusterd at {self.socket_path} did not answer within "
+                              f"{timeout or self.timeout:g} s", UNREACHABLE) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise ClientError(f"lost the connection to lclusterd at {self.socket_path}: "
+                              f"{e or type(e).__name__}", UNREACHABLE) from None
+        finally:
+            conn.close()
+
+        try:
+            payload = json.loads(raw)
+        except ValueError:  # also UnicodeDecodeError
+            payload = None
+        if answer.status >= 400:
+            error = payload.get("error") if isinstance(payload, dict) else None
+            if not isinstance(error, str) or not error.strip():
+                error = f"lclusterd answered HTTP {answer.status} {answer.reason}"
+            raise ClientError(" ".join(error.split()), answer.status)  # one line, always
+        if not isinstance(payload, dict):
+            raise ClientError(f"malformed answer from lclusterd (HTTP {answer.status}): "
+                              "not a JSON object", BAD_ANSWER)
+        return payload
+
+    @staticmethod
+    def _field(payload, key, kind):
+        value = payload.get(key)
+        if not isinstance(value, kind):
+            raise ClientError(f"malformed answer from lclusterd: no '{key}' in it", BAD_ANSWER)
+        return value
+
+    @staticmethod
+    def _job_path(ref):
+        return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
+
+    def add_job(self, command):
+        return self._field(self._request("POST", "/v1/jobs", {"command": command}), "job", dict)
+
+    def get_job(self, ref):
+        return self._field(self._request("GET", self._job_path(ref)), "job", dict)
+
+    def remove_job(self, ref):
+        answer = self._request("DELETE", self._job_path(ref), timeout=max(self.timeout, REMOVE_TIMEOUT))
+        return self._field(answer, "job", dict)
+
+    def list_jobs(self, limit=None, state=None):
+        query = {k: v for k, v in (("limit", limit), ("state", state)) if v is not None}
+        path = "/v1/jobs" + ("?" + urllib.parse.urlencode(query) if query else "")
+        return self._field(self._request("GET", path), "jobs", list)
+
+    def health(self):
+        return self._request("GET", "/v1/health")

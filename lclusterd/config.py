@@ -1,0 +1,85 @@
+"""The daemon's settings: defaults, /etc/lclusterd/lclusterd.conf, then flags."""
+
+import configparser
+import dataclasses
+import os
+import socket
+from typing import Optional
+
+DEFAULT_PATH = "/etc/lclusterd/lclusterd.conf"
+SECTION = "lclusterd"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Config:
+    etcd_endpoints: tuple = ("http://127.0.0.1:2379",)
+    prefix: str = "/lcluster"  # every key we write starts with this
+    node_name: str = dataclasses.field(default_factory=socket.gethostname)
+    socket: str = "/run/lclusterd/lclusterd.sock"
+    slots: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    stop_timeout: float = 10.0  # seconds from SIGTERM to SIGKILL on removejob
+    poll_interval: float = 2.0  # seconds between sweeps that catch what events missed
+    rootfs: Optional[str] = None
+    namespace: Optional[str] = None
+
+
+def load(path: Optional[str] = None, **overrides) -> Config:
+    """Read the config file (missing is fine for the default path) and apply
+    the command line's overrides (None means 'not given')."""
+    parser = configparser.ConfigParser()
+    file = path or DEFAULT_PATH
+    try:
+        with open(file, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        if path:
+            raise ConfigError(f"config file {path} does not exist")
+    except (OSError, configparser.Error) as e:
+        raise ConfigError(f"cannot read config file {file}: {e}".splitlines()[0])
+    values = dict(parser[SECTION]) if parser.has_section(SECTION) else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(values)
+
+
+def from_mapping(values: dict) -> Config:
+    config = Config()
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting '{key}'")
+        try:
+            setattr(config, key, _parse(key, raw))
+        except ValueError as e:
+            raise ConfigError(f"bad value for '{key}': {e}")
+    if config.slots < 1:
+        raise ConfigError("'slots' must be at least 1")
+    if not config.prefix.startswith("/") or config.prefix.endswith("/"):
+        raise ConfigError("'prefix' must start with / and not end with /")
+    return config
+
+
+def _parse(key, raw):
+    if not isinstance(raw, str):
+        return raw
+    raw = raw.strip()
+    if key == "etcd_endpoints":
+        endpoints = tuple(e.strip() for e in raw.split(",") if e.strip())
+        if not endpoints:
+            raise ValueError("no endpoint given")
+        return endpoints
+    if key == "slots":
+        return int(raw) if raw else (os.cpu_count() or 1)
+    if key in ("stop_timeout", "poll_interval"):
+        value = float(raw)
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+    if key in ("rootfs", "namespace"):
+        return raw or None
+    if key == "node_name":
+        return raw or socket.gethostname()
+    return raw

@@ -1,0 +1,143 @@
+"""lclusterd, the daemon: the composition root.
+
+Builds every collaborator, adopts the sockets systemd passes (or binds its
+own in the foreground), tells systemd where it stands (READY, STATUS,
+WATCHDOG, STOPPING) and unwinds in reverse on SIGTERM. Jobs are units of
+their own, so stopping or killing the daemon stops no job.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+
+import click
+from aiohttp import web
+from systemd import daemon as sd
+
+from lclusterd import __version__, api, config as configuration, sandbox
+from lclusterd.node import Node
+from lclusterd.store import Store
+from lclusterd.units import Units
+
+log = logging.getLogger("lclusterd")
+
+EX_CONFIG = 78  # sysexits' "configuration error": lclusterd.service does not restart on it
+STATUS_EVERY = 5  # seconds between STATUS= updates
+
+
+class StartupError(Exception):
+    pass
+
+
+def listening_sockets(path):
+    """The sockets systemd passed us, or our own unix socket at path."""
+    fds = sd.listen_fds()
+    if fds:
+        return [socket.socket(fileno=fd) for fd in fds]
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise StartupError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            raise StartupError(f"another lclusterd is already listening on {path}")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left behind by a daemon that died
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # anyone may connect: callers are told apart by SO_PEERCRED
+    sock.listen(128)
+    return [sock]
+
+
+def status(node):
+    if not node.units.connected:
+        return "waiting for the system bus (D-Bus)"
+    if node.etcd_error:
+        return f"waiting for etcd: {node.etcd_error}"
+    return f"running {len(node.mine)} job(s) of {node.config.slots} slot(s); etcd ok"
+
+
+async def report(node, stopping):
+    """STATUS= for `systemctl status`, and the watchdog: only a live loop pets it."""
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    every = min(STATUS_EVERY, watchdog_usec / 2e6) if watchdog_usec else STATUS_EVERY
+    while not stopping.is_set():
+        sd.notify(f"STATUS={status(node)}\nWATCHDOG=1")
+        try:
+            await asyncio.wait_for(stopping.wait(), every)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def serve(config):
+    sd.notify("STATUS=adopting sockets")
+    sockets = listening_sockets(config.socket)
+    store = Store(config.etcd_endpoints, config.prefix)
+    units = Units()
+    node = Node(config, store, units)
+    units.on_change = node.unit_changed
+
+    runner = web.AppRunner(api.make_app(node), access_log=None)
+    await runner.setup()
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+
+    sd.notify("READY=1\nSTATUS=connecting to the system bus and etcd")
+    log.info("lclusterd %s serving on %s as node %s", __version__,
+             ", ".join(str(s.getsockname()) for s in sockets), config.node_name)
+    tasks = [asyncio.create_task(node.run(stopping)), asyncio.create_task(report(node, stopping))]
+    try:
+        await stopping.wait()
+    finally:
+        sd.notify("STOPPING=1\nSTATUS=stopping (jobs keep running)")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+        units.close()
+        store.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE",
+              help=f"Config file (default {configuration.DEFAULT_PATH}).")
+@click.option("--rootfs", metavar="PATH", help="Run jobs with this directory as their /.")
+@click.option("--namespace", metavar="NAME",
+              help="Run jobs in the network namespace /run/netns/NAME.")
+@click.option("--socket", "socket_path", metavar="PATH",
+              help="Unix socket to bind when not socket-activated.")
+@click.option("--etcd", "etcd_endpoints", metavar="URLS",
+              help="etcd endpoints, comma-separated (default http://127.0.0.1:2379).")
+@click.version_option(__version__, prog_name="lclusterd")
+def main(config_path, rootfs, namespace, socket_path, etcd_endpoints):
+    """The lclusterd daemon: runs queued jobs as systemd units on this node.
+
+    Normally started by lclusterd.socket on first use; run by hand it binds
+    its own socket and stays in the foreground.
+    """
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = configuration.load(config_path, rootfs=rootfs, namespace=namespace,
+                                    socket=socket_path, etcd_endpoints=etcd_endpoints)
+        sandbox.check(config)
+        asyncio.run(serve(config))
+    except (configuration.ConfigError, sandbox.SandboxError, StartupError) as e:
+        sd.notify(f"STATUS=refused to start: {e}")
+        click.echo(f"lclusterd: {e}", err=True)
+        sys.exit(EX_CONFIG)
+    except KeyboardInterrupt:
+        pass

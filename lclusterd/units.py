@@ -1,0 +1,207 @@
+"""systemd over D-Bus (dbus-next): the only module that talks to it.
+
+Starts each job as a transient service, reads its state, stops and unloads
+it, and reports changes of lcluster-job units as they happen.
+"""
+
+import asyncio
+import logging
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.errors import DBusError
+
+from lclusterd import core
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+SERVICE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+
+# dbus-next 0.2.3 breaks with ~200 calls in flight on one connection.
+MAX_IN_FLIGHT = 16
+
+# D-Bus signatures of the properties core.unit_properties() may set.
+SIGNATURES = {
+    "Description": "s", "ExecStart": "a(sasb)", "RemainAfterExit": "b",
+    "Slice": "s", "Environment": "as", "KillSignal": "i", "TimeoutStopUSec": "t",
+    "PrivateTmp": "b", "PrivateNetwork": "b", "NoNewPrivileges": "b",
+    "ProtectSystem": "s", "ProtectHome": "s", "User": "s", "Group": "s",
+    "RootDirectory": "s", "MountAPIVFS": "b", "NetworkNamespacePath": "s",
+}
+
+# Errors that mean "no such unit (any more)".
+GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed",
+        "org.freedesktop.DBus.Error.UnknownObject")
+
+
+class Unavailable(Exception):
+    """The system bus or systemd cannot be reached."""
+
+
+def unit_path(name):
+    """systemd's object path of a unit (sd_bus_path_encode)."""
+    return UNIT_PATH_PREFIX + "".join(
+        c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in name)
+
+
+_JOB_PATH_PREFIX = unit_path(core.UNIT_PREFIX)
+
+
+def _variant(value):
+    """dbus-next wants a struct as a list, not a tuple."""
+    if isinstance(value, (list, tuple)):
+        return [_variant(v) for v in value]
+    return value
+
+
+class Units:
+    def __init__(self, on_change=None):
+        self.on_change = on_change  # called with a job uuid when its unit changes
+        self._bus = None
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def connect(self):
+        try:
+            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        except (OSError, EOFError) as e:
+            raise Unavailable(f"cannot reach the system bus: {e}")
+        bus.add_message_handler(self._on_message)
+        self._bus = bus
+        await self._call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+            [f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
+             f"member='PropertiesChanged',path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'"])
+        # Without Subscribe systemd sends no PropertiesChanged for units.
+        await self._manager("Subscribe", "", [])
+
+    def close(self):
+        if self._bus is not None:
+            self._bus.disconnect()
+            self._bus = None
+
+    @property
+    def connected(self):
+        return self._bus is not None and self._bus.connected
+
+    def _on_message(self, msg):
+        if (msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged"
+                and msg.path and msg.path.startswith(_JOB_PATH_PREFIX) and self.on_change):
+            job_uuid = _uuid_of_path(msg.path)
+            if job_uuid:
+                self.on_change(job_uuid)
+        return None  # never consume: dbus-next routes the message on
+
+    async def _call(self, destination, path, interface, member, signature, body):
+        if not self.connected:
+            raise Unavailable("not connected to the system bus")
+        async with self._slots:
+            try:
+                reply = await self._bus.call(Message(
+                    destination=destination, path=path, interface=interface,
+                    member=member, signature=signature, body=body))
+            except (OSError, EOFError) as e:
+                self.close()
+                raise Unavailable(f"lost the system bus: {e}")
+        if reply.message_type == MessageType.ERROR:
+            raise DBusError(reply.error_name, reply.body[0] if reply.body else "", reply)
+        return reply.body
+
+    async def _manager(self, member, signature, body):
+        return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, body)
+
+    # -- what the node uses ---------------------------------------------------
+
+    async def start(self, job, properties):
+        """Start the job's transient service with properties (name, value)
+        from core.unit_properties; DBusError if systemd refuses."""
+        props = [[name, Variant(SIGNATURES[name], _variant(value))] for name, value in properties]
+        await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                            [job.unit, "fail", props, []])
+
+    async def status(self, job_uuid):
+        """core.UnitStatus of the job's unit, or None if it is not loaded."""
+        path = unit_path(core.unit_name(job_uuid))
+        try:
+            (unit,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [UNIT])
+            if unit["LoadState"].value != "loaded":
+                return None
+            (service,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [SERVICE])
+        except DBusError as e:
+            if e.type in GONE:
+                return None
+            raise
+        return core.UnitStatus(
+            active_state=unit["ActiveState"].value, sub_state=unit["SubState"].value,
+            result=service["Result"].value, exit_code=service["ExecMainCode"].value,
+            exit_status=service["ExecMainStatus"].value,
+            started_at=_seconds(service["ExecMainStartTimestamp"].value),
+            ended_at=_seconds(service["ExecMainExitTimestamp"].value))
+
+    async def list(self):
+        """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
+        (units,) = await self._manager("ListUnitsByPatterns", "asas",
+                                       [[], [core.unit_name("*")]])
+        found = {}
+        for name, *_ in units:
+            job_uuid = core.uuid_of_unit(name)
+            if job_uuid:
+                status = await self.status(job_uuid)
+                if status is not None:
+                    found[job_uuid] = status
+        return found
+
+    async def stop(self, job_uuid):
+        """Ask systemd to stop the unit (SIGTERM, SIGKILL after its timeout)."""
+        try:
+            await self._manager("StopUnit", "ss", [core.unit_name(job_uuid), "replace"])
+        except DBusError as e:
+            if e.type not in GONE:
+                raise
+
+    async def release(self, job_uuid):
+        """Unload a finished unit whose outcome is recorded: a stopped unit is
+        garbage-collected, a failed one needs its failure reset first."""
+        status = await self.status(job_uuid)
+        if status is None:
+            return
+        try:
+            if status.active_state == "failed":
+                await self._manager("ResetFailedUnit", "s", [core.unit_name(job_uuid)])
+            else:
+                await self.stop(job_uuid)
+        except DBusError as e:
+            if e.type not in GONE:
+                raise
+
+    async def stop_and_wait(self, job_uuid, timeout):
+        """Stop the unit and wait until it is gone (or timeout seconds pass)."""
+        await self.stop(job_uuid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            status = await self.status(job_uuid)
+            if status is None:
+                return True
+            if status.active_state in ("inactive", "failed"):
+                await self.release(job_uuid)
+            await asyncio.sleep(0.1)
+        return False
+
+
+def _uuid_of_path(path):
+    # unit_path() escapes '-' as _2d; the uuid's hex digits come through as is.
+    tail = path[len(_JOB_PATH_PREFIX):]
+    if not tail.endswith("_2eservice"):
+        return None
+    candidate = tail[:-len("_2eservice")].replace("_2d", "-")
+    return candidate if core.uuid_of_unit(core.unit_name(candidate)) else None
+
+
+def _seconds(usec):
+    return usec / 1_000_000 if usec else None
