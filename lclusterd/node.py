@@ -148,10 +148,10 @@ class Node:
                 if str(e) != last_problem:  # say it once, not every pass
                     log.warning("%s", e)
                 last_problem = str(e)
-            else:
-                last_problem = None
             except Exception:
                 log.exception("scheduling pass failed; retrying")
+            else:
+                last_problem = None
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
             except asyncio.TimeoutError:

@@ -11,9 +11,9 @@ systemd". Stdlib only; usable from pytest and as a script:
 import argparse
 import fcntl
 import hashlib
+import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -26,7 +26,7 @@ SUITE = "bookworm"
 CACHE_DIR = Path("/var/cache/lclusterd-tests")
 LOG_DIR = Path("/tmp/lclusterd-tests")
 # Bump when build_rootfs changes what it puts into a rootfs, so old caches are not reused.
-ROOTFS_RECIPE = "1"
+ROOTFS_RECIPE = "2"
 
 # Always needed to boot: systemd as PID 1 and a system bus.
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3"]
@@ -141,6 +141,9 @@ def build_rootfs(extra_packages=TEST_PACKAGES):
                                      + _tail(log))
             # A minbase rootfs has no /etc/hosts: Debian's etcd.service then cannot resolve localhost.
             (tmp / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+            # debootstrap copies the host's /etc/hostname: without one, nspawn's -M NAME
+            # becomes the hostname, so each container (cluster node) has its own.
+            (tmp / "etc/hostname").unlink(missing_ok=True)
             # Empty machine-id: every boot gets its own, so containers from one rootfs differ.
             (tmp / "etc/machine-id").write_text("")
             # Keep the cache small (nspawn --ephemeral copies it on every boot).
@@ -363,3 +366,103 @@ class Container:
             _remove_tree(self._snapshot)
             self._snapshot = None
         self._remove_cgroups()
+
+
+def unique_name(prefix="lct"):
+    """A machine name no other test run on this host uses (cgroup dirs are named by it)."""
+    return f"{prefix}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def demo(deb_dir):
+    """Install the built .deb in a throwaway container and queue a job, as a user would.
+    Prints a transcript; returns the exit status."""
+    debs = sorted(Path(deb_dir).glob("lclusterd_*_all.deb"))
+    if not debs:
+        print(f"no lclusterd_*_all.deb in {deb_dir} (build it with `make deb`)", file=sys.stderr)
+        return 1
+    deb = debs[-1].name
+
+    def step(c, cmd, **kw):
+        print(f"$ {cmd}", flush=True)
+        t = time.monotonic()
+        r = c.run(cmd, check=False, **kw)
+        # Keep only what a terminal would show of \r-redrawn progress lines.
+        print(re.sub(r"[^\n]*\r(?!\n)", "", r.stdout + r.stderr), end="", flush=True)
+        print(f"# exit {r.returncode}, {time.monotonic() - t:.1f} s", flush=True)
+        if r.returncode:
+            raise ContainerError(f"step failed: {cmd}")
+        return r
+
+    name = unique_name("lcdemo")
+    print(f"# booting container {name} (log: {LOG_DIR / (name + '.log')})", flush=True)
+    try:
+        with Container(name, build_rootfs(),
+                       binds_ro={str(Path(deb_dir).resolve()): "/mnt/debs"}) as c:
+            step(c, f"apt-get install -y /mnt/debs/{deb}", timeout=300)
+            out = step(c, "lclusterc addjob 'echo hello from $(hostname)'").stdout
+            uuid = out.split()[0] if out.split() else ""
+            if not re.fullmatch(r"[0-9a-f-]{36}", uuid):
+                raise ContainerError(f"addjob printed no uuid first: {out!r}")
+            # Poll rather than block, so a stuck job ends the demo after 60 s.
+            deadline, state = time.monotonic() + 60, None
+            while time.monotonic() < deadline:
+                r = c.run(f"lclusterc checkjob {uuid} --json", check=False)
+                try:
+                    state = json.loads(r.stdout).get("state")
+                except ValueError:
+                    state = None
+                if state in ("succeeded", "failed", "cancelled", "lost", "warned"):
+                    break
+                time.sleep(0.5)
+            step(c, f"lclusterc checkjob {uuid}")
+            step(c, f"journalctl -u lcluster-job@{uuid} --no-pager")
+            if state != "succeeded":
+                raise ContainerError(f"job {uuid} ended {state!r}, not succeeded")
+        print("# demo ok")
+        return 0
+    except (ContainerError, subprocess.TimeoutExpired) as e:
+        print(f"# demo FAILED: {e}", file=sys.stderr)
+        return 1
+
+
+def shell():
+    """Boot a container and wait, for poking around by hand; Ctrl-C stops it."""
+    with Container(unique_name("lcshell"), build_rootfs()) as c:
+        print(f"container {c.name} is up; enter it with:\n"
+              f"  nsenter -t {c.init_pid} -a env -i {' '.join(INNER_ENV)} HOME=/root bash\n"
+              f"boot log: {c.log_path}\nCtrl-C (or SIGTERM to {os.getpid()}) stops it.",
+              flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            c.nspawn.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python3 -m tests.system.container",
+                                 description="lclusterd system-test containers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("rootfs", help="build (or find) the cached test rootfs and print its path")
+    d = sub.add_parser("demo", help="install the .deb in a container and run a job")
+    d.add_argument("--deb-dir", required=True, help="directory holding lclusterd_*_all.deb")
+    sub.add_parser("shell", help="boot a container and print how to enter it")
+    args = ap.parse_args(argv)
+    try:
+        check_host()
+        if args.cmd == "rootfs":
+            t = time.monotonic()
+            print(build_rootfs())
+            print(f"# {time.monotonic() - t:.1f} s", file=sys.stderr)
+            return 0
+        if args.cmd == "demo":
+            return demo(args.deb_dir)
+        shell()
+        return 0
+    except ContainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
