@@ -23,6 +23,11 @@ import grpc
 from lclusterd import core
 
 CALL_TIMEOUT = 5  # seconds; etcd answers loopback in milliseconds
+# gRPC backs off up to 2 minutes between reconnects; etcd back after an
+# outage should be seen within a second.
+GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class Unavailable(Exception):
@@ -42,7 +47,8 @@ class Store:
         if self._clients[index] is None:
             url = urllib.parse.urlsplit(self.endpoints[index])
             self._clients[index] = etcd3.client(host=url.hostname or "127.0.0.1",
-                                                port=url.port or 2379, timeout=CALL_TIMEOUT)
+                                                port=url.port or 2379, timeout=CALL_TIMEOUT,
+                                                grpc_options=GRPC_OPTIONS)
         return self._clients[index]
 
     def _call(self, fn):
@@ -57,13 +63,18 @@ class Store:
             except (etcd3.exceptions.ConnectionFailedError,
                     etcd3.exceptions.ConnectionTimeoutError, grpc.RpcError) as e:
                 last = e
+                self._drop(index)  # a fresh channel next time, not gRPC's backed-off one
         where = ", ".join(self.endpoints)
         raise Unavailable(f"etcd is unreachable at {where} ({_describe(last)})")
 
+    def _drop(self, index):
+        if self._clients[index] is not None:
+            self._clients[index].close()
+            self._clients[index] = None
+
     def close(self):
-        for client in filter(None, self._clients):
-            client.close()
-        self._clients = [None] * len(self.endpoints)
+        for index in range(len(self._clients)):
+            self._drop(index)
 
     def _job_key(self, job_uuid):
         return f"{self.prefix}/jobs/{job_uuid}"
