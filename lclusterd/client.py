@@ -112,19 +112,26 @@ class Client:
             raise ClientError(f"malformed answer from lclusterd: no '{key}' in it", BAD_ANSWER)
         return value
 
+    def _job(self, payload):
+        # The CLI relies on these two; everything else it shows as given.
+        job = self._field(payload, "job", dict)
+        if not isinstance(job.get("uuid"), str) or not isinstance(job.get("state"), str):
+            raise ClientError("malformed answer from lclusterd: a job without uuid or state", BAD_ANSWER)
+        return job
+
     @staticmethod
     def _job_path(ref):
         return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
 
     def add_job(self, command):
-        return self._field(self._request("POST", "/v1/jobs", {"command": command}), "job", dict)
+        return self._job(self._request("POST", "/v1/jobs", {"command": command}))
 
     def get_job(self, ref):
-        return self._field(self._request("GET", self._job_path(ref)), "job", dict)
+        return self._job(self._request("GET", self._job_path(ref)))
 
     def remove_job(self, ref):
         answer = self._request("DELETE", self._job_path(ref), timeout=max(self.timeout, REMOVE_TIMEOUT))
-        return self._field(answer, "job", dict)
+        return self._job(answer)
 
     def list_jobs(self, limit=None, state=None):
         query = {k: v for k, v in (("limit", limit), ("state", state)) if v is not None}

@@ -1,0 +1,327 @@
+"""lclusterc: queue shell commands on the lclusterd cluster and follow them.
+
+Thin on purpose: parse arguments, refuse what is plainly bad before bothering
+the daemon, format answers. Every decision is the daemon's (docs/api.md).
+"""
+
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import click
+
+from lclusterd import __version__
+from lclusterd.client import DEFAULT_SOCKET, DENIED, UNREACHABLE, Client, ClientError
+
+# Exit codes: the one table. `lclusterc --help` prints it as it is.
+EXIT_TABLE = (
+    (0, "ok"),
+    (1, "the job failed (addjob --wait: the job's own status), or a bad answer"),
+    (2, "bad input or usage (HTTP 400)"),
+    (3, "no such job, or ambiguous uuid prefix (HTTP 404, 409)"),
+    (4, "permission denied (HTTP 403, or the socket's file mode)"),
+    (5, "daemon unreachable (no socket, refused, no answer)"),
+    (6, "etcd unavailable (HTTP 503)"),
+    (130, "interrupted (Ctrl-C), or addjob --wait on a job that was cancelled"),
+)
+(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_JOB, EXIT_DENIED, EXIT_UNREACHABLE,
+ EXIT_ETCD, EXIT_INTERRUPTED) = (code for code, _ in EXIT_TABLE)
+
+# What a ClientError's cause (HTTP status or transport failure) exits with;
+# anything else (HTTP 500, a malformed answer) is EXIT_FAILED.
+EXIT_FOR_CAUSE = {
+    400: EXIT_USAGE, 403: EXIT_DENIED, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD,
+    DENIED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
+}
+
+STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait
+MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
+NODE_COLUMN = 16  # longer node names are cut in list
+
+# The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
+OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
+GLOBAL_OPTIONS_WITH_VALUE = ("--socket",)
+
+EPILOG = ("\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_TABLE)
+          + "\n\n\b\nThe old spellings --addjob=CMD, --checkjob=UUID and --removejob=UUID"
+          "\nstill work. A job's output: journalctl -u lcluster-job@UUID")
+
+
+class Failure(click.ClickException):
+    """A one-line error for people, `lclusterc: ` in front, and its exit code."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None):
+        click.echo(f"lclusterc: {self.format_message()}", err=True)
+
+
+# --- early checks (the daemon checks again) ----------------------------------
+
+MAX_COMMAND_BYTES = 64 * 1024
+MIN_PREFIX_LEN = 4
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_PREFIX = re.compile(r"^[0-9a-f-]+$")
+
+
+# TODO: use core.validate_command once core.py lands (same rules, same wording)
+def _validate_command(command):
+    if not command.strip():
+        raise Failure("command is empty", EXIT_USAGE)
+    if "\0" in command:
+        raise Failure("command contains a NUL byte", EXIT_USAGE)
+    try:
+        size = len(command.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes in argv arrive as surrogates
+        raise Failure("command is not valid UTF-8", EXIT_USAGE) from None
+    if size > MAX_COMMAND_BYTES:
+        raise Failure(f"command is longer than {MAX_COMMAND_BYTES} bytes", EXIT_USAGE)
+    return command
+
+
+# TODO: use core.validate_ref once core.py lands (same rules, same wording)
+def _validate_ref(ref):
+    ref = ref.strip().lower()  # uuids are case-insensitive; records are lower-case
+    if not _PREFIX.match(ref) or len(ref) > 36:
+        raise Failure(f"'{ref}' is not a job uuid", EXIT_USAGE)
+    if len(ref) < MIN_PREFIX_LEN:
+        raise Failure(f"job uuid prefix '{ref}' is too short (at least {MIN_PREFIX_LEN} characters)",
+                      EXIT_USAGE)
+    if len(ref) == 36 and not _UUID.match(ref):
+        raise Failure(f"'{ref}' is not a job uuid", EXIT_USAGE)
+    return ref
+
+
+def _rewrite_old_spellings(args):
+    """`[global options] --addjob=CMD [more]` -> `[global options] addjob [more] -- CMD`.
+
+    Only before the subcommand, so a command text that happens to read
+    '--addjob=x' after `addjob --` stays untouched. The `--` keeps a value
+    that starts with '-' from being read as an option.
+    """
+    args = list(args)
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in OLD_SPELLINGS:
+            rest = args[i + 1:]
+            if not eq:
+                if not rest:  # no value: let click say what is missing
+                    return args[:i] + [OLD_SPELLINGS[name]]
+                value, rest = rest[0], rest[1:]
+            return args[:i] + [OLD_SPELLINGS[name]] + rest + ["--", value]
+        if args[i] == "--" or not args[i].startswith("-"):
+            break  # a subcommand: what follows is its own
+        i += 2 if args[i] in GLOBAL_OPTIONS_WITH_VALUE else 1
+    return args
+
+
+# --- formatting ----------------------------------------------------------------
+
+def _text(value):
+    """One printable line: None is '-', control characters are escaped so that a
+    job's command cannot drive the terminal."""
+    if value is None:
+        return "-"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
+def _local_time(epoch, fmt=None):
+    if not isinstance(epoch, (int, float)):
+        return None
+    moment = datetime.datetime.fromtimestamp(epoch).astimezone()
+    return moment.strftime(fmt) if fmt else moment.isoformat(timespec="seconds")
+
+
+def _span(seconds):
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _duration(job):
+    started, ended = job.get("started_at"), job.get("ended_at")
+    if not isinstance(started, (int, float)):
+        return None
+    if isinstance(ended, (int, float)):
+        return _span(ended - started)
+    return _span(time.time() - started) + " so far"
+
+
+def _describe(job):
+    """checkjob's human output: aligned `key: value` lines."""
+    rows = (
+        ("uuid", job.get("uuid")),
+        ("state", job.get("state")),
+        ("command", job.get("command")),
+        ("user", f"{_text(job.get('user'))} ({_text(job.get('uid'))}/{_text(job.get('gid'))})"),
+        ("node", job.get("node")),
+        ("unit", job.get("unit")),
+        ("submitted", _local_time(job.get("submitted_at"))),
+        ("started", _local_time(job.get("started_at"))),
+        ("ended", _local_time(job.get("ended_at"))),
+        ("duration", _duration(job)),
+        ("exit status", job.get("exit_status")),
+        ("result", job.get("result")),
+        ("reason", job.get("reason")),
+    )
+    width = max(len(key) for key, _ in rows) + 1
+    return "\n".join(f"{key + ':':<{width}} {_text(value)}" for key, value in rows)
+
+
+def _table(jobs, width):
+    """list's human output; COMMAND gets what the terminal has left."""
+    rows = [("UUID", "STATE", "EXIT", "SUBMITTED", "NODE", "COMMAND")]
+    for job in jobs:
+        rows.append((_text(job.get("uuid"))[:8], _text(job.get("state")), _text(job.get("exit_status")),
+                     _text(_local_time(job.get("submitted_at"), "%Y-%m-%d %H:%M")),
+                     _text(job.get("node"))[:NODE_COLUMN], _text(job.get("command"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    room = max(width - sum(widths) - 2 * 5, MIN_COMMAND_COLUMN)
+    lines = []
+    for row in rows:
+        command = row[5] if len(row[5]) <= room else row[5][:room - 1] + "…"
+        lines.append("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + command)
+    return "\n".join(lines)
+
+
+def _echo_json(value):
+    click.echo(json.dumps(value, indent=2))
+
+
+def _wait_exit_code(job):
+    """addjob --wait exits like `systemd-run --wait`: 0 if the job succeeded,
+    its exit status if it failed with one (1 if none). A cancelled job gives
+    130, the shell's "interrupted": it did not finish, somebody stopped it."""
+    if job["state"] == "succeeded":
+        return EXIT_OK
+    if job["state"] == "cancelled":
+        return EXIT_INTERRUPTED
+    status = job.get("exit_status")
+    return status if type(status) is int and 0 < status < 256 else EXIT_FAILED
+
+
+# --- commands --------------------------------------------------------------------
+
+class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _rewrite_old_spellings(args))
+
+    def invoke(self, ctx):
+        # The one place where a client failure becomes a message and an exit code.
+        try:
+            return super().invoke(ctx)
+        except ClientError as e:
+            raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
+
+
+@click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", metavar="PATH", envvar="LCLUSTER_SOCKET",
+              default=DEFAULT_SOCKET, show_default=True, show_envvar=True,
+              help="The daemon's unix socket.")
+@click.version_option(__version__, "--version", prog_name="lclusterc")
+@click.pass_context
+def lclusterc(ctx, socket_path):
+    """Queue shell commands on the lclusterd cluster, and follow them.
+
+    REF is a job's uuid or a unique prefix of it (at least 4 hex digits).
+    """
+    ctx.obj = Client(socket_path)
+
+
+@lclusterc.command()
+@click.argument("command")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
+@click.pass_obj
+def addjob(client, command, wait, as_json):
+    """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
+    job = client.add_job(_validate_command(command))
+    if not as_json:
+        click.echo(job["uuid"])  # at once, even with --wait: the user may need it
+    if wait:
+        try:
+            while job["state"] not in TERMINAL:
+                time.sleep(POLL_INTERVAL)
+                job = client.get_job(job["uuid"])
+        except KeyboardInterrupt:
+            raise Failure(f"stopped waiting; the job goes on (lclusterc removejob {job['uuid']} stops it)",
+                          EXIT_INTERRUPTED) from None
+        if job["state"] != "succeeded" and not as_json:
+            click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}", err=True)
+    if as_json:
+        _echo_json(job)
+    if wait:
+        click.get_current_context().exit(_wait_exit_code(job))
+
+
+@lclusterc.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
+@click.pass_obj
+def checkjob(client, ref, as_json):
+    """Show a job: state, exit status, node, times."""
+    job = client.get_job(_validate_ref(ref))
+    if as_json:
+        _echo_json(job)
+    else:
+        click.echo(_describe(job))
+
+
+@lclusterc.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole job record after removal.")
+@click.pass_obj
+def removejob(client, ref, as_json):
+    """Take a queued job off the queue, or stop a running one."""
+    job = client.remove_job(_validate_ref(ref))
+    if as_json:
+        _echo_json(job)
+    else:
+        click.echo(f"{_text(job['state'])} {job['uuid']}")
+
+
+@lclusterc.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Show at most N jobs, newest first.", metavar="N")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job records.")
+@click.pass_obj
+def list_jobs(client, limit, state, as_json):
+    """List jobs, newest submission first."""
+    jobs = client.list_jobs(limit=limit, state=state)
+    if as_json:
+        _echo_json(jobs)
+    else:
+        click.echo(_table(jobs, shutil.get_terminal_size().columns))
+
+
+def main(argv=None):
+    """The `lclusterc` entry point: click without its standalone mode, so that
+    Ctrl-C exits 130 and every error is one line."""
+    try:
+        code = lclusterc.main(args=argv, prog_name="lclusterc", standalone_mode=False)
+    except click.ClickException as e:  # usage errors (2) and our Failures
+        e.show()
+        code = e.exit_code
+    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lclusterc list | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_FAILED
+    sys.exit(code or EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""lclusterc against a fake daemon: an in-process HTTP server on a unix socket
+that implements docs/api.md on a dict, and records every request it gets."""
+
+import datetime
+import http.server
+import json
+import re
+import socket
+import socketserver
+import threading
+import uuid as uuidlib
+
+import pytest
+from click.testing import CliRunner
+
+from lclusterd import __version__, cli, client
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+JOB_A = "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"
+JOB_B = "7f00aa11-0000-4000-8000-000000000001"
+JOB_C = "7f00bb22-0000-4000-8000-000000000002"
+
+
+def record(uuid, command="echo hello", state="succeeded", submitted=1764431000.12, **changes):
+    job = {
+        "uuid": uuid, "command": command, "state": state,
+        "uid": 1000, "gid": 1000, "user": "alice", "node": "node1",
+        "unit": f"lcluster-job@{uuid}.service",
+        "submitted_at": submitted, "started_at": submitted + 0.08, "ended_at": submitted + 0.19,
+        "exit_status": 0, "result": "success", "reason": "exited with status 0",
+    }
+    job.update(changes)
+    return job
+
+
+class FakeDaemon:
+    def __init__(self):
+        self.jobs = {}
+        self.requests = []  # (method, path, body) of every request, in order
+        self.force = None  # (status, answer): every request gets this
+        self.finish = None  # (state, exit_status): what a live job is on its next GET
+
+    def add(self, job):
+        self.jobs[job["uuid"]] = job
+        return job
+
+    def answer(self, method, path, body):
+        if self.force:
+            return self.force
+        route, _, query = path.partition("?")
+        if method == "POST" and route == "/v1/jobs":
+            job = self.add(record(str(uuidlib.uuid4()), body["command"], state="queued", started_at=None,
+                                  ended_at=None, exit_status=None, result=None, reason=None))
+            return 201, {"job": job}
+        if method == "GET" and route == "/v1/jobs":
+            args = dict(p.split("=", 1) for p in query.split("&") if p)
+            jobs = sorted(self.jobs.values(), key=lambda j: -j["submitted_at"])
+            jobs = [j for j in jobs if j["state"] == args.get("state", j["state"])]
+            return 200, {"jobs": jobs[:int(args.get("limit", 50))]}
+        if route.startswith("/v1/jobs/"):
+            ref = route[len("/v1/jobs/"):]
+            matches = [u for u in self.jobs if u.startswith(ref)]
+            if not matches:
+                return 404, {"error": f"no job matches '{ref}'"}
+            if len(matches) > 1:
+                return 409, {"error": f"'{ref}' matches {len(matches)} jobs: give more of the uuid"}
+            job = self.jobs[matches[0]]
+            if method == "DELETE":
+                job.update(state="cancelled", reason="removed by alice")
+            elif method == "GET" and self.finish and job["state"] not in cli.TERMINAL:
+                state, status = self.finish
+                job.update(state=state, exit_status=status, ended_at=job["submitted_at"] + 1,
+                           reason=f"exited with status {status}")
+            return 200, {"job": job}
+        return 404, {"error": "no such route"}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def serve(self):
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        fake.requests.append((self.command, self.path, body))
+        status, answer = fake.answer(self.command, self.path, body)
+        data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = serve
+
+    def log_message(self, *args):  # quiet; and a unix peer has no address to log
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture
+def fake(tmp_path):
+    server = Server(str(tmp_path / "lclusterd.sock"), Handler)
+    server.fake = FakeDaemon()
+    server.fake.socket = server.server_address
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield server.fake
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_polls(monkeypatch):
+    monkeypatch.setattr(cli, "POLL_INTERVAL", 0.01)
+
+
+def run(fake_or_path, *args, env=None):
+    path = fake_or_path if isinstance(fake_or_path, str) else fake_or_path.socket
+    return CliRunner(mix_stderr=False).invoke(cli.lclusterc, ["--socket", path, *args], env=env)
+
+
+def one_error_line(result):
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lclusterc: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+# --- addjob --------------------------------------------------------------------
+
+def test_addjob_prints_the_full_uuid_only(fake):
+    result = run(fake, "addjob", "echo hello from $(hostname)")
+    assert result.exit_code == 0, result.stderr
+    assert UUID.match(result.stdout.strip()) and result.stdout.count("\n") == 1
+    assert fake.requests == [("POST", "/v1/jobs", {"command": "echo hello from $(hostname)"})]
+    assert result.stdout.strip() in fake.jobs
+
+
+def test_addjob_json_prints_the_record(fake):
+    result = run(fake, "addjob", "--json", "true")
+    job = json.loads(result.stdout)
+    assert result.exit_code == 0 and job["command"] == "true" and job["state"] == "queued"
+
+
+@pytest.mark.parametrize("state, status, code", [
+    ("succeeded", 0, 0),
+    ("failed", 3, 3),
+    ("failed", None, 1),
+    ("cancelled", None, 130),
+])
+def test_addjob_wait_exits_with_the_jobs_status(fake, state, status, code):
+    fake.finish = (state, status)
+    result = run(fake, "addjob", "--wait", "exit 3")
+    assert result.exit_code == code, result.stderr
+    uuid = result.stdout.strip()
+    assert UUID.match(uuid)
+    assert [r[:2] for r in fake.requests] == [("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{uuid}")]
+    if state == "succeeded":
+        assert result.stderr == ""
+    else:
+        assert one_error_line(result).startswith(f"lclusterc: job {uuid} {state}: ")
+
+
+def test_addjob_wait_json_prints_the_final_record(fake):
+    fake.finish = ("failed", 3)
+    result = run(fake, "addjob", "--wait", "--json", "exit 3")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["state"] == "failed"
+
+
+# --- checkjob, removejob, list -------------------------------------------------------
+
+def test_checkjob_human(fake):
+    job = fake.add(record(JOB_A))
+    result = run(fake, "checkjob", JOB_A)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    keys = [line.split(":")[0] for line in lines]
+    assert keys == ["uuid", "state", "command", "user", "node", "unit", "submitted", "started",
+                    "ended", "duration", "exit status", "result", "reason"]
+    # aligned: every value starts in the same column
+    assert len({len(re.match(r"^[a-z ]+: +", line).group()) for line in lines}) == 1
+    values = {k: line.split(":", 1)[1].strip() for k, line in zip(keys, lines)}
+    local = datetime.datetime.fromtimestamp(job["submitted_at"]).astimezone()
+    assert values["submitted"] == local.isoformat(timespec="seconds")
+    assert values == {**values, "uuid": JOB_A, "state": "succeeded", "command": "echo hello",
+                      "user": "alice (1000/1000)", "node": "node1", "duration": "0.1s",
+                      "exit status": "0", "result": "success", "reason": "exited with status 0"}
+
+
+def test_checkjob_of_a_queued_job_shows_dashes(fake):
+    fake.add(record(JOB_A, state="queued", node=None, started_at=None, ended_at=None,
+                    exit_status=None, result=None, reason=None))
+    result = run(fake, "checkjob", JOB_A)
+    assert re.search(r"^started: +-$", result.stdout, re.M)
+    assert re.search(r"^exit status: +-$", result.stdout, re.M)
+
+
+def test_checkjob_json(fake):
+    job = fake.add(record(JOB_A))
+    result = run(fake, "checkjob", "--json", JOB_A)
+    assert result.exit_code == 0 and json.loads(result.stdout) == job
+
+
+@pytest.mark.parametrize("ref, sent", [("0b5e", "0b5e"), ("0B5E8C1E", "0b5e8c1e"), ("0b5e8c1e-3c1f", "0b5e8c1e-3c1f")])
+def test_prefix_refs_pass_through(fake, ref, sent):
+    fake.add(record(JOB_A))
+    result = run(fake, "checkjob", ref)
+    assert result.exit_code == 0, result.stderr
+    assert fake.requests == [("GET", f"/v1/jobs/{sent}", None)]
+
+
+def test_removejob(fake):
+    fake.add(record(JOB_A, state="running"))
+    result = run(fake, "removejob", "0b5e8c1e")
+    assert result.exit_code == 0
+    assert result.stdout == f"cancelled {JOB_A}\n"
+    assert fake.requests == [("DELETE", "/v1/jobs/0b5e8c1e", None)]
+
+
+def test_list_fits_a_narrow_terminal(fake):
+    for i, u in enumerate((JOB_A, JOB_B, JOB_C)):
+        fake.add(record(u, command=f"job{i} " + "x" * 200 + "\x1b[31m", submitted=1764431000 + i))
+    result = run(fake, "list", env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["UUID", "STATE", "EXIT", "SUBMITTED", "NODE", "COMMAND"]
+    assert [line[:8] for line in lines[1:]] == [JOB_C[:8], JOB_B[:8], JOB_A[:8]]  # newest first
+    assert all(len(line) <= 60 for line in lines), lines
+    assert all(line.endswith("…") and " job" in line for line in lines[1:])
+    assert "\x1b" not in result.stdout
+    assert fake.requests == [("GET", "/v1/jobs?limit=20", None)]
+
+
+def test_list_shows_escaped_control_characters(fake):
+    fake.add(record(JOB_A, command="printf '\\033[2J'\necho \x1b[31mred"))
+    result = run(fake, "list", env={"COLUMNS": "200"})
+    assert result.stdout.splitlines()[1].endswith("printf '\\033[2J'\\necho \\x1b[31mred")
+
+
+def test_list_options_and_json(fake):
+    fake.add(record(JOB_A, state="running"))
+    fake.add(record(JOB_B))
+    result = run(fake, "list", "--limit", "5", "--state", "running", "--json")
+    assert result.exit_code == 0
+    assert [j["uuid"] for j in json.loads(result.stdout)] == [JOB_A]
+    assert fake.requests == [("GET", "/v1/jobs?limit=5&state=running", None)]
+
+
+# --- the old spellings ---------------------------------------------------------------
+
+def test_old_addjob_spellings(fake):
+    for args in (["--addjob=echo old"], ["--addjob", "echo old"], ["--addjob=-n is a flag"]):
+        result = run(fake, *args)
+        assert result.exit_code == 0, (args, result.output, result.stderr)
+        assert UUID.match(result.stdout.strip())
+    assert [r[2]["command"] for r in fake.requests] == ["echo old", "echo old", "-n is a flag"]
+
+
+def test_old_checkjob_and_removejob_spellings(fake):
+    fake.add(record(JOB_A, state="running"))
+    result = run(fake, f"--checkjob={JOB_A}")
+    assert result.exit_code == 0 and f"uuid:        {JOB_A}" in result.stdout
+    result = run(fake, "--checkjob", "0b5e", "--json")
+    assert json.loads(result.stdout)["uuid"] == JOB_A
+    result = run(fake, f"--removejob={JOB_A}")
+    assert result.exit_code == 0 and result.stdout == f"cancelled {JOB_A}\n"
+
+
+@pytest.mark.parametrize("args, rewritten", [
+    (["--addjob=a b"], ["addjob", "--", "a b"]),
+    (["--socket", "/s", "--addjob", "x", "--wait"], ["--socket", "/s", "addjob", "--wait", "--", "x"]),
+    (["--checkjob="], ["checkjob", "--", ""]),
+    (["--addjob"], ["addjob"]),
+    (["addjob", "--", "--addjob=x"], ["addjob", "--", "--addjob=x"]),  # a command text, not an option
+    (["list", "--removejob=x"], ["list", "--removejob=x"]),
+])
+def test_rewrite_old_spellings(args, rewritten):
+    assert cli._rewrite_old_spellings(args) == rewritten
+
+
+# --- bad input: one line, exit 2, nothing sent ---------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["addjob", ""], "lclusterc: command is empty"),
+    (["addjob", "  \t\n "], "lclusterc: command is empty"),
+    (["addjob", "x" * 65537], "lclusterc: command is longer than 65536 bytes"),
+    (["addjob", "é" * 32769], "lclusterc: command is longer than 65536 bytes"),  # bytes, not characters
+    (["addjob", "echo a\0b"], "lclusterc: command contains a NUL byte"),
+    (["addjob", "echo \udcff"], "lclusterc: command is not valid UTF-8"),
+    (["--addjob="], "lclusterc: command is empty"),
+    (["checkjob", "abc"], "lclusterc: job uuid prefix 'abc' is too short (at least 4 characters)"),
+    (["checkjob", "0b5e/../x"], "lclusterc: '0b5e/../x' is not a job uuid"),
+    (["removejob", "zzzz"], "lclusterc: 'zzzz' is not a job uuid"),
+    (["removejob", "0" * 36], f"lclusterc: '{'0' * 36}' is not a job uuid"),
+    (["--checkjob=0b"], "lclusterc: job uuid prefix '0b' is too short (at least 4 characters)"),
+])
+def test_bad_input_is_refused_before_the_daemon(fake, args, message):
+    result = run(fake, *args)
+    assert result.exit_code == 2
+    assert one_error_line(result) == message
+    assert result.stdout == ""
+    assert fake.requests == []
+
+
+def test_the_largest_command_is_sent(fake):
+    result = run(fake, "addjob", "é" * 32768)  # exactly 65536 bytes
+    assert result.exit_code == 0 and len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["addjob"], ["list", "--limit", "0"], ["list", "--state", "bogus"], ["nosuchcommand"], ["--bogus"],
+])
+def test_usage_errors_exit_2(fake, args):
+    result = run(fake, *args)
+    assert result.exit_code == 2 and "Error:" in result.stderr
+    assert fake.requests == []
+
+
+# --- failures from the daemon, or no daemon -------------------------------------------
+
+def test_daemon_unreachable(tmp_path):
+    path = str(tmp_path / "nobody.sock")
+    result = run(path, "addjob", "true")
+    assert result.exit_code == 5
+    line = one_error_line(result)
+    assert f"not reachable at {path}" in line and "sudo systemctl start lclusterd.socket" in line
+
+
+def test_socket_without_listener(tmp_path):
+    path = str(tmp_path / "dead.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)  # a socket file that nobody listens on: connection refused
+        result = run(path, "list")
+    assert result.exit_code == 5 and "connection refused" in one_error_line(result)
+
+
+def test_socket_from_the_environment(fake):
+    result = CliRunner(mix_stderr=False).invoke(cli.lclusterc, ["addjob", "true"],
+                                                env={"LCLUSTER_SOCKET": fake.socket})
+    assert result.exit_code == 0 and len(fake.requests) == 1
+
+
+def test_permission_denied_on_the_socket(fake, monkeypatch):
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(client.UnixHTTPConnection, "connect", refuse)
+    result = run(fake, "list")
+    assert result.exit_code == 4
+    assert one_error_line(result) == f"lclusterc: permission denied on the socket {fake.socket}"
+
+
+@pytest.mark.parametrize("status, error, code", [
+    (503, "etcd is unreachable at 127.0.0.1:2379: nothing was written", 6),
+    (403, "only the submitter or root may remove this job", 4),
+    (404, f"no job matches '{JOB_A}'", 3),
+    (409, "'0b5e' matches 2 jobs: give more of the uuid", 3),
+    (400, "unknown field 'cmd'", 2),
+    (500, "internal error", 1),
+])
+def test_http_errors_become_exit_codes(fake, status, error, code):
+    fake.force = (status, {"error": error})
+    result = run(fake, "removejob", JOB_A)
+    assert result.exit_code == code
+    assert one_error_line(result) == f"lclusterc: {error}"
+    assert result.stdout == ""
+
+
+def test_real_404_and_409(fake):
+    fake.add(record(JOB_B))
+    fake.add(record(JOB_C))
+    result = run(fake, "checkjob", "dead")
+    assert result.exit_code == 3 and one_error_line(result) == "lclusterc: no job matches 'dead'"
+    result = run(fake, "checkjob", "7f00")
+    assert result.exit_code == 3 and "matches 2 jobs" in one_error_line(result)
+
+
+def test_error_without_json_body(fake):
+    fake.force = (502, b"<html>bad gateway</html>")
+    result = run(fake, "list")
+    assert result.exit_code == 1
+    assert one_error_line(result) == "lclusterc: lclusterd answered HTTP 502 Bad Gateway"
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"[]", b'{"job": {"state": "queued"}}'])
+def test_malformed_answer(fake, answer):
+    fake.force = (201, answer)
+    result = run(fake, "addjob", "true")
+    assert result.exit_code == 1 and "malformed answer from lclusterd" in one_error_line(result)
+
+
+# --- main(): the entry point -------------------------------------------------------------
+
+def test_main_ctrl_c_exits_130_without_traceback(fake, monkeypatch, capsys):
+    def interrupted(self, command):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(client.Client, "add_job", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--socket", fake.socket, "--addjob=sleep 100"])
+    assert exit.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_main_exit_codes(fake, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--socket", fake.socket, "checkjob", "abc"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith("lclusterc: job uuid prefix 'abc' is too short")
+    fake.finish = ("failed", 7)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--socket", fake.socket, "addjob", "--wait", "exit 7"])
+    assert exit.value.code == 7
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0 and __version__ in capsys.readouterr().out
