@@ -26,7 +26,8 @@ from lclusterd.units import Units
 log = logging.getLogger("lclusterd")
 
 EX_CONFIG = 78  # sysexits' "configuration error": lclusterd.service does not restart on it
-STATUS_EVERY = 5  # seconds between STATUS= updates
+REPORT_EVERY = 1  # seconds between looks at STATUS= (and watchdog pets)
+RELOADABLE = ("slots", "stop_timeout", "poll_interval")  # what SIGHUP can change
 
 
 class StartupError(Exception):
@@ -66,18 +67,33 @@ def status(node):
 
 
 async def report(node, stopping):
-    """STATUS= for `systemctl status`, and the watchdog: only a live loop pets it."""
-    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    every = min(STATUS_EVERY, watchdog_usec / 2e6) if watchdog_usec else STATUS_EVERY
+    """STATUS= for `systemctl status` when it changes, and the watchdog: only
+    a live event loop pets it."""
+    said = None
     while not stopping.is_set():
-        sd.notify(f"STATUS={status(node)}\nWATCHDOG=1")
+        now = status(node)
+        sd.notify(f"WATCHDOG=1\nSTATUS={now}" if now != said else "WATCHDOG=1")
+        said = now
         try:
-            await asyncio.wait_for(stopping.wait(), every)
+            await asyncio.wait_for(stopping.wait(), REPORT_EVERY)
         except asyncio.TimeoutError:
             pass
 
 
-async def serve(config):
+def reload(node, config_path):
+    """SIGHUP: re-read the settings that can change while running."""
+    try:
+        fresh = configuration.load(config_path)
+    except configuration.ConfigError as e:
+        log.error("reload refused, keeping the old settings: %s", e)
+        return
+    for name in RELOADABLE:
+        setattr(node.config, name, getattr(fresh, name))
+    log.info("reloaded %s; other settings take a restart", ", ".join(RELOADABLE))
+    node.wake()
+
+
+async def serve(config, config_path=None):
     sd.notify("STATUS=adopting sockets")
     sockets = listening_sockets(config.socket)
     store = Store(config.etcd_endpoints, config.prefix)
@@ -94,6 +110,7 @@ async def serve(config):
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, node, config_path)
 
     sd.notify("READY=1\nSTATUS=connecting to the system bus and etcd")
     log.info("lclusterd %s serving on %s as node %s", __version__,
@@ -134,7 +151,7 @@ def main(config_path, rootfs, namespace, socket_path, etcd_endpoints):
         config = configuration.load(config_path, rootfs=rootfs, namespace=namespace,
                                     socket=socket_path, etcd_endpoints=etcd_endpoints)
         sandbox.check(config)
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, config_path))
     except (configuration.ConfigError, sandbox.SandboxError, StartupError) as e:
         sd.notify(f"STATUS=refused to start: {e}")
         click.echo(f"lclusterd: {e}", err=True)

@@ -1,0 +1,74 @@
+"""System-test fixtures: the built .deb, installed with apt into a Debian 12
+container booted with systemd as PID 1. Nothing here is faked."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.system import container as ct
+
+REPO = Path(__file__).resolve().parents[2]
+DIST = REPO / "dist"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="session")
+def deb_dir():
+    """dist/ with a freshly built lclusterd_<version>_all.deb."""
+    build = subprocess.run(["make", "-C", str(REPO), "deb"], capture_output=True, text=True)
+    assert build.returncode == 0, f"make deb failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    debs = sorted(DIST.glob("lclusterd_*_all.deb"))
+    assert debs, "make deb built no dist/lclusterd_*_all.deb"
+    return DIST
+
+
+@pytest.fixture(scope="session")
+def rootfs():
+    ct.check_host()
+    return ct.build_rootfs()
+
+
+class Box:
+    """A booted container with lclusterd installed, and helpers to drive it
+    with the user's own commands."""
+
+    def __init__(self, container):
+        self.c = container
+
+    def sh(self, cmd, **kw):
+        return self.c.run(cmd, **kw)
+
+    def lc(self, args, user=None, check=True, **kw):
+        """Run `lclusterc ARGS` (a shell string) as root or as user."""
+        return self.c.run(f"lclusterc {args}", user=user, check=check, **kw)
+
+    def job(self, ref):
+        return json.loads(self.lc(f"checkjob {ref} --json").stdout)
+
+    def wait_state(self, ref, states=TERMINAL, timeout=60):
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(ref)
+            if job["state"] in states:
+                return job
+            assert time.monotonic() < deadline, f"job {ref} still {job['state']} after {timeout} s"
+            time.sleep(0.2)
+
+    def unit_state(self, unit):
+        return self.sh(f"systemctl show -p LoadState,ActiveState --value {unit}").stdout.split()
+
+    def job_count(self):
+        return len(json.loads(self.lc("list --json --limit 100000").stdout))
+
+
+@pytest.fixture(scope="module")
+def box(rootfs, deb_dir):
+    """One container per test module, with the package installed by apt, and
+    two ordinary users, alice and bob."""
+    with ct.Container(ct.unique_name("lcsys"), rootfs, binds_ro={str(deb_dir): "/mnt/debs"}) as c:
+        c.run("apt-get install -y /mnt/debs/lclusterd_*_all.deb", timeout=300)
+        c.run("useradd -m alice && useradd -m bob")
+        yield Box(c)
