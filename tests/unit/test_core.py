@@ -1,0 +1,432 @@
+"""lclusterd/core.py: the job model, its lifecycle, validation and planning."""
+
+import dataclasses
+import itertools
+import uuid as uuidlib
+
+import pytest
+
+from lclusterd import core
+from lclusterd.core import (CANCELLED, FAILED, QUEUED, RUNNING, STARTING, STATES, SUCCEEDED,
+                            TERMINAL, TRANSITIONS)
+
+UUID = "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"
+
+
+def job(state=QUEUED, uid=1000, gid=1000, job_uuid=UUID, **changes):
+    return core.Job(uuid=job_uuid, command="echo hello", uid=uid, gid=gid, user="alice",
+                    submitted_at=1764431000.12, state=state, **changes)
+
+
+def unit(active="inactive", sub="dead", result="success", code=core.CLD_EXITED, status=0,
+         started_at=None, ended_at=None):
+    return core.UnitStatus(active_state=active, sub_state=sub, result=result, exit_code=code,
+                           exit_status=status, started_at=started_at, ended_at=ended_at)
+
+
+# --- lifecycle -------------------------------------------------------------
+
+ALL_PAIRS = list(itertools.product(STATES, STATES))
+ILLEGAL = [pair for pair in ALL_PAIRS if pair not in TRANSITIONS]
+
+
+def test_table_only_names_known_states():
+    assert {s for pair in TRANSITIONS for s in pair} <= set(STATES)
+    assert TERMINAL == {SUCCEEDED, FAILED, CANCELLED}
+    # 36 pairs, 10 allowed: the generated list of illegal ones is the rest.
+    assert len(ALL_PAIRS) == 36 and len(TRANSITIONS) == 10 and len(ILLEGAL) == 26
+
+
+@pytest.mark.parametrize("old,new", sorted(TRANSITIONS))
+def test_allowed_transition(old, new):
+    before = job(old)
+    after = core.transition(before, new, node="node1", reason="because")
+    assert after.state == new
+    assert after.node == "node1" and after.reason == "because"
+    assert after.uuid == before.uuid and after.command == before.command
+    assert before.state == old  # records are immutable: a new one is returned
+
+
+@pytest.mark.parametrize("old,new", ILLEGAL)
+def test_illegal_transition(old, new):
+    with pytest.raises(core.IllegalTransition) as e:
+        core.transition(job(old), new)
+    assert f"from {old} to {new}" in str(e.value) and UUID in str(e.value)
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL))
+def test_terminal_states_have_no_way_out(state):
+    assert not [new for (old, new) in TRANSITIONS if old == state]
+    assert job(state).terminal
+    for new in STATES:
+        with pytest.raises(core.IllegalTransition):
+            core.transition(job(state), new)
+
+
+@pytest.mark.parametrize("state", [QUEUED, STARTING, RUNNING])
+def test_live_states_are_not_terminal(state):
+    assert not job(state).terminal
+
+
+def test_transition_rejects_unknown_fields():
+    with pytest.raises(TypeError):
+        core.transition(job(QUEUED), STARTING, colour="blue")
+
+
+def test_new_job():
+    j = core.new_job("echo hi", 1000, 1001, "alice", now=12.5)
+    assert uuidlib.UUID(j.uuid).version == 4 and core.is_full_uuid(j.uuid)
+    assert (j.command, j.uid, j.gid, j.user, j.submitted_at, j.state) == \
+        ("echo hi", 1000, 1001, "alice", 12.5, QUEUED)
+    assert j.node is j.started_at is j.ended_at is j.exit_status is j.result is j.reason is None
+    assert core.new_job("true", 0, 0, "root", 0).uuid != j.uuid
+    with pytest.raises(core.InvalidInput):
+        core.new_job("  ", 1000, 1000, "alice", now=0)
+
+
+# --- validation ------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["true", "echo hello world", " sleep 1 ", "a\nb", "é"])
+def test_command_accepted_unchanged(command):
+    assert core.validate_command(command) == command
+
+
+@pytest.mark.parametrize("command,message", [
+    ("", "command is empty"),
+    ("   \t\n ", "command is empty"),
+    ("echo a\0b", "NUL"),
+    ("x" * 65537, "longer than 65536 bytes"),
+    ("é" * 32769, "longer than 65536 bytes"),  # 32769 characters, 65538 bytes
+    ("€" * 21846, "longer than 65536 bytes"),  # 3 bytes each: 65538
+])
+def test_command_refused(command, message):
+    with pytest.raises(core.InvalidInput) as e:
+        core.validate_command(command)
+    assert message in str(e.value)
+
+
+def test_command_size_limit_is_in_bytes():
+    assert core.MAX_COMMAND_BYTES == 65536
+    assert core.validate_command("x" * 65536) == "x" * 65536
+    assert core.validate_command("é" * 32768) == "é" * 32768  # 65536 bytes exactly
+    assert core.validate_command("x" + "€" * 21845) == "x" + "€" * 21845  # 1 + 65535 bytes
+    with pytest.raises(core.InvalidInput):
+        core.validate_command("xx" + "€" * 21845)  # 65537 bytes in 21847 characters
+
+
+@pytest.mark.parametrize("command", [None, 42, b"echo hi", ["echo", "hi"], {"command": "x"}])
+def test_command_must_be_a_string(command):
+    with pytest.raises(core.InvalidInput, match="command must be a string"):
+        core.validate_command(command)
+
+
+def test_invalid_input_is_a_value_error():
+    assert issubclass(core.InvalidInput, ValueError)
+    assert issubclass(core.IllegalTransition, ValueError)
+
+
+@pytest.mark.parametrize("ref,expected", [
+    (UUID, UUID),
+    (UUID.upper(), UUID),
+    (f"  {UUID}\n", UUID),
+    ("0b5e", "0b5e"),
+    ("0B5E8C", "0b5e8c"),
+    ("0b5e8c1e-3c", "0b5e8c1e-3c"),
+    (UUID[:35], UUID[:35]),
+])
+def test_ref_accepted(ref, expected):
+    assert core.validate_ref(ref) == expected
+
+
+@pytest.mark.parametrize("ref,message", [
+    ("0b5", "too short"),
+    ("", "is not a job uuid"),
+    ("   ", "is not a job uuid"),
+    ("0b5g", "is not a job uuid"),
+    ("0b5e 8c", "is not a job uuid"),
+    ("../../etc", "is not a job uuid"),
+    ("0b5e*", "is not a job uuid"),
+    ("-" * 36, "is not a job uuid"),
+    ("0" * 36, "is not a job uuid"),  # 36 hex digits, no dashes
+    (UUID.replace("-", "") + "0000", "is not a job uuid"),
+    (UUID[:8] + UUID[9:] + "-", "is not a job uuid"),  # 36 characters, dash misplaced
+    (UUID + "0", "is not a job uuid"),  # 37 characters
+    (None, "is not a job uuid"),
+    (1234, "is not a job uuid"),
+])
+def test_ref_refused(ref, message):
+    if isinstance(ref, str) and len(ref.strip()) == 36:
+        assert not core.is_full_uuid(ref.strip().lower())
+    with pytest.raises(core.InvalidInput) as e:
+        core.validate_ref(ref)
+    assert message in str(e.value)
+
+
+def test_is_full_uuid():
+    assert core.is_full_uuid(UUID)
+    assert not core.is_full_uuid(UUID[:35])
+    assert not core.is_full_uuid(UUID.upper())  # refs are lowered before this is asked
+
+
+OTHERS = ["0b5e0000-0000-4000-8000-000000000000", "ffff0000-0000-4000-8000-000000000000", UUID]
+
+
+def test_pick_by_prefix_one():
+    assert core.pick_by_prefix("0b5e8", OTHERS) == UUID
+    assert core.pick_by_prefix("ffff", OTHERS) == OTHERS[1]
+    assert core.pick_by_prefix(UUID, OTHERS) == UUID
+    assert core.pick_by_prefix("0b5e8", iter(OTHERS)) == UUID  # any iterable
+
+
+def test_pick_by_prefix_none():
+    with pytest.raises(LookupError) as e:
+        core.pick_by_prefix("abcd", OTHERS)
+    assert type(e.value) is LookupError and "no job matches 'abcd'" in str(e.value)
+    with pytest.raises(LookupError):
+        core.pick_by_prefix("abcd", [])
+
+
+def test_pick_by_prefix_several():
+    with pytest.raises(core.AmbiguousRef) as e:
+        core.pick_by_prefix("0b5e", OTHERS)
+    assert "matches 2 jobs" in str(e.value)
+    assert isinstance(e.value, LookupError)  # callers that only catch LookupError still do
+
+
+# --- units -----------------------------------------------------------------
+
+def test_unit_name_round_trip():
+    name = core.unit_name(UUID)
+    assert name == f"lcluster-job@{UUID}.service" == job().unit
+    assert core.uuid_of_unit(name) == UUID
+
+
+@pytest.mark.parametrize("name", [
+    f"lcluster-job@{UUID}.scope",
+    f"lcluster-job-{UUID}.service",
+    f"other@{UUID}.service",
+    "lcluster-job@.service",
+    "lcluster-job@0b5e8c1e.service",
+    f"lcluster-job@{UUID.upper()}.service",
+    f"lcluster-job@{UUID}x.service",
+    "lcluster.slice",
+    "",
+])
+def test_uuid_of_unit_rejects(name):
+    assert core.uuid_of_unit(name) is None
+
+
+@pytest.mark.parametrize("active,sub,finished", [
+    ("active", "running", False),
+    ("active", "exited", True),  # RemainAfterExit=yes after the job ended
+    ("activating", "start", False),
+    ("deactivating", "stop-sigterm", False),
+    ("deactivating", "stop-sigkill", False),
+    ("reloading", "reload", False),
+    ("inactive", "dead", True),
+    ("failed", "failed", True),
+])
+def test_unit_status_finished(active, sub, finished):
+    assert unit(active, sub).finished is finished
+
+
+def test_outcome_exit_0():
+    assert core.outcome(unit("active", "exited", "success", core.CLD_EXITED, 0)) == \
+        (SUCCEEDED, 0, "exited with status 0")
+
+
+def test_outcome_exit_3():
+    assert core.outcome(unit("failed", "failed", "exit-code", core.CLD_EXITED, 3)) == \
+        (FAILED, 3, "exited with status 3")
+
+
+@pytest.mark.parametrize("code", [core.CLD_KILLED, core.CLD_DUMPED])
+def test_outcome_killed_by_signal_9(code):
+    result = "signal" if code == core.CLD_KILLED else "core-dump"
+    assert core.outcome(unit("failed", "failed", result, code, 9)) == \
+        (FAILED, 137, "killed by signal 9")
+
+
+def test_outcome_timeout():
+    state, exit_status, reason = core.outcome(unit("failed", "failed", "timeout", core.CLD_KILLED, 9))
+    assert (state, exit_status) == (FAILED, 137)
+    assert reason == "killed by signal 9 (timeout)"
+
+
+def test_outcome_oom_kill():
+    state, exit_status, reason = core.outcome(unit("failed", "failed", "oom-kill", core.CLD_KILLED, 9))
+    assert (state, exit_status) == (FAILED, 137)
+    assert "oom-kill" in reason and "signal 9" in reason
+
+
+def test_outcome_oom_kill_even_with_status_0_fails():
+    # The OOM killer took a child; the main process still exited 0.
+    state, exit_status, reason = core.outcome(unit("failed", "failed", "oom-kill", core.CLD_EXITED, 0))
+    assert (state, exit_status) == (FAILED, 0) and "oom-kill" in reason
+
+
+def test_outcome_unit_that_never_ran():
+    state, exit_status, reason = core.outcome(unit("failed", "failed", "resources", 0, 0))
+    assert (state, exit_status) == (FAILED, None)
+    assert "did not run" in reason and "resources" in reason
+
+
+def test_finish_running_job():
+    running = job(RUNNING, node="node1", started_at=100.0)
+    done = core.finish(running, unit("active", "exited", "success", core.CLD_EXITED, 0,
+                                     started_at=99.0, ended_at=101.0), now=200.0)
+    assert (done.state, done.exit_status, done.result, done.reason) == \
+        (SUCCEEDED, 0, "success", "exited with status 0")
+    assert (done.started_at, done.ended_at, done.node) == (100.0, 101.0, "node1")
+
+
+def test_finish_takes_start_from_unit_and_end_from_clock():
+    starting = job(STARTING, node="node1")
+    done = core.finish(starting, unit("failed", "failed", "exit-code", core.CLD_EXITED, 3,
+                                      started_at=99.0), now=200.0)
+    assert (done.state, done.exit_status, done.result) == (FAILED, 3, "exit-code")
+    assert (done.started_at, done.ended_at) == (99.0, 200.0)
+
+
+def test_finish_killed():
+    done = core.finish(job(RUNNING), unit("failed", "failed", "signal", core.CLD_KILLED, 9), now=5.0)
+    assert (done.state, done.exit_status, done.reason) == (FAILED, 137, "killed by signal 9")
+
+
+def test_finish_refuses_a_finished_job():
+    with pytest.raises(core.IllegalTransition):
+        core.finish(job(CANCELLED), unit(), now=1.0)
+    with pytest.raises(core.IllegalTransition):
+        core.finish(job(QUEUED), unit(), now=1.0)
+
+
+# --- reconciliation ----------------------------------------------------------
+
+U1, U2, U3 = (f"{n}0000000-0000-4000-8000-000000000000" for n in "123")
+ACTIVE = unit("active", "running", "success", 0, 0)
+EXITED = unit("active", "exited", "success", core.CLD_EXITED, 0)
+
+
+@pytest.mark.parametrize("state,status,plan", [
+    (STARTING, None, [(core.REQUEUE, U1)]),
+    (RUNNING, None, [(core.RECORD_VANISHED, U1)]),
+    (SUCCEEDED, EXITED, [(core.RELEASE_UNIT, U1)]),
+    (FAILED, unit("failed", "failed", "exit-code", core.CLD_EXITED, 1), [(core.RELEASE_UNIT, U1)]),
+    (CANCELLED, ACTIVE, [(core.RELEASE_UNIT, U1)]),  # cancelled but still running: stop it
+    (RUNNING, EXITED, [(core.RECORD_END, U1)]),
+    (RUNNING, unit("failed", "failed", "exit-code", core.CLD_EXITED, 2), [(core.RECORD_END, U1)]),
+    (STARTING, EXITED, [(core.RECORD_END, U1)]),  # finished before 'running' was recorded
+    (STARTING, ACTIVE, [(core.RECORD_RUNNING, U1)]),
+    (STARTING, unit("activating", "start", "success", 0, 0), []),  # not up yet: wait
+    (RUNNING, ACTIVE, []),
+    (SUCCEEDED, None, []),  # terminal and released: nothing left to do
+    (QUEUED, None, []),
+])
+def test_reconcile_case(state, status, plan):
+    units = {} if status is None else {U1: status}
+    assert core.reconcile({U1: job(state, job_uuid=U1)}, units) == plan
+
+
+@pytest.mark.parametrize("state,status", [(STARTING, None), (STARTING, ACTIVE), (RUNNING, EXITED)])
+def test_reconcile_skips_in_flight(state, status):
+    units = {} if status is None else {U1: status}
+    assert core.reconcile({U1: job(state, job_uuid=U1)}, units, in_flight={U1}) == []
+
+
+def test_reconcile_skips_unknown_record():
+    assert core.reconcile({}, {U1: EXITED, U2: ACTIVE}) == []
+
+
+def test_reconcile_whole_node_in_stable_order():
+    jobs = {U3: job(STARTING, job_uuid=U3), U1: job(RUNNING, job_uuid=U1),
+            U2: job(SUCCEEDED, job_uuid=U2)}
+    units = {U2: EXITED, U1: EXITED, "ffff0000-0000-4000-8000-000000000000": ACTIVE}
+    plan = [(core.RECORD_END, U1), (core.RELEASE_UNIT, U2), (core.REQUEUE, U3)]
+    assert core.reconcile(jobs, units) == plan
+    assert core.reconcile(dict(reversed(jobs.items())), dict(reversed(units.items()))) == plan
+
+
+def test_free_slots():
+    assert core.free_slots(4, 1) == 3
+    assert core.free_slots(4, 4) == 0
+    assert core.free_slots(2, 5) == 0
+
+
+# --- the unit a job runs in ----------------------------------------------------
+
+def props(j, **kwargs):
+    return dict(core.unit_properties(j, 10, **kwargs))
+
+
+def test_unit_properties_default_sandbox():
+    p = props(job(uid=1000))
+    assert p["PrivateNetwork"] is True and p["PrivateTmp"] is True
+    assert p["NoNewPrivileges"] is True
+    assert p["ProtectSystem"] == "strict" and p["ProtectHome"] == "yes"
+    assert p["ExecStart"] == [("/bin/sh", ["/bin/sh", "-c", "echo hello"], False)]
+    assert p["RemainAfterExit"] is True and p["Slice"] == "lcluster.slice"
+    assert p["Environment"] == [f"LCLUSTER_JOB_ID={UUID}"]
+    assert p["KillSignal"] == 15 and p["TimeoutStopUSec"] == 10_000_000
+    assert p["Description"] == f"lcluster job {UUID}"
+    assert "RootDirectory" not in p and "NetworkNamespacePath" not in p
+
+
+def test_unit_properties_names_are_unique():
+    names = [name for name, _ in core.unit_properties(job(), 1, rootfs="/r", namespace="n")]
+    assert len(names) == len(set(names))
+
+
+def test_unit_properties_stop_timeout_in_microseconds():
+    assert dict(core.unit_properties(job(), 2.5))["TimeoutStopUSec"] == 2_500_000
+
+
+def test_unit_properties_root_runs_as_root():
+    p = props(job(uid=0, gid=0))
+    assert "User" not in p and "Group" not in p
+
+
+def test_unit_properties_user_runs_as_user():
+    p = props(job(uid=1000, gid=1001))
+    assert (p["User"], p["Group"]) == ("1000", "1001")
+
+
+def test_unit_properties_rootfs():
+    p = props(job(), rootfs="/var/lib/lclusterd/rootfs")
+    assert p["RootDirectory"] == "/var/lib/lclusterd/rootfs" and p["MountAPIVFS"] is True
+    assert p["PrivateNetwork"] is True
+
+
+def test_unit_properties_namespace_replaces_private_network():
+    p = props(job(), namespace="lcluster")
+    assert "PrivateNetwork" not in p
+    assert p["NetworkNamespacePath"] == "/run/netns/lcluster"
+    assert p["PrivateTmp"] is True
+
+
+# --- records -------------------------------------------------------------------
+
+def test_job_dict_round_trip():
+    full = job(FAILED, node="node1", started_at=1.5, ended_at=2.5, exit_status=137,
+               result="signal", reason="killed by signal 9")
+    record = full.to_dict()
+    assert record["unit"] == f"lcluster-job@{UUID}.service"
+    assert record["state"] == "failed" and record["exit_status"] == 137
+    assert set(record) == {f.name for f in dataclasses.fields(core.Job)} | {"unit"}
+    assert core.Job.from_dict(record) == full
+    assert core.Job.from_dict(job().to_dict()) == job()
+
+
+def test_job_to_dict_matches_the_api_documentation():
+    assert set(job().to_dict()) == {"uuid", "command", "state", "uid", "gid", "user", "node",
+                                    "unit", "submitted_at", "started_at", "ended_at",
+                                    "exit_status", "result", "reason"}
+
+
+def test_job_from_dict_ignores_unknown_keys():
+    record = dict(job(RUNNING).to_dict(), priority=5, labels={"team": "a"})
+    assert core.Job.from_dict(record) == job(RUNNING)
+
+
+def test_job_is_immutable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job().state = RUNNING
