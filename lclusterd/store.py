@@ -18,6 +18,7 @@ import urllib.parse
 
 import etcd3
 import etcd3.exceptions
+import etcd3.utils
 import grpc
 
 from lclusterd import core
@@ -25,6 +26,8 @@ from lclusterd import core
 CALL_TIMEOUT = 5  # seconds; etcd answers loopback in milliseconds
 # gRPC backs off up to 2 minutes between reconnects; etcd back after an
 # outage should be seen within a second.
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -62,6 +65,8 @@ class Store:
                 return result
             except (etcd3.exceptions.ConnectionFailedError,
                     etcd3.exceptions.ConnectionTimeoutError, grpc.RpcError) as e:
+                if isinstance(e, grpc.RpcError) and e.code() not in UNREACHABLE:
+                    raise  # etcd answered: a bug of ours, not an outage
                 last = e
                 self._drop(index)  # a fresh channel next time, not gRPC's backed-off one
         where = ", ".join(self.endpoints)
@@ -105,15 +110,18 @@ class Store:
 
     def queued(self, limit):
         """The head of the queue, oldest first, as [(Job, revision)]."""
+        if limit < 1:
+            return []  # etcd reads a limit of 0 as "everything"
         def read(c):
-            heads = [v.decode() for v, _ in c.get_prefix(
-                f"{self.prefix}/queue/", sort_order="ascend", sort_target="key", limit=limit)]
-            if not heads:
-                return []
-            # One round trip for all the records.
-            _, ranges = c.transaction(compare=[], success=[
-                c.transactions.get(self._job_key(u)) for u in heads], failure=[])
-            return [(_decode(v), m.mod_revision) for kvs in ranges for v, m in kvs]
+            heads = [kv.value.decode() for kv in _range(c, f"{self.prefix}/queue/", limit)]
+            found = []
+            # A few round trips for all the records: etcd caps a transaction's operations.
+            for start in range(0, len(heads), MAX_TXN_OPS):
+                _, ranges = c.transaction(compare=[], success=[
+                    c.transactions.get(self._job_key(u)) for u in heads[start:start + MAX_TXN_OPS]],
+                    failure=[])
+                found += [(_decode(v), m.mod_revision) for kvs in ranges for v, m in kvs]
+            return found
         return [(job, rev) for job, rev in self._call(read) if job.state == core.QUEUED]
 
     # -- writes -------------------------------------------------------------
@@ -143,6 +151,17 @@ class Store:
             ok, _ = c.transaction(compare=[c.transactions.mod(key) == revision], success=ops, failure=[])
             return ok
         return self._call(write)
+
+
+def _range(c, prefix, limit):
+    """The first limit keys under prefix, in key order. (python3-etcd3 0.12
+    accepts limit= but never puts it into the request.)"""
+    request = c._build_get_range_request(
+        prefix, range_end=etcd3.utils.increment_last_byte(etcd3.utils.to_bytes(prefix)),
+        sort_order="ascend", sort_target="key")
+    request.limit = limit
+    return c.kvstub.Range(request, c.timeout, credentials=c.call_credentials,
+                          metadata=c.metadata).kvs
 
 
 def _encode(job):

@@ -26,7 +26,7 @@ SUITE = "bookworm"
 CACHE_DIR = Path("/var/cache/lclusterd-tests")
 LOG_DIR = Path("/tmp/lclusterd-tests")
 # Bump when build_rootfs changes what it puts into a rootfs, so old caches are not reused.
-ROOTFS_RECIPE = "2"
+ROOTFS_RECIPE = "3"
 
 # Always needed to boot: systemd as PID 1 and a system bus.
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3"]
@@ -144,8 +144,10 @@ def build_rootfs(extra_packages=TEST_PACKAGES):
             # debootstrap copies the host's /etc/hostname: without one, nspawn's -M NAME
             # becomes the hostname, so each container (cluster node) has its own.
             (tmp / "etc/hostname").unlink(missing_ok=True)
-            # Empty machine-id: every boot gets its own, so containers from one rootfs differ.
+            # No machine-id: every boot gets its own, so containers from one rootfs differ
+            # (systemd would copy dbus's, and all containers would share it).
             (tmp / "etc/machine-id").write_text("")
+            (tmp / "var/lib/dbus/machine-id").unlink(missing_ok=True)
             # Keep the cache small (nspawn --ephemeral copies it on every boot).
             subprocess.run(["chroot", str(tmp), "apt-get", "clean"], check=True,
                            stdout=subprocess.DEVNULL)
@@ -362,9 +364,14 @@ class Container:
 
     def _cleanup(self):
         self.init_pid = None
-        if self._snapshot is not None:  # left behind when nspawn was killed
+        # What a killed nspawn leaves behind (it removes these itself on a clean stop):
+        # its --ephemeral copy, that copy's lock file, and its propagation dir.
+        if self._snapshot is not None:
             _remove_tree(self._snapshot)
+            self._snapshot.with_name(f".#{self._snapshot.name}.lck").unlink(missing_ok=True)
             self._snapshot = None
+        if self.nspawn is not None:
+            shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
         self._remove_cgroups()
 
 
