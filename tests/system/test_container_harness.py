@@ -89,10 +89,9 @@ def test_two_containers_side_by_side(rootfs):
 def test_poweroff_hard_then_stop_is_clean(rootfs):
     c = Container(unique_name(), rootfs)
     c.start()
-    cgroups, snapshot = list(c._cgroups), c._snapshot
+    cgroups = list(c._cgroups)
     c.poweroff_hard()
     c.stop()  # idempotent
     assert not any(cg.exists() for cg in cgroups)
-    assert snapshot is not None and not snapshot.exists()
-    assert not snapshot.with_name(f".#{snapshot.name}.lck").exists()
+    assert not list(rootfs.parent.glob(f".#*{c.name}*"))
     assert not Path(f"/run/systemd/nspawn/propagate/{c.name}").exists()
