@@ -15,7 +15,7 @@ DIST    := dist
 BUILDDIR := $(DIST)/build/lclusterd-$(VERSION)
 DEB      := $(DIST)/lclusterd_$(VERSION)_all.deb
 
-.PHONY: all deb lint clean test
+.PHONY: all deps deb lint clean test demo
 
 all: deb
 
@@ -43,13 +43,46 @@ $(DEB):
 clean:
 	rm -rf $(DIST) build .pybuild *.egg-info
 
-# ---- tests ------------------------------------------------------------------
-# (test, demo and bench targets are kept by the developers of lclusterd/ and
-# tests/; this placeholder runs the whole suite.)
+# ---- dependencies ------------------------------------------------------------
+# Everything the build, the tests and the demo need, from Debian's archive.
+# `make deps` installs what is missing (as root), so a fresh Debian 12 machine
+# needs nothing else.
 
-test:
-	$(PYTHON) -m pytest tests
+BUILD_DEPS := debhelper dh-python python3-all python3-setuptools fakeroot lintian git
+RUN_DEPS   := python3-etcd3 python3-dbus-next python3-systemd python3-pyroute2 \
+              python3-click python3-aiohttp
+TEST_DEPS  := python3-pytest etcd-server etcd-client systemd-container debootstrap \
+              iproute2 procps util-linux
+
+deps:
+	@missing=$$(for p in $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q ' installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# ---- tests ------------------------------------------------------------------
+# Unit (pure core), integration (a real etcd), system (the .deb installed
+# with apt into a Debian 12 container booted with systemd as PID 1).
+
+PYTEST_ARGS ?=
+
+test: deps
+	$(PYTHON) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests
 
 # ---- demo -------------------------------------------------------------------
+# Build, install and run one job. Where systemd is PID 1 this installs the
+# package on this machine; elsewhere it boots a throwaway container for it.
+
+demo: deps deb
+	@if [ "$$(ps -p 1 -o comm=)" = systemd ]; then \
+	  set -ex; apt-get install -y ./$(DEB); \
+	  uuid=$$(lclusterc addjob --wait 'echo hello from $$(hostname)'); \
+	  lclusterc checkjob $$uuid; journalctl -u lcluster-job@$$uuid --no-pager; \
+	else \
+	  $(PYTHON) -m tests.system.container demo --deb-dir $(DIST); \
+	fi
 
 # ---- bench ------------------------------------------------------------------

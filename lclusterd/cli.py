@@ -7,14 +7,13 @@ the daemon, format answers. Every decision is the daemon's (docs/api.md).
 import datetime
 import json
 import os
-import re
 import shutil
 import sys
 import time
 
 import click
 
-from lclusterd import __version__
+from lclusterd import __version__, core
 from lclusterd.client import DEFAULT_SOCKET, DENIED, UNREACHABLE, Client, ClientError
 
 # Exit codes: the one table. `lclusterc --help` prints it as it is.
@@ -38,8 +37,8 @@ EXIT_FOR_CAUSE = {
     DENIED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
 }
 
-STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
+STATES = core.STATES
+TERMINAL = core.TERMINAL
 POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait
 MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
 NODE_COLUMN = 16  # longer node names are cut in list
@@ -66,38 +65,12 @@ class Failure(click.ClickException):
 
 # --- early checks (the daemon checks again) ----------------------------------
 
-MAX_COMMAND_BYTES = 64 * 1024
-MIN_PREFIX_LEN = 4
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PREFIX = re.compile(r"^[0-9a-f-]+$")
-
-
-# TODO: use core.validate_command once core.py lands (same rules, same wording)
-def _validate_command(command):
-    if not command.strip():
-        raise Failure("command is empty", EXIT_USAGE)
-    if "\0" in command:
-        raise Failure("command contains a NUL byte", EXIT_USAGE)
+def _checked(check, value):
+    """core's validation (the daemon checks again), as a Failure."""
     try:
-        size = len(command.encode("utf-8"))
-    except UnicodeEncodeError:  # undecodable bytes in argv arrive as surrogates
-        raise Failure("command is not valid UTF-8", EXIT_USAGE) from None
-    if size > MAX_COMMAND_BYTES:
-        raise Failure(f"command is longer than {MAX_COMMAND_BYTES} bytes", EXIT_USAGE)
-    return command
-
-
-# TODO: use core.validate_ref once core.py lands (same rules, same wording)
-def _validate_ref(ref):
-    ref = ref.strip().lower()  # uuids are case-insensitive; records are lower-case
-    if not _PREFIX.match(ref) or len(ref) > 36:
-        raise Failure(f"'{ref}' is not a job uuid", EXIT_USAGE)
-    if len(ref) < MIN_PREFIX_LEN:
-        raise Failure(f"job uuid prefix '{ref}' is too short (at least {MIN_PREFIX_LEN} characters)",
-                      EXIT_USAGE)
-    if len(ref) == 36 and not _UUID.match(ref):
-        raise Failure(f"'{ref}' is not a job uuid", EXIT_USAGE)
-    return ref
+        return check(value)
+    except core.InvalidInput as e:
+        raise Failure(str(e), EXIT_USAGE) from None
 
 
 def _rewrite_old_spellings(args):
@@ -247,7 +220,7 @@ def lclusterc(ctx, socket_path):
 @click.pass_obj
 def addjob(client, command, wait, as_json):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
-    job = client.add_job(_validate_command(command))
+    job = client.add_job(_checked(core.validate_command, command))
     if not as_json:
         click.echo(job["uuid"])  # at once, even with --wait: the user may need it
     if wait:
@@ -272,7 +245,7 @@ def addjob(client, command, wait, as_json):
 @click.pass_obj
 def checkjob(client, ref, as_json):
     """Show a job: state, exit status, node, times."""
-    job = client.get_job(_validate_ref(ref))
+    job = client.get_job(_checked(core.validate_ref, ref))
     if as_json:
         _echo_json(job)
     else:
@@ -285,7 +258,7 @@ def checkjob(client, ref, as_json):
 @click.pass_obj
 def removejob(client, ref, as_json):
     """Take a queued job off the queue, or stop a running one."""
-    job = client.remove_job(_validate_ref(ref))
+    job = client.remove_job(_checked(core.validate_ref, ref))
     if as_json:
         _echo_json(job)
     else:

@@ -107,7 +107,11 @@ def validate_command(command) -> str:
         raise InvalidInput("command is empty")
     if "\0" in command:
         raise InvalidInput("command contains a NUL byte")
-    if len(command.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+    try:
+        size = len(command.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes in argv arrive as surrogates
+        raise InvalidInput("command is not valid UTF-8") from None
+    if size > MAX_COMMAND_BYTES:
         raise InvalidInput(f"command is longer than {MAX_COMMAND_BYTES} bytes")
     return command
 

@@ -375,8 +375,10 @@ def demo(deb_dir):
         print(f"$ {cmd}", flush=True)
         t = time.monotonic()
         r = c.run(cmd, check=False, **kw)
-        # Keep only what a terminal would show of \r-redrawn progress lines.
-        print(re.sub(r"[^\n]*\r(?!\n)", "", r.stdout + r.stderr), end="", flush=True)
+        # dpkg redraws "(Reading database ... N%" with \r, which text mode turned into
+        # newlines: keep only the last of them, as a terminal would show.
+        print(re.sub(r"(?m)^\(Reading database \.\.\. [^\n]*\n(?=\(Reading database)", "",
+                     r.stdout + r.stderr), end="", flush=True)
         print(f"# exit {r.returncode}, {time.monotonic() - t:.1f} s", flush=True)
         if r.returncode:
             raise ContainerError(f"step failed: {cmd}")
@@ -418,7 +420,8 @@ def shell():
     """Boot a container and wait, for poking around by hand; Ctrl-C stops it."""
     with Container(unique_name("lcshell"), build_rootfs()) as c:
         print(f"container {c.name} is up; enter it with:\n"
-              f"  nsenter -t {c.init_pid} -a env -i {' '.join(INNER_ENV)} HOME=/root bash\n"
+              f"  nsenter -t {c.init_pid} -a env -i {' '.join(INNER_ENV)} TERM=\"$TERM\" "
+              f"HOME=/root bash\n"
               f"boot log: {c.log_path}\nCtrl-C (or SIGTERM to {os.getpid()}) stops it.",
               flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
