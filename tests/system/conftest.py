@@ -69,6 +69,6 @@ def box(rootfs, deb_dir):
     """One container per test module, with the package installed by apt, and
     two ordinary users, alice and bob."""
     with ct.Container(ct.unique_name("lcsys"), rootfs, binds_ro={str(deb_dir): "/mnt/debs"}) as c:
-        c.run("apt-get install -y --no-install-recommends /mnt/debs/lclusterd_*_all.deb", timeout=300)
+        c.run("apt-get install -y /mnt/debs/lclusterd_*_all.deb", timeout=300)
         c.run("useradd -m alice && useradd -m bob")
         yield Box(c)
