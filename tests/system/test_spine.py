@@ -231,3 +231,34 @@ def test_daemon_unreachable_says_how_to_start_it(box):
     finally:
         box.sh("systemctl start lclusterd.socket")
     assert box.lc("list", user="alice").returncode == 0
+
+
+def test_daemon_runs_in_the_foreground_with_its_own_socket(box):
+    # A second daemon by hand, beside the packaged one: its own socket, node
+    # name and key prefix, so the two don't share jobs.
+    box.sh("printf '[lclusterd]\\nprefix = /fg\\nnode_name = fg\\n' > /tmp/fg.conf")
+    box.sh("setsid lclusterd --config /tmp/fg.conf --socket /tmp/fg.sock "
+           ">/tmp/fg.log 2>&1 < /dev/null & echo $! > /tmp/fg.pid")
+    try:
+        box.sh("until [ -S /tmp/fg.sock ]; do sleep 0.1; done", timeout=15)
+        r = box.lc("--socket /tmp/fg.sock addjob --wait 'echo in the foreground'", user="alice")
+        uuid = r.stdout.split()[0]
+        job = json.loads(box.lc(f"--socket /tmp/fg.sock checkjob {uuid} --json").stdout)
+        assert job["state"] == "succeeded" and job["node"] == "fg"
+        # The packaged daemon (prefix /lcluster) does not know it.
+        assert box.lc(f"checkjob {uuid}", check=False).returncode == 3
+    finally:
+        box.sh("kill $(cat /tmp/fg.pid)")
+    box.sh("while kill -0 $(cat /tmp/fg.pid) 2>/dev/null; do sleep 0.1; done", timeout=15)
+    assert "Traceback" not in box.sh("cat /tmp/fg.log").stdout
+
+
+def test_daemon_refuses_a_bad_rootfs_or_namespace_with_one_line(box):
+    for args, words in (("--rootfs=/nonexistent", "not a directory"),
+                        ("--rootfs=/tmp", "no executable /bin/sh"),
+                        ("--namespace=no/such", "not a valid network namespace name"),
+                        ("--config=/nonexistent.conf", "does not exist")):
+        r = box.sh(f"lclusterd {args} --socket /tmp/refused.sock", check=False)
+        assert r.returncode == 78, (args, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (args, r.stderr)
