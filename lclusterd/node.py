@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from lclusterd import core
 from lclusterd.store import Unavailable as StoreUnavailable
-from lclusterd.units import Unavailable as UnitsUnavailable
+from lclusterd.units import Refused, Unavailable as UnitsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,9 @@ class Node:
             try:
                 await self.units.start(job, core.unit_properties(
                     job, self.config.stop_timeout, self.config.rootfs, self.config.namespace))
-            except Exception as e:  # systemd refused: the job cannot run here
+            except Refused as e:  # the job cannot run here
+                # (Losing the bus instead leaves it starting: the sweep after
+                # reconnecting finds its unit, or requeues it.)
                 log.warning("job %s: start failed: %s", job.uuid, e)
                 self.mine.discard(job.uuid)
                 await self._change(job.uuid, lambda j: core.transition(

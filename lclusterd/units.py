@@ -44,6 +44,10 @@ class Unavailable(Exception):
     """The system bus or systemd cannot be reached."""
 
 
+class Refused(Exception):
+    """systemd refused to start a unit (bad properties, a name in use, ...)."""
+
+
 def unit_path(name):
     """systemd's object path of a unit (sd_bus_path_encode)."""
     return UNIT_PATH_PREFIX + "".join(
@@ -119,10 +123,13 @@ class Units:
 
     async def start(self, job, properties):
         """Start the job's transient service with properties (name, value)
-        from core.unit_properties; DBusError if systemd refuses."""
+        from core.unit_properties; Refused if systemd says no."""
         props = [[name, Variant(SIGNATURES[name], _variant(value))] for name, value in properties]
-        await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
-                            [job.unit, "fail", props, []])
+        try:
+            await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                [job.unit, "fail", props, []])
+        except DBusError as e:
+            raise Refused(e.text) from None
 
     async def status(self, job_uuid):
         """core.UnitStatus of the job's unit, or None if it is not loaded."""
