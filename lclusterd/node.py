@@ -229,7 +229,11 @@ class Node:
         if not free:
             return
         heads = await self._store(self.store.queued, free)
-        await asyncio.gather(*(self._claim_and_start(job, rev) for job, rev in heads))
+        results = await asyncio.gather(*(self._claim_and_start(job, rev) for job, rev in heads),
+                                       return_exceptions=True)  # let every start finish
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
 
     async def _claim_and_start(self, job, revision):
         node = self.config.node_name
