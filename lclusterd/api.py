@@ -18,14 +18,16 @@ from lclusterd.store import Unavailable as StoreUnavailable
 # Which failure becomes which answer.
 STATUS_OF = (
     (core.InvalidInput, 400),  # the request itself is wrong
-    (PermissionDenied, 403),  # only the submitter or root may do this
+    (core.Forbidden, 403),  # only the submitter or root may do this; not allowed here
     (core.AmbiguousRef, 409),  # a prefix names several jobs
     (LookupError, 404),  # no such job
     (Conflict, 409),  # a record kept changing under us: retry
     (StoreUnavailable, 503),  # etcd is down: nothing was written
 )
 
-SUBMIT_FIELDS = {"command"}
+# command, and what the job asks for (core.job_spec, core.run_as).
+SUBMIT_FIELDS = {"command", "user", "memory", "cpus", "tasks", "timeout", "env", "workdir",
+                 "network"}
 MAX_BODY = 2 * core.MAX_COMMAND_BYTES  # JSON escaping can double a command
 
 
@@ -35,6 +37,7 @@ def make_app(node):
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{ref}", check)
+    app.router.add_get("/v1/jobs/{ref}/unit-properties", unit_properties)
     app.router.add_delete("/v1/jobs/{ref}", remove)
     app.router.add_get("/v1/health", health)
     return app
@@ -90,13 +93,19 @@ async def submit(request):
     body = await _body(request, SUBMIT_FIELDS)
     if "command" not in body:
         raise core.InvalidInput("missing field: command")
-    job = await request.app["node"].submit(body["command"], caller_of(request))
+    job = await request.app["node"].submit(body.pop("command"), caller_of(request), body)
     return web.json_response({"job": job.to_dict()}, status=201)
 
 
 async def check(request):
     job = await request.app["node"].find(request.match_info["ref"])
     return web.json_response({"job": job.to_dict()})
+
+
+async def unit_properties(request):
+    node = request.app["node"]
+    job = await node.find(request.match_info["ref"])
+    return web.json_response({"properties": node.unit_properties(job)})
 
 
 async def remove(request):

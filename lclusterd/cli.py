@@ -7,6 +7,7 @@ the daemon, format answers. Every decision is the daemon's (docs/api.md).
 import datetime
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -148,9 +149,36 @@ def _describe(job):
         ("exit status", job.get("exit_status")),
         ("result", job.get("result")),
         ("reason", job.get("reason")),
+        ("submitter", job.get("submitter")),
+        ("limits", _limits(job)),
+        ("network", job.get("network") or "the node's default"),
+        ("workdir", job.get("workdir")),
+        ("env", " ".join(shlex.quote(e) for e in job.get("env") or ()) or None),
     )
     width = max(len(key) for key, _ in rows) + 1
     return "\n".join(f"{key + ':':<{width}} {_text(value)}" for key, value in rows)
+
+
+def _limits(job):
+    shown = []
+    for name, _, show in core.LIMITS:
+        value = job.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            shown.append(f"{name} {show(value)}")
+    return ", ".join(shown) or "none"
+
+
+def _property(name, value):
+    """One unit property as systemd's unit-file syntax would have it."""
+    if isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif name.startswith("Exec"):  # [(path, argv, flags)]
+        text = "; ".join(" ".join(shlex.quote(a) for a in argv) for _, argv, _ in value)
+    elif isinstance(value, list):
+        text = " ".join(shlex.quote(str(v)) for v in value)
+    else:
+        text = str(value)
+    return f"{name}={_text(text)}"
 
 
 def _table(jobs, width):
@@ -217,10 +245,32 @@ def lclusterc(ctx, socket_path):
 @click.argument("command")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
+@click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 256M, 2G (OOM-killed past it).")
+@click.option("--cpus", metavar="N", help="CPU time limit in CPUs, e.g. 0.5.")
+@click.option("--tasks", metavar="N", help="Most processes and threads at once.")
+@click.option("--timeout", metavar="TIME", help="Stop it after this long, e.g. 90s, 10m, 2h.")
+@click.option("--env", metavar="KEY=VAL", multiple=True, help="Set a variable (repeatable).")
+@click.option("--workdir", metavar="DIR", help="Working directory (absolute).")
+@click.option("--network", metavar="NET",
+              help="none (own loopback, the default), host or ns:NAME, where the node allows it.")
+@click.option("--user", metavar="NAME",
+              help="Run as this user (root only; root's jobs run as nobody without it).")
 @click.pass_obj
-def addjob(client, command, wait, as_json):
+def addjob(client, command, wait, as_json, memory, cpus, tasks, timeout, env, workdir, network,
+           user):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
-    job = client.add_job(_checked(core.validate_command, command))
+    checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
+              "timeout": core.parse_duration, "workdir": core.validate_workdir,
+              "network": core.validate_network}
+    given = {"memory": memory, "cpus": cpus, "tasks": tasks, "timeout": timeout,
+             "workdir": workdir, "network": network}
+    for name, value in given.items():
+        if value is not None:
+            _checked(checks[name], value)  # the daemon parses the text again
+    if env:
+        _checked(core.validate_env, list(env))
+    job = client.add_job(_checked(core.validate_command, command), env=list(env) or None,
+                         user=user, **given)
     if not as_json:
         click.echo(job["uuid"])  # at once, even with --wait: the user may need it
     if wait:
@@ -242,9 +292,18 @@ def addjob(client, command, wait, as_json):
 @lclusterc.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
+@click.option("--unit-properties", "properties", is_flag=True,
+              help="Print the systemd properties of the job's unit (its sandbox and limits).")
 @click.pass_obj
-def checkjob(client, ref, as_json):
-    """Show a job: state, exit status, node, times."""
+def checkjob(client, ref, as_json, properties):
+    """Show a job: state, exit status, node, times, user, limits."""
+    if properties:
+        props = client.unit_properties(_checked(core.validate_ref, ref))
+        if as_json:
+            _echo_json(props)
+        else:
+            click.echo("\n".join(_property(name, value) for name, value in props))
+        return
     job = client.get_job(_checked(core.validate_ref, ref))
     if as_json:
         _echo_json(job)

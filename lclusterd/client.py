@@ -123,11 +123,18 @@ class Client:
     def _job_path(ref):
         return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
 
-    def add_job(self, command):
-        return self._job(self._request("POST", "/v1/jobs", {"command": command}))
+    def add_job(self, command, **spec):
+        """spec: user, memory, cpus, tasks, timeout, env, workdir, network
+        (docs/api.md); None means 'not asked for'."""
+        body = {"command": command, **{k: v for k, v in spec.items() if v is not None}}
+        return self._job(self._request("POST", "/v1/jobs", body))
 
     def get_job(self, ref):
         return self._job(self._request("GET", self._job_path(ref)))
+
+    def unit_properties(self, ref):
+        return self._field(self._request("GET", self._job_path(ref) + "/unit-properties"),
+                           "properties", list)
 
     def remove_job(self, ref):
         answer = self._request("DELETE", self._job_path(ref), timeout=max(self.timeout, REMOVE_TIMEOUT))

@@ -6,6 +6,8 @@ import os
 import socket
 from typing import Optional
 
+from lclusterd import core
+
 DEFAULT_PATH = "/etc/lclusterd/lclusterd.conf"
 SECTION = "lclusterd"
 
@@ -25,6 +27,18 @@ class Config:
     poll_interval: float = 2.0  # seconds between sweeps that catch what events missed
     rootfs: Optional[str] = None
     namespace: Optional[str] = None
+    # What a job gets when it asks for nothing, and the most it may ask for
+    # (core.LIMITS); None: no limit.
+    default_memory: Optional[int] = None
+    max_memory: Optional[int] = None
+    default_cpus: Optional[float] = None
+    max_cpus: Optional[float] = None
+    default_tasks: Optional[int] = None
+    max_tasks: Optional[int] = None
+    default_timeout: Optional[float] = None
+    max_timeout: Optional[float] = None
+    # What addjob --network may ask for beyond 'none': host, ns:NAME, ns:*.
+    job_networks: tuple = ()
 
 
 def load(path: Optional[str] = None, **overrides) -> Config:
@@ -59,7 +73,15 @@ def from_mapping(values: dict) -> Config:
         raise ConfigError("'slots' must be at least 1")
     if not config.prefix.startswith("/") or config.prefix.endswith("/"):
         raise ConfigError("'prefix' must start with / and not end with /")
+    for name, _, show in core.LIMITS:
+        default, ceiling = getattr(config, f"default_{name}"), getattr(config, f"max_{name}")
+        if default is not None and ceiling is not None and default > ceiling:
+            raise ConfigError(f"'default_{name}' ({show(default)}) is over 'max_{name}' ({show(ceiling)})")
     return config
+
+
+_LIMIT_PARSERS = {f"{kind}_{name}": parse for name, parse, _ in core.LIMITS
+                  for kind in ("default", "max")}
 
 
 def _parse(key, raw):
@@ -80,6 +102,14 @@ def _parse(key, raw):
         return value
     if key in ("rootfs", "namespace"):
         return raw or None
+    if key in _LIMIT_PARSERS:
+        return _LIMIT_PARSERS[key](raw) if raw else None
+    if key == "job_networks":
+        networks = tuple(n.strip() for n in raw.split(",") if n.strip())
+        for network in networks:
+            if network != "ns:*":
+                core.validate_network(network)
+        return networks
     if key == "node_name":
         return raw or socket.gethostname()
     return raw

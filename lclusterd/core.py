@@ -20,6 +20,10 @@ class InvalidInput(ValueError):
     """The user gave something we refuse; the message is one line for them."""
 
 
+class Forbidden(Exception):
+    """The caller may not do this (HTTP 403); the message is one line."""
+
+
 class IllegalTransition(ValueError):
     """A state change the lifecycle table does not allow."""
 
@@ -66,6 +70,18 @@ class Job:
     exit_status: Optional[int] = None
     result: Optional[str] = None
     reason: Optional[str] = None
+    # Who queued it (uid/user above are who it runs as: they differ when
+    # root chose --user, or got nobody). None in records of older versions.
+    submitter: Optional[str] = None
+    submitter_uid: Optional[int] = None
+    # What it asked for, with the node's defaults filled in (see job_spec).
+    memory: Optional[int] = None  # bytes
+    cpus: Optional[float] = None
+    tasks: Optional[int] = None
+    timeout: Optional[float] = None  # seconds
+    env: tuple = ()  # "KEY=VALUE" strings
+    workdir: Optional[str] = None
+    network: Optional[str] = None  # none, host or ns:NAME; None: the node's default
 
     @property
     def unit(self) -> str:
@@ -83,7 +99,14 @@ class Job:
     @classmethod
     def from_dict(cls, record: dict) -> "Job":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in names})
+        fields = {k: v for k, v in record.items() if k in names}
+        fields["env"] = tuple(fields.get("env") or ())  # a JSON list
+        return cls(**fields)
+
+    @property
+    def owner_uid(self) -> int:
+        """Who may remove it besides root: its submitter."""
+        return self.uid if self.submitter_uid is None else self.submitter_uid
 
 
 def transition(job: Job, state: str, **changes) -> Job:
@@ -93,9 +116,10 @@ def transition(job: Job, state: str, **changes) -> Job:
     return dataclasses.replace(job, state=state, **changes)
 
 
-def new_job(command: str, uid: int, gid: int, user: str, now: float) -> Job:
+def new_job(command: str, uid: int, gid: int, user: str, now: float, **spec) -> Job:
+    """spec: what job_spec() returned, and submitter/submitter_uid."""
     return Job(uuid=str(uuidlib.uuid4()), command=validate_command(command),
-               uid=uid, gid=gid, user=user, submitted_at=now)
+               uid=uid, gid=gid, user=user, submitted_at=now, **spec)
 
 
 # --- validation ------------------------------------------------------------
@@ -151,6 +175,182 @@ class AmbiguousRef(LookupError):
     pass
 
 
+# --- what a job asks for: limits, environment, working directory, network, user
+
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.I)
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+MIN_MEMORY = 1024 ** 2  # less and not even /bin/sh starts
+
+
+def parse_size(value) -> int:
+    """Bytes from 268435456, '256M', '1.5G' (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(str(value).strip()) if not isinstance(value, bool) else None
+    if not match:
+        raise InvalidInput(f"'{value}' is not a size (e.g. 512M, 2G)")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+    if size < MIN_MEMORY:
+        raise InvalidInput(f"memory {value} is too small (at least 1M)")
+    return size
+
+
+def parse_duration(value) -> float:
+    """Seconds from 90, '90s', '10m', '2h', '1d'."""
+    match = _DURATION.match(str(value).strip()) if not isinstance(value, bool) else None
+    if not match or float(match.group(1)) <= 0:
+        raise InvalidInput(f"'{value}' is not a duration (e.g. 30s, 10m, 2h)")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_cpus(value) -> float:
+    try:
+        cpus = float(value) if not isinstance(value, bool) else 0.0
+    except (TypeError, ValueError):
+        cpus = 0.0
+    if not 0.01 <= cpus <= 1024:
+        raise InvalidInput(f"'{value}' is not a number of CPUs (e.g. 0.5, 2)")
+    return cpus
+
+
+def parse_tasks(value) -> int:
+    try:
+        tasks = int(str(value).strip()) if not isinstance(value, bool) else 0
+    except ValueError:
+        tasks = 0
+    if tasks < 1:
+        raise InvalidInput(f"'{value}' is not a number of tasks (at least 1)")
+    return tasks
+
+
+def show_size(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def show_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds % DURATION_UNITS[unit] == 0:
+            return f"{int(seconds // DURATION_UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+# The limits a job may ask for. The node's config has default_<name> (what a
+# job gets when it asks for nothing) and max_<name> (a request over it is
+# refused at submission) for each; None means none.
+LIMITS = (
+    # name, parse, show
+    ("memory", parse_size, show_size),  # MemoryMax: the kernel OOM-kills past it
+    ("cpus", parse_cpus, "{:g}".format),  # CPUQuota: CPU time per second, in CPUs
+    ("tasks", parse_tasks, str),  # TasksMax: processes and threads; fork fails past it
+    ("timeout", parse_duration, show_duration),  # RuntimeMaxSec: stopped past it
+)
+
+MAX_ENV = 64  # variables per job
+MAX_ENV_BYTES = 32 * 1024
+MAX_PATH = 4096
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = ("LCLUSTER_JOB_ID",)  # set by lclusterd
+NAMESPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.I)
+
+# What a job's network may be. 'none' is always allowed (it is what every job
+# gets unless the node says otherwise); the others only where the node's
+# config lists them in job_networks ('host', 'ns:NAME' or 'ns:*').
+NETWORKS = {
+    "none": "its own network namespace with only loopback",
+    "host": "the node's own network",
+    "ns:NAME": "the named network namespace /run/netns/NAME",
+}
+
+
+def validate_env(env) -> tuple:
+    if not isinstance(env, (list, tuple)) or not all(isinstance(e, str) for e in env):
+        raise InvalidInput("env must be a list of KEY=VALUE strings")
+    if len(env) > MAX_ENV:
+        raise InvalidInput(f"at most {MAX_ENV} environment variables")
+    for entry in env:
+        key, eq, value = entry.partition("=")
+        if not eq or not _ENV_KEY.match(key):
+            raise InvalidInput(f"'{entry[:60]}' is not KEY=VALUE (KEY: letters, digits, _)")
+        if key in RESERVED_ENV:
+            raise InvalidInput(f"{key} is set by lclusterd")
+        if "\0" in value or "\n" in value:
+            raise InvalidInput(f"the value of {key} contains a NUL or newline")
+    if sum(len(e.encode("utf-8", "surrogateescape")) for e in env) > MAX_ENV_BYTES:
+        raise InvalidInput(f"environment is longer than {MAX_ENV_BYTES} bytes")
+    return tuple(env)
+
+
+def validate_workdir(workdir) -> str:
+    if (not isinstance(workdir, str) or not workdir.startswith("/") or "\0" in workdir
+            or "\n" in workdir or len(workdir) > MAX_PATH
+            or any(part in (".", "..") for part in workdir.split("/"))):
+        raise InvalidInput(f"workdir must be an absolute path without . or .. ('{workdir}')")
+    return workdir
+
+
+def validate_network(network) -> str:
+    if network in ("none", "host"):
+        return network
+    if isinstance(network, str) and network.startswith("ns:") and NAMESPACE_NAME.match(network[3:]):
+        return network
+    raise InvalidInput(f"network must be none, host or ns:NAME, not '{network}'")
+
+
+def network_allowed(network: str, allowed) -> bool:
+    """allowed: the node's job_networks ('host', 'ns:NAME', 'ns:*')."""
+    return (network == "none" or network in allowed
+            or (network.startswith("ns:") and "ns:*" in allowed))
+
+
+def job_spec(request: dict, policy) -> dict:
+    """The Job fields for what a submission asks (memory, cpus, tasks,
+    timeout, env, workdir, network), parsed, with policy's defaults filled in
+    and checked against its maxima and allowed networks. policy: the node's
+    Config (default_<limit>, max_<limit>, job_networks). InvalidInput for a
+    malformed value, Forbidden for one the node does not allow."""
+    spec = {}
+    for name, parse, show in LIMITS:
+        value = request.get(name)
+        value = parse(value) if value is not None else getattr(policy, f"default_{name}")
+        ceiling = getattr(policy, f"max_{name}")
+        if value is not None and ceiling is not None and value > ceiling:
+            raise InvalidInput(f"{name} {show(value)} is over this node's maximum of {show(ceiling)}")
+        spec[name] = value
+    if request.get("env") is not None:
+        spec["env"] = validate_env(request["env"])
+    if request.get("workdir") is not None:
+        spec["workdir"] = validate_workdir(request["workdir"])
+    if request.get("network") is not None:
+        network = validate_network(request["network"])
+        if not network_allowed(network, policy.job_networks):
+            raise Forbidden(f"network {network} is not allowed on this node "
+                            f"(its config's job_networks: {', '.join(policy.job_networks) or 'none'})")
+        spec["network"] = network
+    return spec
+
+
+NOBODY = "nobody"
+
+
+def run_as(caller_uid: int, caller_user: str, requested) -> Optional[str]:
+    """The user a job runs as: None for the caller itself, else a name to look
+    up. Root may choose anyone; a root job without --user runs as nobody, so
+    that a job runs as root only when root asked for it by name."""
+    if requested is None:
+        return NOBODY if caller_uid == 0 else None
+    if not isinstance(requested, str) or not _USER_NAME.match(requested):
+        raise InvalidInput(f"'{requested}' is not a user name")
+    if caller_uid != 0:
+        if requested == caller_user:
+            return None
+        raise Forbidden("permission denied: only root may run jobs as another user")
+    return requested
+
+
 # --- units -----------------------------------------------------------------
 
 def unit_name(job_uuid: str) -> str:
@@ -175,6 +375,7 @@ class UnitStatus:
     exit_status: int  # ExecMainStatus: the exit status, or the signal number
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
+    oom_killed: bool = False  # OOM_CHECK saw the kernel OOM-kill in its cgroup
 
     @property
     def finished(self) -> bool:
@@ -188,8 +389,16 @@ class UnitStatus:
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
 
+def result_of(status: UnitStatus) -> str:
+    """systemd's Result, or oom-kill where only OOM_CHECK saw it (cgroup v1)."""
+    if status.oom_killed and status.result in ("exit-code", "signal", "core-dump"):
+        return "oom-kill"
+    return status.result
+
+
 def outcome(status: UnitStatus):
     """(state, exit_status, reason) for a finished unit."""
+    result = result_of(status)
     if status.exit_code == CLD_EXITED:
         exit_status = status.exit_status
         reason = f"exited with status {exit_status}"
@@ -198,16 +407,16 @@ def outcome(status: UnitStatus):
         reason = f"killed by signal {status.exit_status}"
     else:
         exit_status = None
-        reason = f"its unit did not run (systemd result: {status.result})"
-    if status.result not in ("success", "exit-code", "signal", "core-dump"):
-        reason = f"{reason} ({status.result})"
-    ok = status.result == "success" and exit_status == 0
+        reason = f"its unit did not run (systemd result: {result})"
+    if result not in ("success", "exit-code", "signal", "core-dump"):
+        reason = f"{reason} ({result})"  # which limit it hit: timeout, oom-kill, ...
+    ok = result == "success" and exit_status == 0
     return (SUCCEEDED if ok else FAILED), exit_status, reason
 
 
 def finish(job: Job, status: UnitStatus, now: float) -> Job:
     state, exit_status, reason = outcome(status)
-    return transition(job, state, exit_status=exit_status, result=status.result,
+    return transition(job, state, exit_status=exit_status, result=result_of(status),
                       reason=reason, started_at=job.started_at or status.started_at,
                       ended_at=status.ended_at or now)
 
@@ -254,21 +463,40 @@ def reconcile(jobs, units, in_flight=frozenset()):
 
 JOB_SLICE = "lcluster.slice"
 
-# The sandbox every job gets (the isolation issue widens it). Each line says why.
+# The sandbox every job gets, whatever it asks. Each line says why.
 SANDBOX = (
-    ("PrivateTmp", True),  # its own /tmp, removed with the unit
-    ("PrivateNetwork", True),  # its own network namespace with only loopback
+    ("PrivateTmp", True),  # its own /tmp and /var/tmp, removed with the unit
     ("NoNewPrivileges", True),  # setuid binaries cannot raise its privileges
-    ("ProtectSystem", "strict"),  # the host's / read-only
+    ("ProtectSystem", "strict"),  # the whole file system read-only but /dev, /proc, /sys, its /tmp
     ("ProtectHome", "yes"),  # no /home, /root, /run/user
+    ("PrivateDevices", True),  # a /dev with only null, zero, random, tty...: no disks
+    ("ProtectKernelTunables", True),  # /proc/sys, /sys read-only
+    ("ProtectKernelModules", True),  # no module loading
+    ("ProtectKernelLogs", True),  # no kernel log (/dev/kmsg, syslog(2))
+    ("ProtectControlGroups", True),  # /sys/fs/cgroup read-only: cannot lift its limits
+    ("ProtectProc", "invisible"),  # other users' processes are not in its /proc
+    ("RestrictSUIDSGID", True),  # cannot make setuid/setgid files
+    ("LockPersonality", True),  # cannot change its execution domain
 )
+
+# systemd 252 reads the kernel's count of OOM kills only on cgroup v2, where
+# it makes Result=oom-kill. On cgroup v1 (hybrid hosts) this privileged,
+# failure-ignoring ExecStopPost reads the count from the job's memory cgroup
+# while it still exists, and exits OOM_SEEN if the kernel OOM-killed in it;
+# units.py reads that exit status back (UnitStatus.oom_killed).
+OOM_SEEN = 99
+OOM_CHECK = (
+    "while read -r l; do case $l in *:memory:*) cg=${l#*:memory:};; esac; done </proc/self/cgroup; "
+    "[ -n \"$cg\" ] || exit 0; "
+    "while read -r k v; do [ \"$k\" = oom_kill ] && [ \"$v\" -gt 0 ] && exit %d; done "
+    "2>/dev/null </sys/fs/cgroup/memory$cg/memory.oom_control; exit 0" % OOM_SEEN)
 
 
 def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
                     namespace: Optional[str] = None):
     """The systemd properties of a job's transient service, as (name, value).
-    rootfs: the job's / (else the host's, read-only); namespace: a named
-    network namespace to join (else a private one)."""
+    rootfs: the job's / (else the host's, read-only); namespace: the node's
+    network namespace for jobs that ask for none (else a private one)."""
     props = [
         ("Description", f"lcluster job {job.uuid}"),
         ("ExecStart", [("/bin/sh", ["/bin/sh", "-c", job.command], False)]),
@@ -276,16 +504,31 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
         # until the daemon has recorded it (even across a daemon restart).
         ("RemainAfterExit", True),
         ("Slice", JOB_SLICE),
-        ("Environment", [f"LCLUSTER_JOB_ID={job.uuid}"]),
+        ("Environment", [f"LCLUSTER_JOB_ID={job.uuid}", *job.env]),
         ("KillSignal", 15),  # SIGTERM first ...
         ("TimeoutStopUSec", int(stop_timeout * 1_000_000)),  # ... SIGKILL after this
         *SANDBOX,
     ]
+    network = job.network or (f"ns:{namespace}" if namespace else "none")
+    if network == "none":
+        props.append(("PrivateNetwork", True))  # its own namespace with only loopback
+    elif network.startswith("ns:"):
+        props.append(("NetworkNamespacePath", f"/run/netns/{network[3:]}"))
     if rootfs:
         props += [("RootDirectory", rootfs), ("MountAPIVFS", True)]  # its own /proc, /dev
-    if namespace:
-        props = [p for p in props if p[0] != "PrivateNetwork"]
-        props.append(("NetworkNamespacePath", f"/run/netns/{namespace}"))
+    if job.workdir:
+        props.append(("WorkingDirectory", job.workdir))
     if job.uid != 0:
-        props += [("User", str(job.uid)), ("Group", str(job.gid))]
+        props += [("User", str(job.uid)), ("Group", str(job.gid)),
+                  ("CapabilityBoundingSet", 0)]  # no capability, even through a setuid binary
+    if job.memory is not None:
+        props += [("MemoryMax", job.memory), ("MemorySwapMax", 0),  # no swapping past it
+                  ("ExecStopPostEx", [("/bin/sh", ["/bin/sh", "-c", OOM_CHECK],
+                                       ["privileged", "ignore-failure"])])]
+    if job.cpus is not None:
+        props.append(("CPUQuotaPerSecUSec", int(job.cpus * 1_000_000)))
+    if job.tasks is not None:
+        props.append(("TasksMax", job.tasks))
+    if job.timeout is not None:
+        props.append(("RuntimeMaxUSec", int(job.timeout * 1_000_000)))  # then Result=timeout
     return props

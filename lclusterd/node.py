@@ -8,10 +8,11 @@ how it recovers after a restart, a missed signal or an etcd outage.
 
 import asyncio
 import logging
+import pwd
 import time
 from dataclasses import dataclass
 
-from lclusterd import core
+from lclusterd import core, netns
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Refused, Unavailable as UnitsUnavailable
 
@@ -24,7 +25,7 @@ class Conflict(Exception):
     """A record kept changing under us; the caller may retry."""
 
 
-class PermissionDenied(Exception):
+class PermissionDenied(core.Forbidden):
     pass
 
 
@@ -89,8 +90,21 @@ class Node:
     async def ping(self):
         await self._store(self.store.ping)
 
-    async def submit(self, command, caller):
-        job = core.new_job(command, caller.uid, caller.gid, caller.user, self.clock())
+    async def submit(self, command, caller, request=None):
+        """Queue command; request: what the job asks for (core.job_spec's
+        fields, and user: whom to run as)."""
+        request = request or {}
+        spec = core.job_spec(request, self.config)
+        uid, gid, user = caller.uid, caller.gid, caller.user
+        name = core.run_as(caller.uid, caller.user, request.get("user"))
+        if name is not None:
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                raise core.InvalidInput(f"no such user '{name}' on this node") from None
+            uid, gid, user = entry.pw_uid, entry.pw_gid, entry.pw_name
+        job = core.new_job(command, uid, gid, user, self.clock(), submitter=caller.user,
+                           submitter_uid=caller.uid, **spec)
         await self._store(self.store.submit, job)
         self.wake()
         return job
@@ -103,6 +117,11 @@ class Node:
             raise LookupError(f"no job matches '{ref}'")
         return found[0]
 
+    def unit_properties(self, job):
+        """The systemd properties this node gives the job's unit."""
+        return core.unit_properties(job, self.config.stop_timeout, self.config.rootfs,
+                                    self.config.namespace)
+
     async def list(self, limit=50, state=None):
         jobs = [job for job, _ in await self._store(self.store.all_jobs)
                 if state is None or job.state == state]
@@ -111,7 +130,7 @@ class Node:
 
     async def remove(self, ref, caller):
         job = await self.find(ref)
-        if caller.uid != 0 and caller.uid != job.uid:
+        if caller.uid != 0 and caller.uid != job.owner_uid:
             raise PermissionDenied(f"permission denied: job {job.uuid} belongs to {job.user}")
 
         def cancel(current):
@@ -245,8 +264,12 @@ class Node:
         self.in_flight.add(job.uuid)
         try:
             try:
-                await self.units.start(job, core.unit_properties(
-                    job, self.config.stop_timeout, self.config.rootfs, self.config.namespace))
+                if job.network and job.network.startswith("ns:"):
+                    try:
+                        await asyncio.to_thread(netns.ensure, job.network[3:])
+                    except OSError as e:
+                        raise Refused(f"cannot make network namespace {job.network[3:]}: {e}")
+                await self.units.start(job, self.unit_properties(job))
             except Refused as e:  # the job cannot run here
                 # (Losing the bus instead leaves it starting: the sweep after
                 # reconnecting finds its unit, or requeues it.)

@@ -1,18 +1,16 @@
 """Checks of what the node's jobs will be sandboxed in, made once at start-up
 so that a bad rootfs or namespace is refused with a clear message instead of
-failing every job at exec (which is also ~100x slower to fail)."""
+failing every job at exec (which is also ~100x slower to fail). A missing
+network namespace is made."""
 
 import os
-import re
 
-from lclusterd import netns
+from lclusterd import core, netns
 
 
 class SandboxError(Exception):
     pass
 
-
-NAMESPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def check(config):
@@ -37,8 +35,10 @@ def check_rootfs(rootfs):
 
 
 def check_namespace(name):
-    if not NAMESPACE_NAME.match(name):
+    """The namespace exists afterwards: made (loopback up) if it was missing."""
+    if not core.NAMESPACE_NAME.match(name):
         raise SandboxError(f"'{name}' is not a valid network namespace name")
-    if name not in netns.names():
-        raise SandboxError(f"network namespace '{name}' does not exist "
-                           f"(create it with: ip netns add {name})")
+    try:
+        netns.ensure(name)
+    except OSError as e:
+        raise SandboxError(f"cannot create network namespace '{name}': {e}")

@@ -33,6 +33,12 @@ SIGNATURES = {
     "PrivateTmp": "b", "PrivateNetwork": "b", "NoNewPrivileges": "b",
     "ProtectSystem": "s", "ProtectHome": "s", "User": "s", "Group": "s",
     "RootDirectory": "s", "MountAPIVFS": "b", "NetworkNamespacePath": "s",
+    "PrivateDevices": "b", "ProtectKernelTunables": "b", "ProtectKernelModules": "b",
+    "ProtectKernelLogs": "b", "ProtectControlGroups": "b", "ProtectProc": "s",
+    "RestrictSUIDSGID": "b", "LockPersonality": "b", "CapabilityBoundingSet": "t",
+    "WorkingDirectory": "s", "MemoryMax": "t", "MemorySwapMax": "t",
+    "CPUQuotaPerSecUSec": "t", "TasksMax": "t", "RuntimeMaxUSec": "t",
+    "ExecStopPostEx": "a(sasas)",
 }
 
 # Errors that mean "no such unit (any more)".
@@ -148,7 +154,8 @@ class Units:
             result=service["Result"].value, exit_code=service["ExecMainCode"].value,
             exit_status=service["ExecMainStatus"].value,
             started_at=_seconds(service["ExecMainStartTimestamp"].value),
-            ended_at=_seconds(service["ExecMainExitTimestamp"].value))
+            ended_at=_seconds(service["ExecMainExitTimestamp"].value),
+            oom_killed=_oom_seen(service.get("ExecStopPost")))
 
     async def list(self):
         """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
@@ -208,6 +215,13 @@ def _uuid_of_path(path):
         return None
     candidate = tail[:-len("_2eservice")].replace("_2d", "-")
     return candidate if core.uuid_of_unit(core.unit_name(candidate)) else None
+
+
+def _oom_seen(exec_stop_post):
+    """Did core.OOM_CHECK, the job's ExecStopPost, exit OOM_SEEN? Each entry is
+    (path, argv, ignore, start, start_mono, exit, exit_mono, pid, code, status)."""
+    entries = exec_stop_post.value if exec_stop_post is not None else []
+    return any(e[8] == core.CLD_EXITED and e[9] == core.OOM_SEEN for e in entries)
 
 
 def _seconds(usec):

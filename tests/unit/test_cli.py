@@ -182,7 +182,8 @@ def test_checkjob_human(fake):
     lines = result.stdout.splitlines()
     keys = [line.split(":")[0] for line in lines]
     assert keys == ["uuid", "state", "command", "user", "node", "unit", "submitted", "started",
-                    "ended", "duration", "exit status", "result", "reason"]
+                    "ended", "duration", "exit status", "result", "reason", "submitter",
+                    "limits", "network", "workdir", "env"]
     # aligned: every value starts in the same column
     assert len({len(re.match(r"^[a-z ]+: +", line).group()) for line in lines}) == 1
     values = {k: line.split(":", 1)[1].strip() for k, line in zip(keys, lines)}
@@ -397,7 +398,7 @@ def test_malformed_answer(fake, answer):
 # --- main(): the entry point -------------------------------------------------------------
 
 def test_main_ctrl_c_exits_130_without_traceback(fake, monkeypatch, capsys):
-    def interrupted(self, command):
+    def interrupted(self, command, **spec):
         raise KeyboardInterrupt
     monkeypatch.setattr(client.Client, "add_job", interrupted)
     with pytest.raises(SystemExit) as exit:

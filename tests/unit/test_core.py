@@ -419,7 +419,9 @@ def test_job_dict_round_trip():
 def test_job_to_dict_matches_the_api_documentation():
     assert set(job().to_dict()) == {"uuid", "command", "state", "uid", "gid", "user", "node",
                                     "unit", "submitted_at", "started_at", "ended_at",
-                                    "exit_status", "result", "reason"}
+                                    "exit_status", "result", "reason", "submitter",
+                                    "submitter_uid", "memory", "cpus", "tasks", "timeout",
+                                    "env", "workdir", "network"}
 
 
 def test_job_from_dict_ignores_unknown_keys():
