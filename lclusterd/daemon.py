@@ -18,7 +18,7 @@ import click
 from aiohttp import web
 from systemd import daemon as sd
 
-from lclusterd import __version__, api, config as configuration, sandbox
+from lclusterd import __version__, api, config as configuration, netns, rootfs as rootfs_builder, sandbox
 from lclusterd.node import Node
 from lclusterd.store import Store
 from lclusterd.units import Units
@@ -128,23 +128,27 @@ async def serve(config, config_path=None):
         store.close()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="FILE",
               help=f"Config file (default {configuration.DEFAULT_PATH}).")
 @click.option("--rootfs", metavar="PATH", help="Run jobs with this directory as their /.")
 @click.option("--namespace", metavar="NAME",
-              help="Run jobs in the network namespace /run/netns/NAME.")
+              help="Run jobs in the network namespace /run/netns/NAME (made if missing).")
 @click.option("--socket", "socket_path", metavar="PATH",
               help="Unix socket to bind when not socket-activated.")
 @click.option("--etcd", "etcd_endpoints", metavar="URLS",
               help="etcd endpoints, comma-separated (default http://127.0.0.1:2379).")
 @click.version_option(__version__, prog_name="lclusterd")
-def main(config_path, rootfs, namespace, socket_path, etcd_endpoints):
+@click.pass_context
+def main(ctx, config_path, rootfs, namespace, socket_path, etcd_endpoints):
     """The lclusterd daemon: runs queued jobs as systemd units on this node.
 
     Normally started by lclusterd.socket on first use; run by hand it binds
-    its own socket and stays in the foreground.
+    its own socket and stays in the foreground. The commands below are
+    helpers for the admin; they start no daemon.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -158,3 +162,32 @@ def main(config_path, rootfs, namespace, socket_path, etcd_endpoints):
         sys.exit(EX_CONFIG)
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@click.argument("path", default=rootfs_builder.DEFAULT_PATH)
+@click.option("--suite", default=rootfs_builder.DEFAULT_SUITE, show_default=True,
+              help="Debian release to install.")
+@click.option("--include", metavar="PKGS", default="",
+              help="Extra packages, comma-separated (e.g. python3,curl).")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default: debootstrap's).")
+def mkrootfs(path, suite, include, mirror):
+    """Build a minimal Debian root filesystem for jobs at PATH
+    (default /var/lib/lclusterd/rootfs) with debootstrap."""
+    packages = tuple(p.strip() for p in include.split(",") if p.strip())
+    try:
+        built = rootfs_builder.build(path, suite, packages, mirror)
+    except (rootfs_builder.RootfsError, OSError) as e:
+        click.echo(f"lclusterd: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"rootfs ready at {built}. To run jobs in it, set\n"
+               f"    rootfs = {built}\n"
+               f"in {configuration.DEFAULT_PATH} (or start lclusterd --rootfs={built}),\n"
+               f"then: systemctl restart lclusterd")
+
+
+@main.command()
+def namespaces():
+    """List this machine's network namespaces (those under /run/netns)."""
+    for name in netns.names():
+        click.echo(name)

@@ -301,6 +301,19 @@ class Container:
         return ContainerError(f"container {self.name}: {what}; last lines of "
                               f"{self.log_path}:\n{_tail(self.log_path)}")
 
+    def enable_resource_control(self):
+        """Let the container's systemd apply resource limits (MemoryMax=, TasksMax=,
+        CPUQuota=...), as on a real machine. On a cgroup v1 (hybrid) host nspawn
+        mounts the controllers read-only inside; the container's cgroups are its
+        own (_make_cgroups), so remount them read-write in its mount namespace and
+        have its systemd look again (daemon-reexec)."""
+        with open(f"/proc/{self.init_pid}/mountinfo") as f:
+            points = [line.split()[4] for line in f if " - cgroup " in line]
+        for point in points:
+            subprocess.run(["nsenter", "-t", str(self.init_pid), "-m", "mount", "-o",
+                            "remount,bind,rw", point], check=True)
+        self.run("systemctl daemon-reexec")
+
     def run(self, cmd, *, user=None, check=True, timeout=120, input=None):
         """Run the shell command string cmd inside (as root, or as user); text output captured."""
         if self.init_pid is None:
