@@ -480,10 +480,12 @@ SANDBOX = (
 )
 
 # systemd 252 reads the kernel's count of OOM kills only on cgroup v2, where
-# it makes Result=oom-kill. On cgroup v1 (hybrid hosts) this privileged,
-# failure-ignoring ExecStopPost reads the count from the job's memory cgroup
-# while it still exists, and exits OOM_SEEN if the kernel OOM-killed in it;
-# units.py reads that exit status back (UnitStatus.oom_killed).
+# it makes Result=oom-kill. On cgroup v1 (hybrid hosts) this failure-ignoring
+# ExecStopPost reads the count from the job's memory cgroup while it still
+# exists, and exits OOM_SEEN if the kernel OOM-killed in it; units.py reads
+# that exit status back (UnitStatus.oom_killed). It runs in the job's sandbox
+# (a privileged one would be chrooted into a rootfs without its /proc), with
+# shell builtins only; the job can fake nothing but its own OOM.
 OOM_SEEN = 99
 OOM_CHECK = (
     "while read -r l; do case $l in *:memory:*) cg=${l#*:memory:};; esac; done </proc/self/cgroup; "
@@ -524,7 +526,7 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
     if job.memory is not None:
         props += [("MemoryMax", job.memory), ("MemorySwapMax", 0),  # no swapping past it
                   ("ExecStopPostEx", [("/bin/sh", ["/bin/sh", "-c", OOM_CHECK],
-                                       ["privileged", "ignore-failure"])])]
+                                       ["ignore-failure"])])]
     if job.cpus is not None:
         props.append(("CPUQuotaPerSecUSec", int(job.cpus * 1_000_000)))
     if job.tasks is not None:
