@@ -182,6 +182,9 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.I)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 MIN_MEMORY = 1024 ** 2  # less and not even /bin/sh starts
+MAX_MEMORY = 1024 ** 5  # 1P: beyond any machine, and well inside systemd's uint64
+MAX_DURATION = 366 * 86400 * 100  # a century, in seconds
+MAX_TASKS = 4 * 1024 ** 2  # the kernel's highest pid_max
 
 
 def parse_size(value) -> int:
@@ -190,17 +193,18 @@ def parse_size(value) -> int:
     if not match:
         raise InvalidInput(f"'{value}' is not a size (e.g. 512M, 2G)")
     size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
-    if size < MIN_MEMORY:
-        raise InvalidInput(f"memory {value} is too small (at least 1M)")
+    if not MIN_MEMORY <= size <= MAX_MEMORY:
+        raise InvalidInput(f"memory {value} is out of range (1M to 1P)")
     return size
 
 
 def parse_duration(value) -> float:
     """Seconds from 90, '90s', '10m', '2h', '1d'."""
     match = _DURATION.match(str(value).strip()) if not isinstance(value, bool) else None
-    if not match or float(match.group(1)) <= 0:
-        raise InvalidInput(f"'{value}' is not a duration (e.g. 30s, 10m, 2h)")
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)] if match else 0
+    if not 0 < seconds <= MAX_DURATION:
+        raise InvalidInput(f"'{value}' is not a duration (e.g. 30s, 10m, 2h; at most 100 years)")
+    return seconds
 
 
 def parse_cpus(value) -> float:
@@ -218,8 +222,8 @@ def parse_tasks(value) -> int:
         tasks = int(str(value).strip()) if not isinstance(value, bool) else 0
     except ValueError:
         tasks = 0
-    if tasks < 1:
-        raise InvalidInput(f"'{value}' is not a number of tasks (at least 1)")
+    if not 1 <= tasks <= MAX_TASKS:
+        raise InvalidInput(f"'{value}' is not a number of tasks (1 to {MAX_TASKS})")
     return tasks
 
 

@@ -18,7 +18,8 @@ import click
 from aiohttp import web
 from systemd import daemon as sd
 
-from lclusterd import __version__, api, config as configuration, netns, rootfs as rootfs_builder, sandbox
+from lclusterd import (__version__, api, config as configuration, core, netns,
+                       rootfs as rootfs_builder, sandbox)
 from lclusterd.node import Node
 from lclusterd.store import Store
 from lclusterd.units import Units
@@ -27,7 +28,9 @@ log = logging.getLogger("lclusterd")
 
 EX_CONFIG = 78  # sysexits' "configuration error": lclusterd.service does not restart on it
 REPORT_EVERY = 1  # seconds between looks at STATUS= (and watchdog pets)
-RELOADABLE = ("slots", "stop_timeout", "poll_interval")  # what SIGHUP can change
+# What SIGHUP can change: the limits and networks apply to jobs submitted after it.
+RELOADABLE = ("slots", "stop_timeout", "poll_interval", "job_networks",
+              *(f"{kind}_{name}" for name, _, _ in core.LIMITS for kind in ("default", "max")))
 
 
 class StartupError(Exception):

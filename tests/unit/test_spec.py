@@ -28,7 +28,7 @@ def test_parse_size(text, size):
     assert core.parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "M", "-1M", "12X", "1e9", True, "100"])
+@pytest.mark.parametrize("text", ["", "M", "-1M", "12X", "1e9", True, "100", "2P", "99999999T"])
 def test_parse_size_refuses(text):
     with pytest.raises(InvalidInput):
         core.parse_size(text)
@@ -40,7 +40,7 @@ def test_parse_duration(text, seconds):
     assert core.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "0", "0s", "-5s", "10 min", "1h30m", False])
+@pytest.mark.parametrize("text", ["", "0", "0s", "-5s", "10 min", "1h30m", False, "99999999999d"])
 def test_parse_duration_refuses(text):
     with pytest.raises(InvalidInput):
         core.parse_duration(text)
@@ -51,7 +51,7 @@ def test_parse_cpus_and_tasks():
     for bad in ("0", "-1", "x", "", None, "1e6"):
         with pytest.raises(InvalidInput):
             core.parse_cpus(bad)
-    for bad in ("0", "1.5", "x", ""):
+    for bad in ("0", "1.5", "x", "", "99999999999"):
         with pytest.raises(InvalidInput):
             core.parse_tasks(bad)
 
