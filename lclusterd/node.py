@@ -223,10 +223,11 @@ class Node:
     async def _record_end(self, job_uuid, status, known=None):
         job = await self._change(job_uuid, lambda j: None if j.terminal
                                  else core.finish(j, status, self.clock()), known)
-        await self.units.release(job_uuid)
         self.mine.discard(job_uuid)
-        if job is not None:
-            log.info("job %s %s: %s", job_uuid, job.state, job.reason)
+        if job is None:
+            return  # no record of ours (another daemon's prefix): not ours to release
+        await self.units.release(job_uuid)
+        log.info("job %s %s: %s", job_uuid, job.state, job.reason)
 
     async def record_changed(self):
         """Record the outcome of units that systemd said changed."""

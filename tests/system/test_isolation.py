@@ -127,7 +127,8 @@ def configure(box, **settings):
         box.sh(f"sed -i '/^{key} =/d' {conf}")
         if value is not None:
             box.sh(f"echo '{key} = {value}' >> {conf}")
-    return box.sh("systemctl restart lclusterd", check=False)
+    # reset-failed: these restarts come faster than the unit's start rate limit allows.
+    return box.sh("systemctl reset-failed lclusterd; systemctl restart lclusterd", check=False)
 
 
 def one_line_error(result):
