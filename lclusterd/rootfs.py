@@ -22,10 +22,10 @@ def build(path, suite=DEFAULT_SUITE, include=(), mirror=None):
     path = os.path.abspath(path)
     if os.geteuid() != 0:
         raise RootfsError("building a rootfs needs root (debootstrap)")
-    if not shutil.which("debootstrap"):
-        raise RootfsError("debootstrap is not installed (apt install debootstrap)")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise RootfsError(f"{path} exists and is not an empty directory")
+    if not shutil.which("debootstrap"):
+        raise RootfsError("debootstrap is not installed (apt install debootstrap)")
     parent = os.path.dirname(path)
     os.makedirs(parent, mode=0o755, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")

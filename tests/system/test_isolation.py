@@ -280,3 +280,12 @@ def test_rootfs_without_a_shell_is_refused_at_start_up(box):
     assert message in status, status
     assert configure(box, rootfs=None).returncode == 0
     assert box.lc("list", user="alice").returncode == 0
+
+
+def test_mkrootfs_refuses_in_one_line(box):
+    for args, words in (("/etc", "/etc exists and is not an empty directory"),
+                        ("/srv/new-root", "debootstrap is not installed")):  # a Recommends
+        r = box.sh(f"lclusterd mkrootfs {args}", check=False)
+        assert r.returncode == 1 and r.stderr.strip() == f"lclusterd: {words}" + (
+            " (apt install debootstrap)" if "debootstrap" in words else ""), r.stderr
+    assert box.sh("test -e /srv/new-root", check=False).returncode == 1
