@@ -131,7 +131,8 @@ class Node:
     async def remove(self, ref, caller):
         job = await self.find(ref)
         if caller.uid != 0 and caller.uid != job.owner_uid:
-            raise PermissionDenied(f"permission denied: job {job.uuid} belongs to {job.user}")
+            owner = job.submitter or job.user
+            raise PermissionDenied(f"permission denied: job {job.uuid} belongs to {owner}")
 
         def cancel(current):
             if current.terminal:
