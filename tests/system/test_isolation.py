@@ -209,6 +209,18 @@ def test_unit_properties_document_the_sandbox(box):
         assert line in props.splitlines(), (line, props)
 
 
+def test_hardening_holds_inside_jobs(box):
+    job, out = run_job(box, "'grep -E \"^(CapBnd|NoNewPrivs):\" /proc/self/status'")
+    assert "CapBnd:\t0000000000000000" in out and "NoNewPrivs:\t1" in out, out
+    # Even a job that root runs as root cannot touch the kernel's knobs, its
+    # cgroup, or make setuid files.
+    job, out = run_job(box, "--user root 'echo 1 > /proc/sys/vm/drop_caches; "
+                            "mkdir /sys/fs/cgroup/pids/escape; cp /bin/true /tmp/t; "
+                            "chmod u+s /tmp/t || echo no setuid; ls /dev/kmsg'", user=None)
+    assert out.count("Read-only file system") == 2, out
+    assert "no setuid" in out and "cannot access '/dev/kmsg'" in out, out
+
+
 def test_limits_end_jobs_with_a_reason_that_says_which(box):
     job, out = run_job(box, "--memory 64M " + probe("alloc", "400"))
     assert job["state"] == "failed" and job["result"] == "oom-kill", job
