@@ -131,6 +131,18 @@ def configure(box, **settings):
     return box.sh("systemctl reset-failed lclusterd; systemctl restart lclusterd", check=False)
 
 
+def restart_with(box, flags=""):
+    """Restart the packaged daemon with these command-line flags (a drop-in)."""
+    dropin = "/etc/systemd/system/lclusterd.service.d"
+    if flags:
+        box.sh(f"mkdir -p {dropin} && printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/lclusterd %s\\n' "
+               f"'{flags}' > {dropin}/flags.conf")
+    else:
+        box.sh(f"rm -f {dropin}/flags.conf")
+    return box.sh("systemctl daemon-reload; systemctl reset-failed lclusterd; "
+                  "systemctl restart lclusterd", check=False)
+
+
 def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lclusterc: "), result.stderr
@@ -257,7 +269,7 @@ def test_env_and_workdir_arrive(box):
 
 def test_jobs_in_one_named_namespace_reach_each_other(box):
     assert "lclab" not in box.sh("lclusterd namespaces").stdout.split()
-    assert configure(box, namespace="lclab").returncode == 0  # made by the daemon
+    assert restart_with(box, "--namespace=lclab").returncode == 0  # made by the daemon
     assert "lclab" in box.sh("lclusterd namespaces").stdout.split()
     server = box.lc("addjob " + probe("serve", "9009"), user="alice").stdout.strip()
     box.wait_state(server, ("running",))
@@ -266,11 +278,11 @@ def test_jobs_in_one_named_namespace_reach_each_other(box):
     assert box.wait_state(server)["state"] == "succeeded"
     r = box.sh("python3 /opt/lciso/probe.py connect 127.0.0.1 9009").stdout
     assert "unreachable" in r  # not the host's loopback
-    assert configure(box, namespace=None).returncode == 0
+    assert restart_with(box).returncode == 0
 
 
 def test_rootfs_from_mkrootfs_is_what_jobs_see(box):
-    assert configure(box, rootfs="/srv/jobroot").returncode == 0
+    assert restart_with(box, "--rootfs=/srv/jobroot").returncode == 0
     job, out = run_job(box, "'cat /etc/lclusterd-rootfs; grep ^VERSION_CODENAME /etc/os-release; "
                             "command -v python3 || echo no python3 here'")
     assert job["state"] == "succeeded", job
@@ -283,14 +295,14 @@ def test_rootfs_from_mkrootfs_is_what_jobs_see(box):
 
 def test_rootfs_without_a_shell_is_refused_at_start_up(box):
     box.sh("mkdir -p /srv/empty-root/etc")
-    r = configure(box, rootfs="/srv/empty-root")
+    r = restart_with(box, "--rootfs=/srv/empty-root")
     assert r.returncode != 0
     message = "rootfs /srv/empty-root has no executable /bin/sh"
     box.sh(f"until journalctl -u lclusterd --no-pager | grep -q '{message}'; do sleep 0.2; done",
            timeout=15)
     status = box.sh("systemctl status lclusterd --no-pager", check=False).stdout
     assert message in status, status
-    assert configure(box, rootfs=None).returncode == 0
+    assert restart_with(box).returncode == 0
     assert box.lc("list", user="alice").returncode == 0
 
 
