@@ -7,6 +7,7 @@ order (the last ones restart the daemon with other settings)."""
 
 import fcntl
 import hashlib
+import json
 import re
 import subprocess
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests.system import container as ct
 from tests.system.conftest import REPO, Box
+from tests.system.test_spine import API
 
 # The rootfs that jobs get in the rootfs test: built on the host by the
 # package's own `lclusterd mkrootfs` (the containers have no network), cached
@@ -258,6 +260,20 @@ def test_over_maximum_and_disallowed_network_are_refused_up_front(box):
     assert configure(box, max_memory=None, job_networks="host").returncode == 0
     job, out = run_job(box, "--network host 'cat /proc/net/dev'")
     assert "lciso0" in out, out
+
+
+def test_http_api_refuses_bad_job_requests_and_writes_nothing(box):
+    before = box.job_count()
+    for body, status in (('{"command": "true", "memory": [1]}', "400"),
+                         ('{"command": "true", "cpus": "fast"}', "400"),
+                         ('{"command": "true", "env": "A=1"}', "400"),
+                         ('{"command": "true", "workdir": "../x"}', "400"),
+                         ('{"command": "true", "user": "bob"}', "403"),
+                         ('{"command": "true", "network": "ns:lab"}', "403")):
+        out = box.sh(f"python3 -c '{API}'", input=body, user="alice").stdout
+        assert out.split(" ", 1)[0] == status, (body, out)
+        assert json.loads(out.split(" ", 1)[1])["error"]
+    assert box.job_count() == before
 
 
 def test_env_and_workdir_arrive(box):

@@ -419,3 +419,40 @@ def test_main_exit_codes(fake, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["--version"])
     assert exit.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+# --- what a job asks for ------------------------------------------------------------
+
+def test_addjob_sends_what_the_job_asks_for(fake):
+    result = run(fake, "addjob", "--memory", "256M", "--cpus", "0.5", "--tasks", "64", "--timeout",
+                 "10m", "--env", "A=1", "--env", "B=x y", "--workdir", "/srv", "--network", "none",
+                 "--user", "bob", "true")
+    assert result.exit_code == 0, result.stderr
+    assert fake.requests[-1][2] == {"command": "true", "memory": "256M", "cpus": "0.5", "tasks": "64",
+                                    "timeout": "10m", "env": ["A=1", "B=x y"], "workdir": "/srv",
+                                    "network": "none", "user": "bob"}
+    run(fake, "addjob", "true")
+    assert fake.requests[-1][2] == {"command": "true"}  # nothing asked: the node's defaults
+
+
+@pytest.mark.parametrize("args", [("--memory", "lots"), ("--cpus", "0"), ("--tasks", "1.5"),
+                                  ("--timeout", "soon"), ("--env", "A"), ("--workdir", "tmp"),
+                                  ("--network", "bridge")])
+def test_addjob_bad_requests_never_reach_the_daemon(fake, args):
+    result = run(fake, "addjob", *args, "true")
+    assert result.exit_code == 2
+    one_error_line(result)
+    assert fake.requests == []
+
+
+def test_checkjob_unit_properties(fake):
+    fake.force = (200, {"properties": [["PrivateTmp", True], ["ProtectProc", "invisible"],
+                                       ["ExecStart", [["/bin/sh", ["/bin/sh", "-c", "echo hi"], False]]],
+                                       ["Environment", ["LCLUSTER_JOB_ID=x", "A=b c"]],
+                                       ["CapabilityBoundingSet", 0]]})
+    result = run(fake, "checkjob", "--unit-properties", "abcd")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "PrivateTmp=yes", "ProtectProc=invisible", "ExecStart=/bin/sh -c 'echo hi'",
+        "Environment=LCLUSTER_JOB_ID=x 'A=b c'", "CapabilityBoundingSet=0"]
+    assert fake.requests[-1][:2] == ("GET", "/v1/jobs/abcd/unit-properties")
