@@ -1,6 +1,7 @@
 """Root filesystems for jobs, built with debootstrap: the only module that runs it."""
 
 import datetime
+import glob
 import os
 import shutil
 import subprocess
@@ -37,6 +38,11 @@ def build(path, suite=DEFAULT_SUITE, include=(), mirror=None):
         cmd += [suite, tmp] + ([mirror] if mirror else [])
         if subprocess.run(cmd).returncode:
             raise RootfsError(f"debootstrap failed: {' '.join(cmd)}")
+        # Downloaded packages and package lists: ~80 MB that jobs never use
+        # (apt-get update in the rootfs brings the lists back).
+        for leftover in (glob.glob(os.path.join(tmp, "var/cache/apt/archives/*.deb"))
+                         + glob.glob(os.path.join(tmp, "var/lib/apt/lists/*_*"))):
+            os.unlink(leftover)
         # minbase has no /etc/hosts: jobs could not resolve localhost.
         with open(os.path.join(tmp, "etc/hosts"), "w") as f:
             f.write("127.0.0.1\tlocalhost\n::1\tlocalhost\n")

@@ -20,7 +20,7 @@ from tests.system.test_spine import API
 # The rootfs that jobs get in the rootfs test: built on the host by the
 # package's own `lclusterd mkrootfs` (the containers have no network), cached
 # like the harness's rootfs. Bump when mkrootfs changes what it builds.
-JOBROOT_RECIPE = "1"
+JOBROOT_RECIPE = "2"
 
 
 def build_jobroot():
