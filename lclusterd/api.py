@@ -1,9 +1,13 @@
 """HTTP/JSON routes (aiohttp). See docs/api.md for the contract.
 
 Callers on the unix socket are known by its peer credentials (SO_PEERCRED).
+Callers over TCP must send the cluster's shared token (Authorization: Bearer
+TOKEN, compared in constant time) or get 401; with it they act as root,
+since the token file is readable by root only.
 Errors are answered as {"error": "one line"} with the status of the table below.
 """
 
+import hmac
 import json
 import pwd
 import socket
@@ -27,13 +31,17 @@ STATUS_OF = (
 
 # command, and what the job asks for (core.job_spec, core.run_as).
 SUBMIT_FIELDS = {"command", "user", "memory", "cpus", "tasks", "timeout", "env", "workdir",
-                 "network"}
+                 "network", "max_attempts", "priority"}
+REMOTE = Caller(uid=0, gid=0, user="root")  # who a TCP caller with the token is
 MAX_BODY = 2 * core.MAX_COMMAND_BYTES  # JSON escaping can double a command
 
 
-def make_app(node):
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+def make_app(node, token=None):
+    """token: the shared secret TCP callers must send (None: TCP refused)."""
+    app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
     app["node"] = node
+    app["token"] = token
+    app.router.add_get("/v1/nodes", nodes)
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{ref}", check)
@@ -62,11 +70,29 @@ async def _errors(request, handler):
         raise
 
 
-def caller_of(request):
-    """The peer's uid/gid from the unix socket; TCP callers are nobody yet."""
+def _is_unix(request):
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        raise PermissionDenied("permission denied: only local callers are served")
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+@web.middleware
+async def _token(request, handler):
+    """TCP callers need the shared token; unix-socket callers never do."""
+    if not _is_unix(request):
+        token = request.app["token"]
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()):
+            return _error(401, "unauthorized: a valid token is required over TCP")
+    return await handler(request)
+
+
+def caller_of(request):
+    """The peer's uid/gid from the unix socket; a TCP caller (the token was
+    checked) is root."""
+    if not _is_unix(request):
+        return REMOTE
+    sock = request.transport.get_extra_info("socket")
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, gid = struct.unpack("3i", creds)
     try:
@@ -132,3 +158,7 @@ async def health(request):
     except StoreUnavailable as e:
         return _error(503, str(e))
     return web.json_response({"node": node.config.node_name, "version": __version__, "etcd": "ok"})
+
+
+async def nodes(request):
+    return web.json_response({"nodes": await request.app["node"].nodes()})

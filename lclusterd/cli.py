@@ -15,7 +15,8 @@ import time
 import click
 
 from lclusterd import __version__, core
-from lclusterd.client import DEFAULT_SOCKET, DENIED, UNREACHABLE, Client, ClientError
+from lclusterd.client import (BAD_URL, DEFAULT_SOCKET, DEFAULT_TOKEN_FILE, DENIED, UNREACHABLE,
+                              Client, ClientError, read_token)
 
 # Exit codes: the one table. `lclusterc --help` prints it as it is.
 EXIT_TABLE = (
@@ -23,7 +24,7 @@ EXIT_TABLE = (
     (1, "the job failed (addjob --wait: the job's own status), or a bad answer"),
     (2, "bad input or usage (HTTP 400)"),
     (3, "no such job, or ambiguous uuid prefix (HTTP 404, 409)"),
-    (4, "permission denied (HTTP 403, or the socket's file mode)"),
+    (4, "permission denied (HTTP 401, 403, the socket's file mode, the token file)"),
     (5, "daemon unreachable (no socket, refused, no answer)"),
     (6, "etcd unavailable (HTTP 503)"),
     (130, "interrupted (Ctrl-C), or addjob --wait on a job that was cancelled"),
@@ -34,7 +35,7 @@ EXIT_TABLE = (
 # What a ClientError's cause (HTTP status or transport failure) exits with;
 # anything else (HTTP 500, a malformed answer) is EXIT_FAILED.
 EXIT_FOR_CAUSE = {
-    400: EXIT_USAGE, 403: EXIT_DENIED, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD,
+    400: EXIT_USAGE, 401: EXIT_DENIED, 403: EXIT_DENIED, BAD_URL: EXIT_USAGE, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD,
     DENIED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
 }
 
@@ -46,7 +47,7 @@ NODE_COLUMN = 16  # longer node names are cut in list
 
 # The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
 OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
-GLOBAL_OPTIONS_WITH_VALUE = ("--socket",)
+GLOBAL_OPTIONS_WITH_VALUE = ("--socket", "--server", "--token-file")
 
 EPILOG = ("\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_TABLE)
           + "\n\n\b\nThe old spellings --addjob=CMD, --checkjob=UUID and --removejob=UUID"
@@ -154,6 +155,7 @@ def _describe(job):
         ("network", job.get("network") or "the node's default"),
         ("workdir", job.get("workdir")),
         ("env", " ".join(shlex.quote(e) for e in job.get("env") or ()) or None),
+        ("attempts", _attempts(job.get("attempts"))),
     )
     width = max(len(key) for key, _ in rows) + 1
     return "\n".join(f"{key + ':':<{width}} {_text(value)}" for key, value in rows)
@@ -179,6 +181,22 @@ def _property(name, value):
     else:
         text = str(value)
     return f"{name}={_text(text)}"
+def _attempts(attempts):
+    """checkjob's attempts: `node (outcome), ...`."""
+    if not isinstance(attempts, list) or not attempts:
+        return None
+    return ", ".join(f"{_text(a.get('node'))} ({_text(a.get('outcome') or 'now')})"
+                     for a in attempts if isinstance(a, dict))
+
+
+def _nodes_table(nodes):
+    rows = [("NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "FAILED AT")]
+    for n in nodes:
+        rows.append(tuple(_text(v) for v in (n.get("name"), n.get("address"), n.get("state"),
+                                             n.get("running"), n.get("slots"),
+                                             _local_time(n.get("failed_at")))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _table(jobs, width):
@@ -231,19 +249,31 @@ class _Group(click.Group):
 @click.option("--socket", "socket_path", metavar="PATH", envvar="LCLUSTER_SOCKET",
               default=DEFAULT_SOCKET, show_default=True, show_envvar=True,
               help="The daemon's unix socket.")
+@click.option("--server", metavar="URL", envvar="LCLUSTER_SERVER", show_envvar=True,
+              help="Talk to the daemon at http://HOST:PORT over TCP instead (with the token).")
+@click.option("--token-file", metavar="FILE", envvar="LCLUSTER_TOKEN_FILE", show_envvar=True,
+              default=DEFAULT_TOKEN_FILE, show_default=True, help="The cluster's token, for --server.")
 @click.version_option(__version__, "--version", prog_name="lclusterc")
 @click.pass_context
-def lclusterc(ctx, socket_path):
+def lclusterc(ctx, socket_path, server, token_file):
     """Queue shell commands on the lclusterd cluster, and follow them.
 
     REF is a job's uuid or a unique prefix of it (at least 4 hex digits).
     """
-    ctx.obj = Client(socket_path)
+    try:
+        token = read_token(token_file) if server else None
+        ctx.obj = Client(socket_path, server=server, token=token)
+    except ClientError as e:
+        raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
 
 
 @lclusterc.command()
 @click.argument("command")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
+@click.option("--retries", type=click.IntRange(1, core.MAX_ATTEMPTS), metavar="N",
+              help=f"Attempts in all when its nodes die (default {core.DEFAULT_ATTEMPTS}).")
+@click.option("--priority", type=click.IntRange(core.MIN_PRIORITY, core.MAX_PRIORITY), metavar="N",
+              help="Higher runs first (default 0; from -100 to 100).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
 @click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 256M, 2G (OOM-killed past it).")
 @click.option("--cpus", metavar="N", help="CPU time limit in CPUs, e.g. 0.5.")
@@ -256,8 +286,8 @@ def lclusterc(ctx, socket_path):
 @click.option("--user", metavar="NAME",
               help="Run as this user (root only; root's jobs run as nobody without it).")
 @click.pass_obj
-def addjob(client, command, wait, as_json, memory, cpus, tasks, timeout, env, workdir, network,
-           user):
+def addjob(client, command, wait, retries, priority, as_json, memory, cpus, tasks, timeout, env,
+           workdir, network, user):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
     checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
               "timeout": core.parse_duration, "workdir": core.validate_workdir,
@@ -270,7 +300,7 @@ def addjob(client, command, wait, as_json, memory, cpus, tasks, timeout, env, wo
     if env:
         _checked(core.validate_env, list(env))
     job = client.add_job(_checked(core.validate_command, command), env=list(env) or None,
-                         user=user, **given)
+                         user=user, max_attempts=retries, priority=priority, **given)
     if not as_json:
         click.echo(job["uuid"])  # at once, even with --wait: the user may need it
     if wait:
@@ -337,6 +367,18 @@ def list_jobs(client, limit, state, as_json):
         _echo_json(jobs)
     else:
         click.echo(_table(jobs, shutil.get_terminal_size().columns))
+
+
+@lclusterc.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the node records.")
+@click.pass_obj
+def nodes(client, as_json):
+    """List the cluster's nodes: ready, primed (takes the next jobs) or failed."""
+    found = client.nodes()
+    if as_json:
+        _echo_json(found)
+    else:
+        click.echo(_nodes_table(found))
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ import socket
 import urllib.parse
 
 DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"
+DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # the daemon's token_file
 TIMEOUT = 30.0  # seconds per request: the daemon answers at once or not at all
 # DELETE of a running job waits for it to stop (the daemon's stop_timeout,
 # then SIGKILL), so it gets longer.
@@ -20,6 +21,7 @@ REMOVE_TIMEOUT = 120.0
 UNREACHABLE = "unreachable"  # no socket, nobody listening, connection lost, timeout
 DENIED = "denied"  # the socket itself refused us (file permissions)
 BAD_ANSWER = "bad-answer"  # something answered, but not the API we know
+BAD_URL = "bad-url"  # --server is not a URL we can use
 
 
 class ClientError(Exception):
@@ -50,23 +52,47 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def read_token(path):
+    """The shared token for --server, from a file; ClientError if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except PermissionError:
+        raise ClientError(f"permission denied reading the token file {path} (it is root's)", DENIED) from None
+    except OSError as e:
+        raise ClientError(f"cannot read the token file {path}: {e.strerror}", DENIED) from None
+
+
 class Client:
-    def __init__(self, socket_path=DEFAULT_SOCKET, timeout=TIMEOUT):
+    def __init__(self, socket_path=DEFAULT_SOCKET, timeout=TIMEOUT, server=None, token=None):
+        """server: an http://HOST:PORT URL to use instead of the unix socket,
+        with token (the cluster's shared secret)."""
         self.socket_path = socket_path
         self.timeout = timeout
+        self.server = urllib.parse.urlsplit(server) if server else None
+        if self.server and (self.server.scheme != "http" or not self.server.hostname):
+            raise ClientError(f"--server must be an http://HOST:PORT URL, not '{server}'", BAD_URL)
+        self.token = token
+        self.where = server or socket_path
 
-    # The one place that knows the transport: a TCP+token one (--server URL)
-    # would return an HTTP(S)Connection here and add its header in _request.
+    # The one place that knows the transport.
     def _connection(self, timeout):
+        if self.server:
+            return http.client.HTTPConnection(self.server.hostname, self.server.port or 80,
+                                              timeout=timeout)
         return UnixHTTPConnection(self.socket_path, timeout)
 
     def _unreachable(self, why):
+        if self.server:
+            return ClientError(f"lclusterd is not reachable at {self.where} ({why})", UNREACHABLE)
         return ClientError(
             f"lclusterd is not reachable at {self.socket_path} ({why}); start it with "
             "'sudo systemctl start lclusterd.socket' (or lclusterd.service)", UNREACHABLE)
 
     def _request(self, method, path, body=None, timeout=None):
         headers = {"Accept": "application/json"}
+        if self.server and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         data = None
         if body is not None:
             data = json.dumps(body).encode("utf-8")
@@ -83,10 +109,10 @@ class Client:
         except PermissionError:
             raise ClientError(f"permission denied on the socket {self.socket_path}", DENIED) from None
         except TimeoutError:
-            raise ClientError(f"lclusterd at {self.socket_path} did not answer within "
+            raise ClientError(f"lclusterd at {self.where} did not answer within "
                               f"{timeout or self.timeout:g} s", UNREACHABLE) from None
         except (OSError, http.client.HTTPException) as e:
-            raise ClientError(f"lost the connection to lclusterd at {self.socket_path}: "
+            raise ClientError(f"lost the connection to lclusterd at {self.where}: "
                               f"{e or type(e).__name__}", UNREACHABLE) from None
         finally:
             conn.close()
@@ -124,10 +150,13 @@ class Client:
         return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
 
     def add_job(self, command, **spec):
-        """spec: user, memory, cpus, tasks, timeout, env, workdir, network
-        (docs/api.md); None means 'not asked for'."""
+        """spec: user, memory, cpus, tasks, timeout, env, workdir, network,
+        max_attempts, priority (docs/api.md); None means 'not asked for'."""
         body = {"command": command, **{k: v for k, v in spec.items() if v is not None}}
         return self._job(self._request("POST", "/v1/jobs", body))
+
+    def nodes(self):
+        return self._field(self._request("GET", "/v1/nodes"), "nodes", list)
 
     def get_job(self, ref):
         return self._job(self._request("GET", self._job_path(ref)))

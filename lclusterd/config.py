@@ -39,6 +39,14 @@ class Config:
     max_timeout: Optional[float] = None
     # What addjob --network may ask for beyond 'none': host, ns:NAME, ns:*.
     job_networks: tuple = ()
+    # The cluster.
+    lease_ttl: int = 10  # seconds a node's registration lives without a heartbeat
+    listen: Optional[str] = None  # HOST:PORT for TCP (remote lclusterc, other nodes); off if unset
+    token_file: str = "/etc/lclusterd/token"  # the shared token TCP callers must send (root-only file)
+    address: Optional[str] = None  # URL other nodes reach us at (default from listen)
+    etcd_ca: Optional[str] = None  # TLS to etcd: CA certificate file ...
+    etcd_cert: Optional[str] = None  # ... and our client certificate and key files
+    etcd_key: Optional[str] = None
 
 
 def load(path: Optional[str] = None, **overrides) -> Config:
@@ -77,6 +85,11 @@ def from_mapping(values: dict) -> Config:
         default, ceiling = getattr(config, f"default_{name}"), getattr(config, f"max_{name}")
         if default is not None and ceiling is not None and default > ceiling:
             raise ConfigError(f"'default_{name}' ({show(default)}) is over 'max_{name}' ({show(ceiling)})")
+    if bool(config.etcd_cert) != bool(config.etcd_key):
+        raise ConfigError("'etcd_cert' and 'etcd_key' go together")
+    if config.address is None and config.listen:
+        host, port = config.listen
+        config.address = f"http://{config.node_name if host in ('', '0.0.0.0', '::') else host}:{port}"
     return config
 
 
@@ -100,7 +113,7 @@ def _parse(key, raw):
         if value <= 0:
             raise ValueError("must be positive")
         return value
-    if key in ("rootfs", "namespace"):
+    if key in ("rootfs", "namespace", "address", "etcd_ca", "etcd_cert", "etcd_key"):
         return raw or None
     if key in _LIMIT_PARSERS:
         return _LIMIT_PARSERS[key](raw) if raw else None
@@ -110,6 +123,18 @@ def _parse(key, raw):
             if network != "ns:*":
                 core.validate_network(network)
         return networks
+    if key == "lease_ttl":
+        value = int(raw)
+        if not 2 <= value <= 3600:
+            raise ValueError("must be from 2 to 3600 seconds")
+        return value
+    if key == "listen":
+        if not raw:
+            return None
+        host, sep, port = raw.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT (e.g. 0.0.0.0:7800)")
+        return host.strip("[]"), int(port)
     if key == "node_name":
         return raw or socket.gethostname()
     return raw

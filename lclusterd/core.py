@@ -36,8 +36,9 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+LOST = "lost"  # its node died or was cut off; passed through at once to queued or failed
 
-STATES = (QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+STATES = (QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # Every allowed change of state, and why it happens. Anything else is refused.
@@ -52,7 +53,16 @@ TRANSITIONS = {
     (RUNNING, SUCCEEDED): "its main process exited with status 0",
     (RUNNING, FAILED): "its main process failed, or its unit vanished",
     (RUNNING, CANCELLED): "removejob stopped it",
+    (STARTING, LOST): "its node's lease expired (node failed or cut off), or the node found its unit gone",
+    (RUNNING, LOST): "its node's lease expired (node failed or cut off), or the node found its unit gone",
+    (LOST, QUEUED): "attempts left: requeued for another node",
+    (LOST, FAILED): "no attempts left: failed for good (reason node-lost)",
 }
+
+MIN_PRIORITY, MAX_PRIORITY = -100, 100  # addjob --priority: higher runs first
+DEFAULT_ATTEMPTS = 3  # runs a job gets in all when its nodes keep dying (addjob --retries)
+MAX_ATTEMPTS = 100
+NODE_LOST = "node-lost"  # the reason of a job that ran out of attempts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,11 @@ class Job:
     env: tuple = ()  # "KEY=VALUE" strings
     workdir: Optional[str] = None
     network: Optional[str] = None  # none, host or ns:NAME; None: the node's default
+    max_attempts: int = DEFAULT_ATTEMPTS
+    priority: int = 0  # the queue's order: higher first, then oldest submission first
+    # One entry per claim by a node: {"node", "started_at", "ended_at", "outcome"};
+    # transition() opens and closes them.
+    attempts: tuple = ()
 
     @property
     def unit(self) -> str:
@@ -101,6 +116,7 @@ class Job:
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in record.items() if k in names}
         fields["env"] = tuple(fields.get("env") or ())  # a JSON list
+        fields["attempts"] = tuple(fields.get("attempts") or ())  # a JSON list
         return cls(**fields)
 
     @property
@@ -109,17 +125,89 @@ class Job:
         return self.uid if self.submitter_uid is None else self.submitter_uid
 
 
-def transition(job: Job, state: str, **changes) -> Job:
-    """The job in its new state, or IllegalTransition."""
+def transition(job: Job, state: str, now: Optional[float] = None, **changes) -> Job:
+    """The job in its new state, or IllegalTransition. Claiming (-> starting)
+    opens an attempt on the claiming node; leaving starting/running closes it
+    with the new state as its outcome (now: when; default the job's times)."""
     if (job.state, state) not in TRANSITIONS:
         raise IllegalTransition(f"job {job.uuid} cannot go from {job.state} to {state}")
-    return dataclasses.replace(job, state=state, **changes)
+    attempts = list(job.attempts)
+    if state == STARTING:
+        attempts.append({"node": changes.get("node"), "started_at": now,
+                         "ended_at": None, "outcome": None})
+    elif job.state in (STARTING, RUNNING) and state != RUNNING and attempts:
+        end = changes.get("ended_at") or now
+        attempts[-1] = {**attempts[-1], "ended_at": end, "outcome": state}
+    elif state == RUNNING and attempts and changes.get("started_at"):
+        attempts[-1] = {**attempts[-1], "started_at": changes["started_at"]}
+    return dataclasses.replace(job, state=state, attempts=tuple(attempts), **changes)
 
 
 def new_job(command: str, uid: int, gid: int, user: str, now: float, **spec) -> Job:
     """spec: what job_spec() returned, and submitter/submitter_uid."""
     return Job(uuid=str(uuidlib.uuid4()), command=validate_command(command),
                uid=uid, gid=gid, user=user, submitted_at=now, **spec)
+
+
+def lose(job: Job, node: str, now: float) -> Job:
+    """A starting/running job whose node is gone: requeued while it has
+    attempts left, else failed for good with the reason node-lost. One record
+    change: lost is where it passes through, written with its attempt."""
+    lost = transition(job, LOST, now=now)
+    if len(lost.attempts) < job.max_attempts:
+        return transition(lost, QUEUED, node=None, started_at=None,
+                          reason=f"node {node} was lost; requeued (attempt "
+                                 f"{len(lost.attempts) + 1} of {job.max_attempts})")
+    return transition(lost, FAILED, ended_at=now, reason=NODE_LOST)
+
+
+# --- the cluster: nodes, the prime, failures ---------------------------------
+
+READY, PRIMED, FAILED_NODE = "ready", "primed", "failed"  # node states (lclusterc nodes)
+
+
+def lost_jobs(jobs, live_nodes):
+    """uuids of starting/running jobs whose node holds no lease any more.
+    jobs: iterable of Job; live_nodes: names of nodes with a lease."""
+    return sorted(j.uuid for j in jobs
+                  if j.state in (STARTING, RUNNING) and j.node and j.node not in live_nodes)
+
+
+def failed_nodes(members, live_nodes, recorded):
+    """Names of nodes that registered once (members) but hold no lease now and
+    are not yet recorded as failed: to record."""
+    return sorted(set(members) - set(live_nodes) - set(recorded))
+
+
+# What a node does about the prime, by (holds it, has free slots). The prime
+# is the right to claim from the queue: one holder, so nodes never race on it.
+PRIME_POLICY = {
+    (False, True): "campaign",  # free slots: try to take it (it may be held)
+    (True, False): "resign",  # full: give it up so a node with room takes over
+    (True, True): "keep",
+    (False, False): "idle",
+}
+
+
+def prime_action(holds: bool, free: int) -> str:
+    return PRIME_POLICY[(holds, free > 0)]
+
+
+def node_rows(members, live, failed, prime):
+    """The table of `lclusterc nodes`: members {name: registration}, live
+    {name: registration} (with a lease), failed {name: failure record},
+    prime: the primed node's name or None."""
+    rows = []
+    for name in sorted(set(members) | set(live)):
+        info = live.get(name) or members[name]
+        if name in live:
+            state = PRIMED if name == prime else READY
+        else:
+            state = FAILED_NODE
+        rows.append({"name": name, "address": info.get("address"), "state": state,
+                     "slots": info.get("slots"), "running": info.get("running", 0) if name in live else 0,
+                     "failed_at": (failed.get(name) or {}).get("at") if state == FAILED_NODE else None})
+    return rows
 
 
 # --- validation ------------------------------------------------------------
@@ -312,8 +400,9 @@ def network_allowed(network: str, allowed) -> bool:
 
 def job_spec(request: dict, policy) -> dict:
     """The Job fields for what a submission asks (memory, cpus, tasks,
-    timeout, env, workdir, network), parsed, with policy's defaults filled in
-    and checked against its maxima and allowed networks. policy: the node's
+    timeout, env, workdir, network, max_attempts, priority), parsed, with
+    policy's defaults filled in and checked against its maxima and allowed
+    networks. policy: the node's
     Config (default_<limit>, max_<limit>, job_networks). InvalidInput for a
     malformed value, Forbidden for one the node does not allow."""
     spec = {}
@@ -334,6 +423,10 @@ def job_spec(request: dict, policy) -> dict:
             raise Forbidden(f"network {network} is not allowed on this node "
                             f"(its config's job_networks: {', '.join(policy.job_networks) or 'none'})")
         spec["network"] = network
+    if request.get("max_attempts") is not None:
+        spec["max_attempts"] = validate_attempts(request["max_attempts"])
+    if request.get("priority") is not None:
+        spec["priority"] = validate_priority(request["priority"])
     return spec
 
 
@@ -353,6 +446,22 @@ def run_as(caller_uid: int, caller_user: str, requested) -> Optional[str]:
             return None
         raise Forbidden("permission denied: only root may run jobs as another user")
     return requested
+def validate_priority(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidInput(f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}")
+    return value
+
+
+def queue_rank(job: Job) -> str:
+    """The job's place in the queue as a string that sorts in queue order:
+    higher priority first, then earlier submission, then uuid."""
+    return f"{MAX_PRIORITY - job.priority:03d}-{int(job.submitted_at * 1e9):020d}-{job.uuid}"
+
+
+def validate_attempts(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS:
+        raise InvalidInput(f"retries must be a whole number from 1 to {MAX_ATTEMPTS} (attempts in all)")
+    return value
 
 
 # --- units -----------------------------------------------------------------
@@ -436,20 +545,25 @@ RECORD_RUNNING = "record-running"  # unit runs, record says starting
 RECORD_END = "record-end"  # unit finished, record still live: record its outcome
 RELEASE_UNIT = "release-unit"  # record terminal, unit still loaded: stop/unload it
 REQUEUE = "requeue"  # claimed but never started (node restarted in between)
-RECORD_VANISHED = "record-vanished"  # running, but its unit is gone (reboot?)
+RECORD_VANISHED = "record-vanished"  # running, but its unit is gone (reboot, fencing): lose it
 
 
-def reconcile(jobs, units, in_flight=frozenset()):
+def reconcile(jobs, units, in_flight=frozenset(), node=None):
     """Plan for one node. jobs: {uuid: Job} of records that are live on this
     node, or whose unit is still loaded; units: {uuid: UnitStatus} of this
-    node's lcluster-job units; in_flight: uuids this process is starting now.
+    node's lcluster-job units; in_flight: uuids this process is starting now;
+    node: this node's name (a unit whose record names another node, or none,
+    was taken from us while we were failed or cut off: fence it).
     Returns [(action, uuid)], in a stable order."""
     plan = []
     for job_uuid in sorted(set(jobs) | set(units)):
         job, unit = jobs.get(job_uuid), units.get(job_uuid)
         if job is None or job_uuid in in_flight:
             continue  # not ours to judge (unknown record, or being started now)
-        if unit is None:
+        if node is not None and job.node != node and not job.terminal:
+            if unit is not None:  # another node's job now (or queued again): fence ours
+                plan.append((RELEASE_UNIT, job_uuid))
+        elif unit is None:
             if job.state == STARTING:
                 plan.append((REQUEUE, job_uuid))
             elif job.state == RUNNING:

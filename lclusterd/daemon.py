@@ -61,11 +61,46 @@ def listening_sockets(path):
     return [sock]
 
 
+def read_token(path, required):
+    """The shared token from a root-only file; None if absent and not required."""
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        if required:
+            raise StartupError(f"TCP listening needs a token file: {path} does not exist "
+                               "(create it: head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE)")
+        return None
+    except OSError as e:
+        raise StartupError(f"cannot read the token file {path}: {e.strerror}")
+    if info.st_uid != 0 or info.st_mode & 0o077:
+        raise StartupError(f"the token file {path} must belong to root and be readable by root only")
+    if len(token) < 16:
+        raise StartupError(f"the token in {path} is too short (at least 16 characters)")
+    return token
+
+
+def tcp_socket(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}")
+    sock.listen(128)
+    return sock
+
+
 def status(node):
     if not node.units.connected:
         return "waiting for the system bus (D-Bus)"
     if node.etcd_error:
         return f"waiting for etcd: {node.etcd_error}"
+    if node.lease is None:
+        return "registering in the cluster"
     return f"running {len(node.mine)} job(s) of {node.config.slots} slot(s); etcd ok"
 
 
@@ -99,12 +134,20 @@ def reload(node, config_path):
 async def serve(config, config_path=None):
     sd.notify("STATUS=adopting sockets")
     sockets = listening_sockets(config.socket)
-    store = Store(config.etcd_endpoints, config.prefix)
+    inherited_tcp = any(s.family != socket.AF_UNIX for s in sockets)
+    token = read_token(config.token_file, required=bool(config.listen))
+    if inherited_tcp and token is None:
+        log.warning("a TCP socket was passed but %s is missing: TCP callers get 401", config.token_file)
+    if config.listen:
+        sockets.append(tcp_socket(*config.listen))
+    store = Store(config.etcd_endpoints, config.prefix,
+                  tls={"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert,
+                       "cert_key": config.etcd_key})
     units = Units()
     node = Node(config, store, units)
     units.on_change = node.unit_changed
 
-    runner = web.AppRunner(api.make_app(node), access_log=None)
+    runner = web.AppRunner(api.make_app(node, token), access_log=None)
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock).start()
@@ -118,7 +161,8 @@ async def serve(config, config_path=None):
     sd.notify("READY=1\nSTATUS=connecting to the system bus and etcd")
     log.info("lclusterd %s serving on %s as node %s", __version__,
              ", ".join(str(s.getsockname()) for s in sockets), config.node_name)
-    tasks = [asyncio.create_task(node.run(stopping)), asyncio.create_task(report(node, stopping))]
+    tasks = [asyncio.create_task(node.run(stopping)), asyncio.create_task(report(node, stopping)),
+             asyncio.create_task(node.keep_lease(stopping))]
     try:
         await stopping.wait()
     finally:

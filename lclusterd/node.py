@@ -7,6 +7,8 @@ how it recovers after a restart, a missed signal or an etcd outage.
 """
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import pwd
 import time
@@ -19,6 +21,12 @@ from lclusterd.units import Refused, Unavailable as UnitsUnavailable
 log = logging.getLogger(__name__)
 
 MAX_CHANGE_ATTEMPTS = 5  # re-reads of a record whose revision moved under us
+# The lease (TTL = config.lease_ttl), as fractions of the TTL:
+HEARTBEAT = 0.25  # renew this often (and give each renewal this long)
+FENCE_AFTER = 0.5  # unrenewed this long: stop our jobs, so they are stopped here
+                   # before the lease expires and other nodes requeue them
+CLAIM_POLL = 0.5  # seconds between looks at the prime and the queue while we have room
+FENCE_STOP_WAIT = 5  # seconds to wait for a killed unit to go
 
 
 class Conflict(Exception):
@@ -48,12 +56,21 @@ class Node:
         self.etcd_error = None  # why etcd is unreachable, or None
         self._wake = asyncio.Event()
         self._recovered = False
+        self.lease = None  # our etcd lease while registered, else None (claim nothing)
+        self.primed = False
+        self.fenced = set()  # uuids of units we killed when fenced: their records are lost, not ended
+        self._published = None  # the registration last written
+        self._judged = set()  # lease-less members whose jobs we have looked for
+        self._others_live = False  # did another node hold a lease when we last looked?
+        # The heartbeat's etcd calls get threads of their own: slow calls of
+        # the API or the scheduler must not delay a renewal into a fence.
+        self._beat = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lease")
 
     # -- helpers --------------------------------------------------------------
 
-    async def _store(self, method, *args):
+    async def _store(self, method, *args, executor=None):
         try:
-            result = await asyncio.to_thread(method, *args)
+            result = await asyncio.get_running_loop().run_in_executor(executor, method, *args)
         except StoreUnavailable as e:
             self.etcd_error = str(e)
             raise
@@ -140,6 +157,8 @@ class Node:
             return core.transition(current, core.CANCELLED, ended_at=self.clock(),
                                    reason=f"removed by {caller.user}")
         job = await self._change(job.uuid, cancel)
+        # On another node its sweep sees the cancelled record within poll_interval
+        # and stops the unit (core.reconcile: RELEASE_UNIT).
         if job.node == self.config.node_name:
             # Give systemd the grace period to SIGTERM and then SIGKILL it.
             await self.units.stop_and_wait(job.uuid, self.config.stop_timeout + 5)
@@ -161,9 +180,11 @@ class Node:
                     next_sweep = 0.0  # what happened while we were away?
                 if loop.time() >= next_sweep:
                     await self.sweep()
+                    await self.watch_cluster()
                     next_sweep = loop.time() + self.config.poll_interval
                 await self.record_changed()
                 await self.fill_slots()
+                await self.publish()
             except (StoreUnavailable, UnitsUnavailable, OSError) as e:
                 if str(e) != last_problem:  # say it once, not every pass
                     log.warning("%s", e)
@@ -172,8 +193,10 @@ class Node:
                 log.exception("scheduling pass failed; retrying")
             else:
                 last_problem = None
+            room = core.free_slots(self.config.slots, len(self.mine)) > 0
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                await asyncio.wait_for(self._wake.wait(),
+                                       CLAIM_POLL if room else self.config.poll_interval)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
@@ -194,7 +217,7 @@ class Node:
         self._recovered = True
         jobs = {u: job for u, (job, _) in records.items()}
         settled = set()
-        for action, job_uuid in core.reconcile(jobs, units, self.in_flight):
+        for action, job_uuid in core.reconcile(jobs, units, self.in_flight, self.config.node_name):
             log.info("reconcile: %s %s", action, job_uuid)
             await self._apply(action, records[job_uuid], units.get(job_uuid))
             if action != core.RECORD_RUNNING:
@@ -211,19 +234,34 @@ class Node:
         elif action == core.RECORD_RUNNING:
             await self._change(job_uuid, lambda j: core.transition(
                 j, core.RUNNING, started_at=status.started_at or self.clock())
-                if j.state == core.STARTING else None, known)
+                if self._ours(j, core.STARTING) else None, known)
         elif action == core.REQUEUE:
             await self._change(job_uuid, lambda j: core.transition(
-                j, core.QUEUED, node=None) if j.state == core.STARTING else None, known)
+                j, core.QUEUED, node=None) if self._ours(j, core.STARTING) else None, known)
         elif action == core.RECORD_VANISHED:
-            await self._change(job_uuid, lambda j: core.transition(
-                j, core.FAILED, ended_at=self.clock(),
-                reason="its unit vanished while lclusterd was not watching (machine rebooted?)")
-                if j.state == core.RUNNING else None, known)
+            # Its unit is gone (the machine rebooted, or we were fenced): it
+            # did not end, its node lost it.
+            await self._change(job_uuid, self._lose_mine, known)
+            self.fenced.discard(job_uuid)
+
+    def _ours(self, job, *states):
+        """Is the record a live job of this node (in one of states, if given)?
+        Once our lease expired, other nodes may have requeued or taken it."""
+        return job.node == self.config.node_name and not job.terminal and job.state in (
+            states or (core.STARTING, core.RUNNING))
+
+    def _lose_mine(self, job):
+        if self._ours(job):
+            return core.lose(job, job.node, self.clock())
+        return None
 
     async def _record_end(self, job_uuid, status, known=None):
-        job = await self._change(job_uuid, lambda j: None if j.terminal
-                                 else core.finish(j, status, self.clock()), known)
+        if job_uuid in self.fenced:  # we killed it: it did not end, it was lost
+            decide = self._lose_mine
+        else:
+            decide = lambda j: core.finish(j, status, self.clock()) if self._ours(j) else None  # noqa: E731
+        job = await self._change(job_uuid, decide, known)
+        self.fenced.discard(job_uuid)
         self.mine.discard(job_uuid)
         if job is None:
             return  # no record of ours (another daemon's prefix): not ours to release
@@ -246,12 +284,25 @@ class Node:
                     raise
 
     async def fill_slots(self):
+        """Claim from the queue's head while we hold the prime and have room;
+        give the prime up when full (core.PRIME_POLICY)."""
+        if self.lease is None:
+            self.primed = False  # not registered (etcd unreachable, or fenced): claim nothing
+            return
         free = core.free_slots(self.config.slots, len(self.mine))
-        if not free:
+        action = core.prime_action(self.primed, free)
+        if action in ("campaign", "keep"):  # keep: make sure we still hold it
+            self.primed = await self._store(self.store.campaign, self.config.node_name, self.lease)
+        elif action == "resign":
+            await self._store(self.store.resign, self.config.node_name)
+            self.primed = False
+        if not self.primed:
             return
         heads = await self._store(self.store.queued, free)
         results = await asyncio.gather(*(self._claim_and_start(job, rev) for job, rev in heads),
                                        return_exceptions=True)  # let every start finish
+        if not core.free_slots(self.config.slots, len(self.mine)):
+            self.wake()  # full now: resign on the next pass
         for result in results:
             if isinstance(result, Exception):
                 raise result
@@ -259,7 +310,8 @@ class Node:
     async def _claim_and_start(self, job, revision):
         node = self.config.node_name
         claimed = await self._store(self.store.update, job,
-                                    core.transition(job, core.STARTING, node=node), revision)
+                                    core.transition(job, core.STARTING, now=self.clock(), node=node),
+                                    revision, node)
         if not claimed:
             return  # cancelled or taken meanwhile
         self.mine.add(job.uuid)
@@ -279,11 +331,118 @@ class Node:
                 self.mine.discard(job.uuid)
                 await self._change(job.uuid, lambda j: core.transition(
                     j, core.FAILED, ended_at=self.clock(), reason=f"systemd refused to start it: {e}")
-                    if j.state == core.STARTING else None)
+                    if self._ours(j, core.STARTING) else None)
                 return
             await self._change(job.uuid, lambda j: core.transition(
-                j, core.RUNNING, started_at=self.clock()) if j.state == core.STARTING else None)
+                j, core.RUNNING, started_at=self.clock()) if self._ours(j, core.STARTING) else None)
         finally:
             self.in_flight.discard(job.uuid)
             if job.uuid in self.changed:
                 self.wake()
+
+    # -- the cluster: registration, lease, fencing, failed nodes ---------------
+
+    def registration(self):
+        free = core.free_slots(self.config.slots, len(self.mine))
+        return {"name": self.config.node_name, "address": self.config.address,
+                "slots": self.config.slots, "free": free, "running": len(self.mine)}
+
+    async def publish(self):
+        """Keep our registration's free slots and running jobs current."""
+        info = self.registration()
+        if self.lease is not None and info != self._published:
+            await self._store(self.store.update_registration, info, self.lease)
+            self._published = info
+
+    async def keep_lease(self, stopping):
+        """Hold our lease: register under a fresh one, renew it every
+        HEARTBEAT × TTL, and fence ourselves as soon as it has gone
+        unrenewed for FENCE_AFTER × TTL (or etcd says it expired)."""
+        ttl = self.config.lease_ttl
+        loop = asyncio.get_running_loop()
+        renewed = next_beat = loop.time()
+        beat = functools.partial(self._store, executor=self._beat)
+
+        def budget(limit):  # no etcd call may carry us past the fencing deadline
+            if self.lease is None:
+                return limit
+            return max(0.05, min(limit, renewed + ttl * FENCE_AFTER - loop.time()))
+
+        while not stopping.is_set():
+            if loop.time() >= next_beat:
+                # Counted from when we asked: etcd restarts the TTL when it gets the request.
+                sent = loop.time()
+                next_beat = sent + ttl * HEARTBEAT
+                try:
+                    if self.lease is None:
+                        lease = await asyncio.wait_for(beat(self.store.grant, ttl), ttl * HEARTBEAT)
+                        info = self.registration()
+                        await asyncio.wait_for(beat(self.store.register, info, lease), ttl * HEARTBEAT)
+                        self.lease, self._published, renewed = lease, info, sent
+                        self._recovered = False  # look at our records afresh
+                        log.info("registered as node %s (lease %x, TTL %g s)",
+                                 self.config.node_name, lease, ttl)
+                        self.wake()
+                    elif await asyncio.wait_for(beat(self.store.renew, self.lease),
+                                                budget(ttl * HEARTBEAT)):
+                        renewed = sent
+                    else:
+                        await self.fence("etcd says our lease expired")
+                except (StoreUnavailable, asyncio.TimeoutError):
+                    pass  # etcd_error says why; the deadline below decides what it costs
+                except Exception:
+                    log.exception("heartbeat failed; retrying")
+            if self.lease is not None and loop.time() - renewed >= ttl * FENCE_AFTER:
+                await self.fence(f"could not renew our lease for {loop.time() - renewed:.1f} s")
+            try:
+                await asyncio.wait_for(stopping.wait(), budget(max(0.05, next_beat - loop.time())))
+            except asyncio.TimeoutError:
+                pass
+
+    async def fence(self, why):
+        """We may be declared failed: stop every job of ours now (SIGKILL),
+        since other nodes will requeue them, and register afresh later. Alone
+        in the cluster (a single node; or the others are dead too) nobody can
+        take our jobs over: keep them running, and only register afresh."""
+        self.lease, self.primed = None, False
+        if not self._others_live:
+            log.warning("%s; no other node is live to take our jobs over: keeping them", why)
+            return
+        log.warning("fencing: %s; stopping this node's jobs", why)
+        try:
+            units = await self.units.list()
+            self.fenced |= set(units)
+            for job_uuid in units:
+                await self.units.kill(job_uuid)
+            for job_uuid in units:
+                await self.units.stop_and_wait(job_uuid, FENCE_STOP_WAIT)
+        except (UnitsUnavailable, OSError) as e:
+            log.warning("fencing: %s", e)
+
+    async def watch_cluster(self):
+        """Record members whose lease expired as failed, and lose (requeue or
+        fail) the jobs they were running. Every registered node does this;
+        the guarded transactions make doing it twice harmless."""
+        if self.lease is None:
+            return  # we may be the one cut off: judge nobody
+        live, members, failed, _ = await self._store(self.store.cluster)
+        self._others_live = bool(set(live) - {self.config.node_name})
+        now = self.clock()
+        for name in core.failed_nodes(members, live, failed):
+            if await self._store(self.store.record_failed, name, now):
+                log.warning("node %s failed: its lease expired", name)
+        missing = set(members) - set(live)
+        self._judged &= missing  # a node back with a new lease may fail again
+        if not missing - self._judged:
+            return  # a dead node claims nothing: one look for its jobs is enough
+        jobs = [job for job, _ in await self._store(self.store.all_jobs)]
+        for job_uuid in core.lost_jobs(jobs, live):
+            job = await self._change(job_uuid, lambda j: core.lose(j, j.node, self.clock())
+                                     if j.uuid in core.lost_jobs([j], live) else None)
+            if job is not None:
+                log.warning("job %s lost with its node: %s", job_uuid, job.state)
+        self._judged |= missing
+
+    async def nodes(self):
+        live, members, failed, prime = await self._store(self.store.cluster)
+        return core.node_rows(members, live, failed, prime)

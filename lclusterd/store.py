@@ -3,8 +3,17 @@
 Keyspace (PREFIX is the `prefix` setting, /lcluster by default):
 
     PREFIX/jobs/<uuid>                 the job record, JSON (core.Job.to_dict)
-    PREFIX/queue/<submit-ns>-<uuid>    present while the job is queued; the
-                                       key sorts the queue in submission order
+    PREFIX/queue/<rank>-<submit-ns>-<uuid>  present while the job is queued; the
+                                       key sorts the queue: priority (rank =
+                                       100 - priority), then submission order
+    PREFIX/nodes/<name>                a live node's registration, JSON (name,
+                                       address, slots, free, running), under
+                                       the node's lease: gone when it dies
+    PREFIX/members/<name>              the same, without a lease: every node
+                                       that ever registered (lclusterc nodes)
+    PREFIX/failed_nodes/<name>         {"name", "at"}: a member whose lease
+                                       expired; deleted when it registers again
+    PREFIX/prime                       the primed node's name, under its lease
 
 Every change of a record is one transaction guarded by the record's
 mod_revision, and moves the queue key in the same transaction, so a job is
@@ -23,7 +32,8 @@ import grpc
 
 from lclusterd import core
 
-CALL_TIMEOUT = 5  # seconds; etcd answers loopback in milliseconds
+CALL_TIMEOUT = 2  # seconds; etcd answers in milliseconds, and a dead member must
+                  # not hold up the next endpoint longer than a fraction of the lease TTL
 # gRPC backs off up to 2 minutes between reconnects; etcd back after an
 # outage should be seen within a second.
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
@@ -38,9 +48,11 @@ class Unavailable(Exception):
 
 
 class Store:
-    def __init__(self, endpoints, prefix="/lcluster"):
+    def __init__(self, endpoints, prefix="/lcluster", tls=None):
+        """tls: {"ca_cert", "cert_key", "cert_cert"} file paths, or None (plain)."""
         self.endpoints = list(endpoints)
         self.prefix = prefix
+        self.tls = {k: v for k, v in (tls or {}).items() if v}
         self._clients = [None] * len(self.endpoints)
         self._current = 0
 
@@ -51,7 +63,7 @@ class Store:
             url = urllib.parse.urlsplit(self.endpoints[index])
             self._clients[index] = etcd3.client(host=url.hostname or "127.0.0.1",
                                                 port=url.port or 2379, timeout=CALL_TIMEOUT,
-                                                grpc_options=GRPC_OPTIONS)
+                                                grpc_options=GRPC_OPTIONS, **self.tls)
         return self._clients[index]
 
     def _call(self, fn):
@@ -85,7 +97,7 @@ class Store:
         return f"{self.prefix}/jobs/{job_uuid}"
 
     def _queue_key(self, job):
-        return f"{self.prefix}/queue/{int(job.submitted_at * 1e9):020d}-{job.uuid}"
+        return f"{self.prefix}/queue/{core.queue_rank(job)}"
 
     # -- reads --------------------------------------------------------------
 
@@ -137,10 +149,11 @@ class Store:
         if not self._call(write):
             raise RuntimeError(f"job {job.uuid} already exists")
 
-    def update(self, old, new, revision):
+    def update(self, old, new, revision, prime=None):
         """Replace old with new if the record is still at revision; moves the
         queue key when the job enters or leaves the queue. False if someone
-        changed the record first."""
+        changed the record first. prime: a node name; then only while that
+        node holds the prime (a claim by a node whose lease expired fails)."""
         def write(c):
             key = self._job_key(new.uuid)
             ops = [c.transactions.put(key, _encode(new))]
@@ -148,9 +161,93 @@ class Store:
                 ops.append(c.transactions.delete(self._queue_key(old)))
             if new.state == core.QUEUED != old.state:
                 ops.append(c.transactions.put(self._queue_key(new), new.uuid))
-            ok, _ = c.transaction(compare=[c.transactions.mod(key) == revision], success=ops, failure=[])
+            compare = [c.transactions.mod(key) == revision]
+            if prime is not None:
+                compare.append(c.transactions.value(self._key("prime")) == prime)
+            ok, _ = c.transaction(compare=compare, success=ops, failure=[])
             return ok
         return self._call(write)
+
+    # -- the cluster: leases, registrations, the prime --------------------------
+
+    def _key(self, kind, name=""):
+        return f"{self.prefix}/{kind}/{name}" if kind != "prime" else f"{self.prefix}/prime"
+
+    def grant(self, ttl):
+        """A new lease of ttl seconds; its id."""
+        return self._call(lambda c: c.lease(ttl).id)
+
+    def renew(self, lease):
+        """Keep the lease alive; False if etcd says it has expired already."""
+        def keepalive(c):
+            return any(r.TTL > 0 for r in c.refresh_lease(lease))
+        return self._call(keepalive)
+
+    def revoke(self, lease):
+        self._call(lambda c: c.revoke_lease(lease))
+
+    def register(self, info, lease):
+        """Announce this node (info: a dict with at least "name") under lease,
+        as a member, and no longer failed: one transaction."""
+        name, value = info["name"], json.dumps(info, separators=(",", ":"))
+        def write(c):
+            c.transaction(compare=[], success=[
+                c.transactions.put(self._key("nodes", name), value, lease=lease),
+                c.transactions.put(self._key("members", name), value),
+                c.transactions.delete(self._key("failed_nodes", name))], failure=[])
+        self._call(write)
+
+    def update_registration(self, info, lease):
+        """Refresh the live registration (free slots, running jobs)."""
+        self._call(lambda c: c.put(self._key("nodes", info["name"]),
+                                   json.dumps(info, separators=(",", ":")), lease=lease))
+
+    def cluster(self):
+        """(live, members, failed, prime): {name: dict} three times and the
+        primed node's name (or None), read in one transaction."""
+        def read(c):
+            _, ranges = c.transaction(compare=[], success=[
+                c.transactions.get(self._key(kind), range_end=_end(self._key(kind)))
+                for kind in ("nodes", "members", "failed_nodes")] + [
+                c.transactions.get(self._key("prime"))], failure=[])
+            return ranges
+        ranges = self._call(read)
+        maps = [{m.key.decode().rsplit("/", 1)[1]: json.loads(v) for v, m in kvs}
+                for kvs in ranges[:3]]
+        prime = ranges[3][0][0].decode() if ranges[3] else None
+        return (*maps, prime)
+
+    def record_failed(self, name, at):
+        """Record a member as failed unless it is (alive, or recorded) meanwhile."""
+        def write(c):
+            ok, _ = c.transaction(
+                compare=[c.transactions.version(self._key("nodes", name)) == 0,
+                         c.transactions.version(self._key("failed_nodes", name)) == 0],
+                success=[c.transactions.put(self._key("failed_nodes", name),
+                                            json.dumps({"name": name, "at": at}))], failure=[])
+            return ok
+        return self._call(write)
+
+    def campaign(self, name, lease):
+        """Take the prime if nobody holds it; True if we hold it now."""
+        key = self._key("prime")
+        def write(c):
+            ok, ranges = c.transaction(
+                compare=[c.transactions.version(key) == 0],
+                success=[c.transactions.put(key, name, lease=lease)],
+                failure=[c.transactions.get(key)])
+            return ok or any(v.decode() == name for kvs in ranges for v, _ in kvs)
+        return self._call(write)
+
+    def resign(self, name):
+        """Give the prime up if we hold it."""
+        key = self._key("prime")
+        self._call(lambda c: c.transaction(compare=[c.transactions.value(key) == name],
+                                           success=[c.transactions.delete(key)], failure=[]))
+
+
+def _end(prefix):
+    return etcd3.utils.increment_last_byte(etcd3.utils.to_bytes(prefix))
 
 
 def _range(c, prefix, limit):

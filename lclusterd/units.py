@@ -178,6 +178,13 @@ class Units:
             if e.type not in GONE:
                 raise
 
+    async def kill(self, job_uuid):
+        """SIGKILL every process of the unit now (fencing: no grace period)."""
+        try:
+            await self._manager("KillUnit", "ssi", [core.unit_name(job_uuid), "all", 9])
+        except DBusError:
+            pass  # gone, or nothing left running in it: the stop that follows settles it
+
     async def release(self, job_uuid):
         """Unload a finished unit whose outcome is recorded: a stopped unit is
         garbage-collected, a failed one needs its failure reset first."""

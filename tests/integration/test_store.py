@@ -316,3 +316,85 @@ def test_four_writes_per_job(etcd, store):
     assert store.update(running, done, rev)
     assert etcd.revision() - before == 4
     assert store.get(job.uuid)[0] == done
+
+
+# --- the cluster: leases, registrations, the prime -----------------------------
+
+def test_registration_lives_with_its_lease(store):
+    lease = store.grant(2)
+    store.register({"name": "n1", "address": "http://n1:7800", "slots": 2}, lease)
+    live, members, failed, prime = store.cluster()
+    assert set(live) == set(members) == {"n1"} and failed == {} and prime is None
+    assert live["n1"]["address"] == "http://n1:7800"
+    assert store.renew(lease)
+    store.revoke(lease)  # as if it had expired
+    live, members, _, _ = store.cluster()
+    assert live == {} and set(members) == {"n1"}
+    assert not store.renew(lease)
+
+
+def test_failed_node_recorded_once_and_cleared_on_register(store):
+    lease = store.grant(5)
+    store.register({"name": "n1"}, lease)
+    assert not store.record_failed("n1", 1.0)  # alive: not failed
+    store.revoke(lease)
+    assert store.record_failed("n1", 2.0)
+    assert not store.record_failed("n1", 3.0)  # recorded already: the first time stays
+    assert store.cluster()[2] == {"n1": {"name": "n1", "at": 2.0}}
+    store.register({"name": "n1"}, store.grant(5))
+    assert store.cluster()[2] == {}
+
+
+def test_one_prime_at_a_time_and_it_dies_with_its_lease(store):
+    a, b = store.grant(5), store.grant(5)
+    assert store.campaign("a", a)
+    assert store.campaign("a", a)  # still ours
+    assert not store.campaign("b", b)
+    assert store.cluster()[3] == "a"
+    store.resign("b")  # not b's to give up
+    assert store.cluster()[3] == "a"
+    store.resign("a")
+    assert store.campaign("b", b)
+    store.revoke(b)
+    assert store.cluster()[3] is None
+    assert store.campaign("a", a)
+
+
+def test_lost_job_requeued_in_one_transaction(store):
+    job = make_job()
+    store.submit(job)
+    (queued, rev), = store.queued(10)
+    running = core.transition(core.transition(queued, core.STARTING, now=1.0, node="n1"),
+                              core.RUNNING, started_at=1.0)
+    assert store.update(queued, running, rev)
+    found, rev = store.get(job.uuid)
+    assert queued_uuids(store) == []
+    lost = core.lose(found, "n1", 2.0)
+    assert store.update(found, lost, rev)
+    assert queued_uuids(store) == [job.uuid]
+    assert store.get(job.uuid)[0].attempts == ({"node": "n1", "started_at": 1.0, "ended_at": 2.0,
+                                                "outcome": "lost"},)
+
+
+def test_claim_only_while_holding_the_prime(store):
+    job = make_job()
+    store.submit(job)
+    (queued, rev), = store.queued(10)
+    claimed = core.transition(queued, core.STARTING, now=1.0, node="n1")
+    assert not store.update(queued, claimed, rev, prime="n1")  # nobody holds it
+    lease = store.grant(5)
+    assert store.campaign("n1", lease)
+    assert not store.update(queued, claimed, rev, prime="n2")
+    assert store.update(queued, claimed, rev, prime="n1")
+    assert queued_uuids(store) == []
+
+
+def test_queue_head_is_highest_priority_then_oldest(store):
+    old = make_job(submitted_at=1.0)
+    new_urgent = core.new_job("echo urgent", 1000, 1000, "alice", now=3.0, priority=10)
+    middle = make_job(submitted_at=2.0)
+    low = core.new_job("echo later", 1000, 1000, "alice", now=0.5, priority=-1)
+    for j in (old, new_urgent, middle, low):
+        store.submit(j)
+    assert queued_uuids(store) == [new_urgent.uuid, old.uuid, middle.uuid, low.uuid]
+    assert queued_uuids(store, limit=2) == [new_urgent.uuid, old.uuid]

@@ -213,7 +213,7 @@ print(r.status, r.read().decode())
 
 def test_http_api_refuses_malformed_requests_with_400_and_a_json_error(box):
     before = box.job_count()
-    for body in ('{"command": "true"', '{"command": "true", "priority": 1}', '["true"]',
+    for body in ('{"command": "true"', '{"command": "true", "colour": 1}', '["true"]',
                  '{"command": "echo a\\u0000b"}', '{}'):
         out = box.sh(f"python3 -c '{API}'", input=body, user="alice").stdout
         status, answer = out.split(" ", 1)

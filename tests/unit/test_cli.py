@@ -183,7 +183,7 @@ def test_checkjob_human(fake):
     keys = [line.split(":")[0] for line in lines]
     assert keys == ["uuid", "state", "command", "user", "node", "unit", "submitted", "started",
                     "ended", "duration", "exit status", "result", "reason", "submitter",
-                    "limits", "network", "workdir", "env"]
+                    "limits", "network", "workdir", "env", "attempts"]
     # aligned: every value starts in the same column
     assert len({len(re.match(r"^[a-z ]+: +", line).group()) for line in lines}) == 1
     values = {k: line.split(":", 1)[1].strip() for k, line in zip(keys, lines)}
