@@ -22,7 +22,8 @@ from tests.system.conftest import Box, deb_dir, rootfs  # noqa: F401  (fixtures)
 NODES = 3
 SUBNET = "10.77.0"  # only inside the test's own namespaces
 # Seconds; shorter than the default 10 to keep the tests quick (set 10 to measure the default).
-LEASE_TTL = int(os.environ.get("LCLUSTER_TEST_LEASE_TTL", "6"))
+# Not much shorter: a node seen failed may take TTL + an etcd election + poll_interval.
+LEASE_TTL = int(os.environ.get("LCLUSTER_TEST_LEASE_TTL", "8"))
 SLOTS = 2
 PORT = 7800
 TOKEN = "test-token-" + os.urandom(12).hex()
