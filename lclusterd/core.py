@@ -196,17 +196,18 @@ def prime_action(holds: bool, free: int) -> str:
 def node_rows(members, live, failed, prime):
     """The table of `lclusterc nodes`: members {name: registration}, live
     {name: registration} (with a lease), failed {name: failure record},
-    prime: the primed node's name or None."""
+    prime: the primed node's name or None. A member without a lease is
+    failed (failed_at: when that was recorded, None until it is)."""
     rows = []
     for name in sorted(set(members) | set(live)):
-        info = live.get(name) or members[name]
-        if name in live:
-            state = PRIMED if name == prime else READY
-        else:
-            state = FAILED_NODE
-        rows.append({"name": name, "address": info.get("address"), "state": state,
-                     "slots": info.get("slots"), "running": info.get("running", 0) if name in live else 0,
-                     "failed_at": (failed.get(name) or {}).get("at") if state == FAILED_NODE else None})
+        alive = name in live
+        info = live[name] if alive else members[name]
+        rows.append({"name": name, "address": info.get("address"),
+                     "state": (PRIMED if name == prime else READY) if alive else FAILED_NODE,
+                     "slots": info.get("slots"),
+                     "running": info.get("running", 0) if alive else 0,
+                     "free": info.get("free") if alive else 0,
+                     "failed_at": None if alive else (failed.get(name) or {}).get("at")})
     return rows
 
 

@@ -81,11 +81,12 @@ def test_prime_policy(holds, free, action):
 
 def test_node_rows():
     members = {n: {"name": n, "address": f"http://{n}:7800", "slots": 2} for n in ("a", "b", "c")}
-    live = {"a": {**members["a"], "running": 2}, "b": {**members["b"], "running": 0}}
+    live = {"a": {**members["a"], "running": 2, "free": 0}, "b": {**members["b"], "running": 0, "free": 2}}
     rows = core.node_rows(members, live, {"c": {"name": "c", "at": 50.0}}, "b")
     assert [(r["name"], r["state"], r["running"], r["failed_at"]) for r in rows] == [
         ("a", "ready", 2, None), ("b", "primed", 0, None), ("c", "failed", 0, 50.0)]
     assert rows[0]["address"] == "http://a:7800" and rows[0]["slots"] == 2
+    assert [r["free"] for r in rows] == [0, 2, 0]
 
 
 def test_reconcile_fences_units_whose_job_went_to_another_node():
