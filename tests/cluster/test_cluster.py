@@ -124,17 +124,19 @@ def test_30_jobs_all_succeed_exactly_once_over_several_nodes(cluster):
 
 def test_a_freed_slot_goes_to_the_highest_priority_first(cluster):
     a = cluster[0]
-    # Every slot of the cluster taken; one frees after ~3 s, the next after ~8 s.
-    blockers = [addjob(a, f"sleep {3 if i == 0 else 8}") for i in range(len(cluster) * SLOTS)]
-    wait_running(a, blockers)
-    low = addjob(a, "true")
-    high = addjob(cluster[1], "true", "--priority 50")  # later, at another node, but first
-    done = [a.wait_state(u, timeout=60) for u in (low, high)]
-    assert [j["state"] for j in done] == ["succeeded", "succeeded"]
-    assert done[1]["priority"] == 50 and done[0]["priority"] == 0
-    assert done[1]["attempts"][0]["started_at"] < done[0]["attempts"][0]["started_at"]
-    for u in blockers:
-        a.wait_state(u, timeout=60)
+    blockers = [addjob(a, "sleep 600") for _ in range(len(cluster) * SLOTS)]
+    try:
+        wait_running(a, blockers)  # every slot of the cluster taken
+        low = addjob(a, "sleep 1")
+        high = addjob(cluster[1], "sleep 5", "--priority 50")  # later, at another node
+        assert [a.job(u)["state"] for u in (low, high)] == ["queued", "queued"]
+        a.lc(f"removejob {blockers[0]}")  # one slot frees: the high one takes it
+        assert a.wait_state(high, ("running",), timeout=60)["priority"] == 50
+        assert a.job(low)["state"] == "queued"
+        for u in (high, low):  # then the low one, in the slot the high one leaves
+            assert a.wait_state(u, timeout=60)["state"] == "succeeded"
+    finally:
+        remove_all(a, blockers)
 
 
 def test_removejob_at_one_node_stops_the_job_on_another(cluster):
