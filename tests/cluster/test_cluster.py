@@ -174,39 +174,42 @@ def test_node_cut_off_stops_its_jobs_and_no_job_runs_twice(cluster):
     cut = next(n for n in cluster if n.name == jobs[0]["node"])
     mine = [j["uuid"] for j in jobs if j["node"] == cut.name]
     other = next(n for n in cluster if n is not cut)
-    t_cut = time.time()
-    ip("link", "set", cut.veth, "down")
     try:
-        wait_for(f"{cut.name} to stop its jobs", lambda: not any(
-            u in unit for u in mine for unit in cut.units()), 3 * LEASE_TTL, interval=0.2)
-        moved = wait_running(other, mine, timeout=6 * LEASE_TTL, not_on=cut.name)
-        elsewhere = time.time() - t_cut
-        rows = other.nodes()
-        assert rows[cut.name]["state"] == "failed" and rows[cut.name]["failed_at"]
+        t_cut = time.time()
+        ip("link", "set", cut.veth, "down")
+        try:
+            wait_for(f"{cut.name} to stop its jobs", lambda: not any(
+                u in unit for u in mine for unit in cut.units()), 3 * LEASE_TTL, interval=0.2)
+            moved = wait_running(other, mine, timeout=6 * LEASE_TTL, not_on=cut.name)
+            elsewhere = time.time() - t_cut
+            rows = other.nodes()
+            assert rows[cut.name]["state"] == "failed" and rows[cut.name]["failed_at"]
+        finally:
+            ip("link", "set", cut.veth, "up")
+        for job in moved:
+            assert [a["node"] for a in job["attempts"]][0] == cut.name
+            assert job["attempts"][0]["outcome"] == "lost" and len(job["attempts"]) == 2
+        # From inside the jobs: the last tick on the cut node precedes the first elsewhere.
+        time.sleep(1)
+        before = ticks(cut, mine)
+        # When they stopped, from inside the jobs (a tick every 0.2 s): within the TTL.
+        stopped = max(max(before[u]) for u in mine) - t_cut
+        note(f"cut-off node (lease TTL {LEASE_TTL} s): its jobs' last output {stopped:.1f} s after "
+             f"the link went down; running elsewhere after {elsewhere:.1f} s")
+        assert stopped <= LEASE_TTL
+        for job in moved:
+            after = ticks(next(n for n in cluster if n.name == job["node"]), mine)
+            assert before[job["uuid"]] and after[job["uuid"]]
+            gap = min(after[job["uuid"]]) - max(before[job["uuid"]])
+            assert gap > 0, f"job {job['uuid']} ran on {cut.name} and {job['node']} at once"
+            note(f"job {job['uuid'][:8]}: last tick on {cut.name}, first on {job['node']}: "
+                 f"{gap:.1f} s apart")
+        # Healed, the node registers afresh and runs none of its old jobs.
+        wait_for(f"{cut.name} back", lambda: other.nodes()[cut.name]["state"] in ("ready", "primed"),
+                 60)
+        assert not [u for u in mine for unit in cut.units() if u in unit]
     finally:
-        ip("link", "set", cut.veth, "up")
-    for job in moved:
-        assert [a["node"] for a in job["attempts"]][0] == cut.name
-        assert job["attempts"][0]["outcome"] == "lost" and len(job["attempts"]) == 2
-    # From inside the jobs: the last tick on the cut node precedes the first elsewhere.
-    time.sleep(1)
-    before = ticks(cut, mine)
-    # When they stopped, from inside the jobs (a tick every 0.2 s): within the TTL.
-    stopped = max(max(before[u]) for u in mine) - t_cut
-    note(f"cut-off node (lease TTL {LEASE_TTL} s): its jobs' last output {stopped:.1f} s after "
-         f"the link went down; running elsewhere after {elsewhere:.1f} s")
-    assert stopped <= LEASE_TTL
-    for job in moved:
-        after = ticks(next(n for n in cluster if n.name == job["node"]), mine)
-        assert before[job["uuid"]] and after[job["uuid"]]
-        gap = min(after[job["uuid"]]) - max(before[job["uuid"]])
-        assert gap > 0, f"job {job['uuid']} ran on {cut.name} and {job['node']} at once"
-        note(f"job {job['uuid'][:8]}: last tick on {cut.name}, first on {job['node']}: {gap:.1f} s apart")
-    # Healed, the node registers afresh and runs none of its old jobs.
-    wait_for(f"{cut.name} back", lambda: other.nodes()[cut.name]["state"] in ("ready", "primed"),
-             60)
-    assert not [u for u in mine for unit in cut.units() if u in unit]
-    remove_all(other, uuids)
+        remove_all(other, uuids)
 
 
 def test_power_off_requeues_its_jobs_on_the_other_nodes(cluster):
