@@ -80,7 +80,7 @@ def test_tcp_needs_the_token(cluster):
     assert a.sh(f"python3 /tmp/probe.py {url} 'Authorization: Bearer {TOKEN}'").stdout.strip() == "200"
     # lclusterc without a readable token: 401 is exit 4 with one line.
     r = a.lc(f"--server {b.url} --token-file /dev/null list", check=False)
-    assert r.returncode == 4 and "401" not in r.stderr and "token" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 4 and "token" in r.stderr and len(r.stderr.splitlines()) == 1
     # With the token (root's file), remotely: a job queued at b, answered by a's socket too.
     uuid = a.lc(f"--server {b.url} addjob true").stdout.split()[0]
     assert b.wait_state(uuid)["state"] == "succeeded"
