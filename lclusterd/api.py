@@ -7,6 +7,7 @@ since the token file is readable by root only.
 Errors are answered as {"error": "one line"} with the status of the table below.
 """
 
+import contextlib
 import hmac
 import json
 import pwd
@@ -16,7 +17,7 @@ import struct
 from aiohttp import web
 
 from lclusterd import __version__, core
-from lclusterd.node import Caller, Conflict, PermissionDenied
+from lclusterd.node import Caller, Conflict, Elsewhere, PermissionDenied
 from lclusterd.store import Unavailable as StoreUnavailable
 
 # Which failure becomes which answer.
@@ -27,6 +28,7 @@ STATUS_OF = (
     (LookupError, 404),  # no such job
     (Conflict, 409),  # a record kept changing under us: retry
     (StoreUnavailable, 503),  # etcd is down: nothing was written
+    (Elsewhere, 502),  # the job's output is on a node we cannot reach
 )
 
 # command, and what the job asks for (core.job_spec, core.run_as).
@@ -45,6 +47,7 @@ def make_app(node, token=None):
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{ref}", check)
+    app.router.add_get("/v1/jobs/{ref}/logs", logs)
     app.router.add_get("/v1/jobs/{ref}/unit-properties", unit_properties)
     app.router.add_delete("/v1/jobs/{ref}", remove)
     app.router.add_get("/v1/health", health)
@@ -139,16 +142,47 @@ async def remove(request):
     return web.json_response({"job": job.to_dict()})
 
 
-async def list_jobs(request):
+def _number(request, name, kind=float, default=None):
+    raw = request.query.get(name)
+    if raw is None:
+        return default
     try:
-        limit = int(request.query.get("limit", "50"))
+        return kind(raw)
     except ValueError:
-        raise core.InvalidInput("limit must be a number")
+        raise core.InvalidInput(f"{name} must be a number") from None
+
+
+async def list_jobs(request):
+    limit = _number(request, "limit", int, 50)
     state = request.query.get("state")
     if state is not None and state not in core.STATES:
         raise core.InvalidInput(f"unknown state '{state}' (one of {', '.join(core.STATES)})")
-    jobs = await request.app["node"].list(limit=max(0, limit), state=state)
+    jobs = await request.app["node"].list(
+        limit=max(0, limit), state=state, node=request.query.get("node"),
+        user=request.query.get("user"), since=_number(request, "since"),
+        until=_number(request, "until"))
     return web.json_response({"jobs": [job.to_dict() for job in jobs]})
+
+
+async def logs(request):
+    """The job's output as text/plain, streamed chunk by chunk: each chunk is
+    written (and drained to the client) before the next is read."""
+    tail = _number(request, "tail", int)
+    if tail is not None and tail < 0:
+        raise core.InvalidInput("tail must be 0 or more")
+    follow = request.query.get("follow", "0") not in ("0", "false", "")
+    node = request.app["node"]
+    job = await node.find(request.match_info["ref"])
+    chunks = node.output(job, caller_of(request), follow, tail, _number(request, "since"))
+    async with contextlib.aclosing(chunks):
+        first = await anext(chunks, b"")  # errors (403, 502) before the answer starts
+        answer = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await answer.prepare(request)
+        await answer.write(first)
+        async for chunk in chunks:
+            await answer.write(chunk)
+    await answer.write_eof()
+    return answer
 
 
 async def health(request):

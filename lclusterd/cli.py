@@ -42,9 +42,10 @@ EXIT_FOR_CAUSE = {
 
 STATES = core.STATES
 TERMINAL = core.TERMINAL
-POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait
+POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait and wait
 MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
-NODE_COLUMN = 16  # longer node names are cut in list
+NODE_COLUMN = 16  # longer node and user names are cut in list
+CHECKJOB_LINES = 5  # lines of output checkjob shows
 
 # The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
 OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
@@ -52,7 +53,7 @@ GLOBAL_OPTIONS_WITH_VALUE = ("--socket", "--server", "--token-file")
 
 EPILOG = ("\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_TABLE)
           + "\n\n\b\nThe old spellings --addjob=CMD, --checkjob=UUID and --removejob=UUID"
-          "\nstill work. A job's output: journalctl -u lcluster-job@UUID")
+          "\nstill work.")
 
 
 class Failure(click.ClickException):
@@ -135,8 +136,10 @@ def _duration(job):
     return _span(time.time() - started) + " so far"
 
 
-def _describe(job):
-    """checkjob's human output: aligned `key: value` lines."""
+def _describe(job, output=None):
+    """checkjob's human output: aligned `key: value` lines, then the last
+    lines of output if given."""
+    warned = job.get("warned_at")
     rows = (
         ("uuid", job.get("uuid")),
         ("state", job.get("state")),
@@ -157,9 +160,26 @@ def _describe(job):
         ("workdir", job.get("workdir")),
         ("env", " ".join(shlex.quote(e) for e in job.get("env") or ()) or None),
         ("attempts", _attempts(job.get("attempts"))),
-    )
+    ) + ((("warned", f"{_local_time(warned)}: {_text(job.get('warning'))}"),) if warned else ())
     width = max(len(key) for key, _ in rows) + 1
-    return "\n".join(f"{key + ':':<{width}} {_text(value)}" for key, value in rows)
+    lines = [f"{key + ':':<{width}} {_text(value)}" for key, value in rows]
+    if output:
+        lines.append(f"{'output:':<{width}} last {len(output)} line(s); all of it: "
+                     f"lclusterc logs {_text(job.get('uuid'))}")
+        lines += ["  " + _text(line) for line in output]
+    return "\n".join(lines)
+
+
+# list's columns before COMMAND, and the order in which a narrow terminal drops
+# them (0: never): COMMAND gets the room that is left, at least its header's.
+COLUMNS = (
+    ("UUID", 0, lambda j: _text(j.get("uuid"))[:8]),
+    ("STATE", 0, lambda j: _text(j.get("state"))),
+    ("EXIT", 4, lambda j: _text(j.get("exit_status"))),
+    ("USER", 3, lambda j: _text(j.get("user"))[:NODE_COLUMN]),
+    ("NODE", 2, lambda j: _text(j.get("node"))[:NODE_COLUMN]),
+    ("SUBMITTED", 1, lambda j: _text(_local_time(j.get("submitted_at"), "%Y-%m-%d %H:%M"))),
+)
 
 
 def _limits(job):
@@ -201,18 +221,23 @@ def _nodes_table(nodes):
 
 
 def _table(jobs, width):
-    """list's human output; COMMAND gets what the terminal has left."""
-    rows = [("UUID", "STATE", "EXIT", "SUBMITTED", "NODE", "COMMAND")]
-    for job in jobs:
-        rows.append((_text(job.get("uuid"))[:8], _text(job.get("state")), _text(job.get("exit_status")),
-                     _text(_local_time(job.get("submitted_at"), "%Y-%m-%d %H:%M")),
-                     _text(job.get("node"))[:NODE_COLUMN], _text(job.get("command"))))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    room = max(width - sum(widths) - 2 * 5, MIN_COMMAND_COLUMN)
+    """list's human output, at most width characters a line."""
+    columns = [(name, [name] + [cell(job) for job in jobs], drop) for name, drop, cell in COLUMNS]
+    commands = ["COMMAND"] + [_text(job.get("command")) for job in jobs]
+
+    def used(cols):
+        return sum(max(map(len, cells)) + 2 for _, cells, _ in cols)
+    for rank in (1, 2, 3, 4):  # drop columns until COMMAND has room
+        if width - used(columns) >= MIN_COMMAND_COLUMN:
+            break
+        columns = [c for c in columns if c[2] != rank]
+    widths = [max(map(len, cells)) for _, cells, _ in columns]
+    room = max(width - used(columns), MIN_COMMAND_COLUMN)
     lines = []
-    for row in rows:
-        command = row[5] if len(row[5]) <= room else row[5][:room - 1] + "…"
-        lines.append("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + command)
+    for i, command in enumerate(commands):
+        command = command if len(command) <= room else command[:room - 1] + "…"
+        lines.append("".join(f"{cells[i]:<{w}}  " for (_, cells, _), w in zip(columns, widths))
+                     + command)
     return "\n".join(lines)
 
 
@@ -338,8 +363,15 @@ def checkjob(client, ref, as_json, properties):
     job = client.get_job(_checked(core.validate_ref, ref))
     if as_json:
         _echo_json(job)
-    else:
-        click.echo(_describe(job))
+        return
+    output = None
+    if job.get("node"):
+        try:
+            tail = b"".join(client.logs(job["uuid"], tail=CHECKJOB_LINES))
+            output = tail.decode("utf-8", "replace").splitlines()
+        except ClientError:
+            pass  # not the caller's job, or its node is away: the record alone
+    click.echo(_describe(job, output))
 
 
 @lclusterc.command()
@@ -353,21 +385,95 @@ def removejob(client, ref, as_json):
         _echo_json(job)
     else:
         click.echo(f"{_text(job['state'])} {job['uuid']}")
+    if job["state"] == "warned":
+        raise Failure(f"job {job['uuid']} did not stop: {_text(job.get('warning'))}; it is "
+                      "watched and leaves 'warned' once its processes are gone", EXIT_FAILED)
+
+
+def _when(text):
+    return None if text is None else _checked(lambda t: core.parse_when(t, time.time()), text)
 
 
 @lclusterc.command("list")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Show at most N jobs, newest first.", metavar="N")
+              help="Show at most N jobs.", metavar="N")
 @click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--node", metavar="NAME", help="Only jobs of this node.")
+@click.option("--user", metavar="NAME", help="Only jobs of this user.")
+@click.option("--since", metavar="WHEN", help="Only jobs submitted since WHEN: an age "
+              "(30m, 6h, 2d) or a date ('2026-11-28', '2026-11-28 14:00').")
+@click.option("--until", metavar="WHEN", help="Only jobs submitted until WHEN (as --since).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job records.")
 @click.pass_obj
-def list_jobs(client, limit, state, as_json):
-    """List jobs, newest submission first."""
-    jobs = client.list_jobs(limit=limit, state=state)
+def list_jobs(client, limit, state, node, user, since, until, as_json):
+    """List jobs: live ones first (warned, running, starting, queued; newest
+    first), then finished ones, latest ended first. Finished jobs are kept
+    for the cluster's retention period (7 days by default)."""
+    jobs = client.list_jobs(limit=limit, state=state, node=node, user=user,
+                            since=_when(since), until=_when(until))
     if as_json:
         _echo_json(jobs)
     else:
         click.echo(_table(jobs, shutil.get_terminal_size().columns))
+
+
+@lclusterc.command()
+@click.argument("ref")
+@click.option("-f", "--follow", is_flag=True,
+              help="Go on while the job runs; exit with its status (as addjob --wait).")
+@click.option("--tail", type=click.IntRange(min=0), metavar="N", help="Only the last N lines.")
+@click.option("--since", metavar="WHEN", help="Only lines since WHEN: an age (30m, 6h, 2d) "
+              "or a date ('2026-11-28 14:00').")
+@click.pass_obj
+def logs(client, ref, follow, tail, since):
+    """Print a job's output (its stdout and stderr, from the journal of the
+    node that ran it). Only its submitter or root may read it."""
+    ref = _checked(core.validate_ref, ref)
+    out = click.get_binary_stream("stdout")
+    try:
+        for chunk in client.logs(ref, follow=follow, tail=tail, since=_when(since)):
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        raise Failure("stopped following; the job goes on", EXIT_INTERRUPTED) from None
+    if follow:
+        job = client.get_job(ref)
+        if job["state"] not in TERMINAL:
+            raise Failure(f"the output of job {job['uuid']} ended while it is {job['state']}",
+                          EXIT_FAILED)
+        if job["state"] != "succeeded":
+            click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}",
+                       err=True)
+        click.get_current_context().exit(_wait_exit_code(job))
+
+
+@lclusterc.command()
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@click.pass_obj
+def wait(client, refs):
+    """Wait until the jobs have ended; print each one's state. Exit 0 only if
+    all of them succeeded, else 1."""
+    wanted = list(dict.fromkeys(_checked(core.validate_ref, ref) for ref in refs))
+    pending, ended = list(wanted), {}
+    try:
+        while pending:
+            for ref in list(pending):
+                job = client.get_job(ref)
+                if job["state"] in TERMINAL:
+                    ended[ref] = job
+                    pending.remove(ref)
+            if pending:
+                time.sleep(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        raise Failure("stopped waiting; the jobs go on", EXIT_INTERRUPTED) from None
+    for ref in wanted:  # in the order given
+        job = ended[ref]
+        click.echo(f"{_text(job['state'])} {job['uuid']}")
+        if job["state"] != "succeeded":
+            click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}",
+                       err=True)
+    failed = any(job["state"] != "succeeded" for job in ended.values())
+    click.get_current_context().exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 @lclusterc.command()

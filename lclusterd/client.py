@@ -5,6 +5,7 @@ failure becomes one ClientError with a one-line message for people; what it
 means as an exit status is the CLI's business (cli.py's table).
 """
 
+import contextlib
 import http.client
 import json
 import socket
@@ -16,6 +17,8 @@ TIMEOUT = 30.0  # seconds per request: the daemon answers at once or not at all
 # DELETE of a running job waits for it to stop (the daemon's stop_timeout,
 # then SIGKILL), so it gets longer.
 REMOVE_TIMEOUT = 120.0
+FOLLOW_TIMEOUT = 24 * 3600.0  # logs -f: a silent job is no failure
+CHUNK = 64 * 1024  # bytes of output read (and written) at a time
 
 # Causes of a ClientError that are not HTTP statuses (those are ints).
 UNREACHABLE = "unreachable"  # no socket, nobody listening, connection lost, timeout
@@ -89,19 +92,11 @@ class Client:
             f"lclusterd is not reachable at {self.socket_path} ({why}); start it with "
             "'sudo systemctl start lclusterd.socket' (or lclusterd.service)", UNREACHABLE)
 
-    def _request(self, method, path, body=None, timeout=None):
-        headers = {"Accept": "application/json"}
-        if self.server and self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        conn = self._connection(timeout or self.timeout)
+    @contextlib.contextmanager
+    def _transport(self, timeout):
+        """Transport failures as ClientErrors."""
         try:
-            conn.request(method, path, body=data, headers=headers)
-            answer = conn.getresponse()
-            raw = answer.read()
+            yield
         except FileNotFoundError:
             raise self._unreachable("no such socket") from None
         except ConnectionRefusedError:
@@ -110,22 +105,55 @@ class Client:
             raise ClientError(f"permission denied on the socket {self.socket_path}", DENIED) from None
         except TimeoutError:
             raise ClientError(f"lclusterd at {self.where} did not answer within "
-                              f"{timeout or self.timeout:g} s", UNREACHABLE) from None
+                              f"{timeout:g} s", UNREACHABLE) from None
         except (OSError, http.client.HTTPException) as e:
             raise ClientError(f"lost the connection to lclusterd at {self.where}: "
                               f"{e or type(e).__name__}", UNREACHABLE) from None
-        finally:
-            conn.close()
 
+    def _send(self, method, path, body=None, timeout=None):
+        """(connection, answer) with the answer's headers read; the caller closes."""
+        headers = {"Accept": "application/json"}
+        if self.server and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        timeout = timeout or self.timeout
+        conn = self._connection(timeout)
+        try:
+            with self._transport(timeout):
+                conn.request(method, path, body=data, headers=headers)
+                answer = conn.getresponse()
+                if answer.status >= 400:
+                    self._refusal(answer, answer.read())
+        except BaseException:
+            conn.close()
+            raise
+        return conn, answer
+
+    @staticmethod
+    def _refusal(answer, raw):
         try:
             payload = json.loads(raw)
         except ValueError:  # also UnicodeDecodeError
             payload = None
-        if answer.status >= 400:
-            error = payload.get("error") if isinstance(payload, dict) else None
-            if not isinstance(error, str) or not error.strip():
-                error = f"lclusterd answered HTTP {answer.status} {answer.reason}"
-            raise ClientError(" ".join(error.split()), answer.status)  # one line, always
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(error, str) or not error.strip():
+            error = f"lclusterd answered HTTP {answer.status} {answer.reason}"
+        raise ClientError(" ".join(error.split()), answer.status)  # one line, always
+
+    def _request(self, method, path, body=None, timeout=None):
+        conn, answer = self._send(method, path, body, timeout)
+        try:
+            with self._transport(timeout or self.timeout):
+                raw = answer.read()
+        finally:
+            conn.close()
+        try:
+            payload = json.loads(raw)
+        except ValueError:  # also UnicodeDecodeError
+            payload = None
         if not isinstance(payload, dict):
             raise ClientError(f"malformed answer from lclusterd (HTTP {answer.status}): "
                               "not a JSON object", BAD_ANSWER)
@@ -169,10 +197,32 @@ class Client:
         answer = self._request("DELETE", self._job_path(ref), timeout=max(self.timeout, REMOVE_TIMEOUT))
         return self._job(answer)
 
-    def list_jobs(self, limit=None, state=None):
-        query = {k: v for k, v in (("limit", limit), ("state", state)) if v is not None}
-        path = "/v1/jobs" + ("?" + urllib.parse.urlencode(query) if query else "")
+    @staticmethod
+    def _query(path, **params):
+        query = {k: v for k, v in params.items() if v is not None}
+        return path + ("?" + urllib.parse.urlencode(query) if query else "")
+
+    def list_jobs(self, limit=None, state=None, node=None, user=None, since=None, until=None):
+        path = self._query("/v1/jobs", limit=limit, state=state, node=node, user=user,
+                           since=since, until=until)
         return self._field(self._request("GET", path), "jobs", list)
+
+    def logs(self, ref, follow=False, tail=None, since=None):
+        """The job's output, as bytes chunks as they come. Following has no
+        timeout: the job may be silent for as long as it likes."""
+        path = self._query(self._job_path(ref) + "/logs", follow=1 if follow else None,
+                           tail=tail, since=since)
+        timeout = FOLLOW_TIMEOUT if follow else self.timeout
+        conn, answer = self._send("GET", path, timeout=timeout)
+        try:
+            with self._transport(timeout):
+                while True:
+                    chunk = answer.read1(CHUNK)
+                    if not chunk:
+                        return
+                    yield chunk
+        finally:
+            conn.close()
 
     def health(self):
         return self._request("GET", "/v1/health")

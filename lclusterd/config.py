@@ -47,6 +47,8 @@ class Config:
     etcd_ca: Optional[str] = None  # TLS to etcd: CA certificate file ...
     etcd_cert: Optional[str] = None  # ... and our client certificate and key files
     etcd_key: Optional[str] = None
+    retention: float = 7 * 86400.0  # seconds a finished job's record is kept ("7d" in the file)
+    max_finished_jobs: int = 10000  # and at most this many finished records, the latest
 
 
 def load(path: Optional[str] = None, **overrides) -> Config:
@@ -108,6 +110,13 @@ def _parse(key, raw):
         return endpoints
     if key == "slots":
         return int(raw) if raw else (os.cpu_count() or 1)
+    if key == "retention":
+        return core.parse_duration(raw)  # InvalidInput is a ValueError
+    if key == "max_finished_jobs":
+        value = int(raw)
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
     if key in ("stop_timeout", "poll_interval"):
         value = float(raw)
         if value <= 0:

@@ -6,6 +6,7 @@ That keeps every rule testable without I/O.
 """
 
 import dataclasses
+import datetime
 import re
 import uuid as uuidlib
 from typing import Optional
@@ -36,9 +37,10 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+WARNED = "warned"  # being stopped, but its processes outlived the kill timeout
 LOST = "lost"  # its node died or was cut off; passed through at once to queued or failed
 
-STATES = (QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST)
+STATES = (QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED, WARNED, LOST)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # Every allowed change of state, and why it happens. Anything else is refused.
@@ -57,6 +59,14 @@ TRANSITIONS = {
     (RUNNING, LOST): "its node's lease expired (node failed or cut off), or the node found its unit gone",
     (LOST, QUEUED): "attempts left: requeued for another node",
     (LOST, FAILED): "no attempts left: failed for good (reason node-lost)",
+    # A warned job keeps its node's slot; it leaves warned only when its last
+    # process is gone, for the state it was going to (warned_from says which).
+    (RUNNING, WARNED): "its unit was being stopped (timeout, fence) and still has processes "
+                       "after the kill timeout",
+    (CANCELLED, WARNED): "removejob's kill timeout passed and it still has processes",
+    (WARNED, CANCELLED): "a removed job's processes finally ended",
+    (WARNED, FAILED): "a stopped job's processes finally ended",
+    (WARNED, SUCCEEDED): "its main process had exited 0; the rest finally ended",
 }
 
 MIN_PRIORITY, MAX_PRIORITY = -100, 100  # addjob --priority: higher runs first
@@ -97,6 +107,9 @@ class Job:
     # One entry per claim by a node: {"node", "started_at", "ended_at", "outcome"};
     # transition() opens and closes them.
     attempts: tuple = ()
+    warned_at: Optional[float] = None  # when it became warned (kept once cleared)
+    warning: Optional[str] = None  # why it was warned
+    warned_from: Optional[str] = None  # the state it had then: what clearing returns to
 
     @property
     def unit(self) -> str:
@@ -135,7 +148,7 @@ def transition(job: Job, state: str, now: Optional[float] = None, **changes) -> 
     if state == STARTING:
         attempts.append({"node": changes.get("node"), "started_at": now,
                          "ended_at": None, "outcome": None})
-    elif job.state in (STARTING, RUNNING) and state != RUNNING and attempts:
+    elif job.state in (STARTING, RUNNING, WARNED) and state not in (RUNNING, WARNED) and attempts:
         end = changes.get("ended_at") or now
         attempts[-1] = {**attempts[-1], "ended_at": end, "outcome": state}
     elif state == RUNNING and attempts and changes.get("started_at"):
@@ -267,9 +280,9 @@ class AmbiguousRef(LookupError):
 # --- what a job asks for: limits, environment, working directory, network, user
 
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.I)
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
 MIN_MEMORY = 1024 ** 2  # less and not even /bin/sh starts
 MAX_MEMORY = 1024 ** 5  # 1P: beyond any machine, and well inside systemd's uint64
 MAX_DURATION = 366 * 86400 * 100  # a century, in seconds
@@ -288,7 +301,7 @@ def parse_size(value) -> int:
 
 
 def parse_duration(value) -> float:
-    """Seconds from 90, '90s', '10m', '2h', '1d'."""
+    """Seconds from 90, '90s', '10m', '2h', '1d', '1w'."""
     match = _DURATION.match(str(value).strip()) if not isinstance(value, bool) else None
     seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)] if match else 0
     if not 0 < seconds <= MAX_DURATION:
@@ -465,6 +478,58 @@ def validate_attempts(value) -> int:
     return value
 
 
+# --- history -----------------------------------------------------------------
+
+LIVE_ORDER = (WARNED, RUNNING, STARTING, QUEUED)  # how `list` shows live jobs, first
+
+
+def select(jobs, state=None, node=None, user=None, since=None, until=None, limit=None):
+    """The jobs a listing shows: those matching every filter given (user: who
+    queued it or whom it runs as; since and until bound the submission
+    time), live ones first (in LIVE_ORDER, newest
+    first), then finished ones, latest ended first; at most limit."""
+    def wanted(job):
+        return ((state is None or job.state == state) and (node is None or job.node == node)
+                and (user is None or user in (job.submitter, job.user))
+                and (since is None or job.submitted_at >= since)
+                and (until is None or job.submitted_at <= until))
+
+    def order(job):
+        if job.terminal:
+            return (len(LIVE_ORDER), -(job.ended_at or job.submitted_at))
+        return (LIVE_ORDER.index(job.state), -job.submitted_at)
+    chosen = sorted((j for j in jobs if wanted(j)), key=order)
+    return chosen if limit is None else chosen[:limit]
+
+
+def expired(jobs, now, retention, max_finished):
+    """uuids of finished records to delete: those that ended more than
+    retention seconds ago, and all but the max_finished latest. Live records
+    (warned ones too) are never deleted."""
+    finished = sorted((j for j in jobs if j.terminal),
+                      key=lambda j: j.ended_at or j.submitted_at, reverse=True)
+    return [j.uuid for i, j in enumerate(finished)
+            if i >= max_finished or now - (j.ended_at or j.submitted_at) > retention]
+
+
+# --- times as people write them -------------------------------------------------
+
+def parse_when(text, now: float) -> float:
+    """A moment as seconds since the epoch: an age before now ('2d', '6h',
+    as parse_duration reads it) or an ISO date or time ('2026-11-28',
+    '2026-11-28 14:00', local time unless it says its zone)."""
+    try:
+        return now - parse_duration(text)
+    except InvalidInput:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except (ValueError, AttributeError):
+        raise InvalidInput(f"'{text}' is not a time: give an age (2d, 6h, 30m) or a date "
+                           "(2026-11-28, '2026-11-28 14:00')") from None
+    return (moment if moment.tzinfo else moment.astimezone()).timestamp()
+
+
 # --- units -----------------------------------------------------------------
 
 def unit_name(job_uuid: str) -> str:
@@ -490,14 +555,18 @@ class UnitStatus:
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     oom_killed: bool = False  # OOM_CHECK saw the kernel OOM-kill in its cgroup
+    stopped_at: Optional[float] = None  # when it left "active" (a stop began, or it ended)
+    processes: int = 0  # processes left in its cgroup, counted once it is no longer active
 
     @property
     def finished(self) -> bool:
         # With RemainAfterExit=yes a finished job's unit stays "active (exited)"
-        # or "failed" until we have recorded it and unloaded it.
-        return (self.active_state == "failed"
-                or (self.active_state == "active" and self.sub_state == "exited")
-                or self.active_state == "inactive")
+        # or "failed" until we have recorded it and unloaded it. Processes left
+        # behind (systemd gave up killing them) mean it has not finished.
+        return self.processes == 0 and (
+            self.active_state == "failed"
+            or (self.active_state == "active" and self.sub_state == "exited")
+            or self.active_state == "inactive")
 
 
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
@@ -535,6 +604,50 @@ def finish(job: Job, status: UnitStatus, now: float) -> Job:
                       ended_at=status.ended_at or now)
 
 
+# --- warned jobs ---------------------------------------------------------------
+
+# Seconds after stop_timeout (SIGTERM's grace, then SIGKILL) within which a
+# job's processes must be gone; past it the job is warned.
+KILL_GRACE = 5.0
+WARNABLE = (RUNNING, CANCELLED)  # the states a stop starts from (timeout/fence, removejob)
+
+
+def stuck(status: UnitStatus, now: float, stop_timeout: float) -> bool:
+    """The unit left "active" more than stop_timeout + KILL_GRACE ago and
+    still has processes: systemd could not kill them (frozen, or blocked in
+    uninterruptible sleep)."""
+    return (status.active_state != "active" and status.processes > 0
+            and status.stopped_at is not None
+            and now - status.stopped_at > stop_timeout + KILL_GRACE)
+
+
+def warn(job: Job, now: float, why: str) -> Job:
+    return transition(job, WARNED, warned_at=now, warning=why, warned_from=job.state)
+
+
+def clear(job: Job, status: Optional[UnitStatus], now: float) -> Job:
+    """A warned job whose processes are gone (status None: its unit too),
+    in the state it was going to."""
+    if job.warned_from == CANCELLED:
+        return transition(job, CANCELLED, ended_at=now)
+    if status is not None and status.exit_code:
+        return finish(job, status, now)
+    # systemd gave up on it before its main process died: no exit status.
+    result = status.result if status is not None else None
+    return transition(job, FAILED, ended_at=now, result=result,
+                      reason=f"stopped{f' ({result})' if result else ''}; its processes ended "
+                             f"{now - job.warned_at:.0f} s after it was warned")
+
+
+def settle(job: Job, status: UnitStatus, now: float) -> Optional[Job]:
+    """The record once its unit has finished; None: nothing to change."""
+    if job.terminal:
+        return None
+    if job.state == WARNED:
+        return clear(job, status, now)
+    return finish(job, status, now)
+
+
 # --- scheduling and reconciliation -------------------------------------------
 
 def free_slots(slots: int, busy: int) -> int:
@@ -547,21 +660,31 @@ RECORD_END = "record-end"  # unit finished, record still live: record its outcom
 RELEASE_UNIT = "release-unit"  # record terminal, unit still loaded: stop/unload it
 REQUEUE = "requeue"  # claimed but never started (node restarted in between)
 RECORD_VANISHED = "record-vanished"  # running, but its unit is gone (reboot, fencing): lose it
+WARN = "warn"  # its unit would not stop: record it warned (it keeps its slot)
+CLEAR = "clear"  # a warned job's processes are gone: record its final state
 
 
-def reconcile(jobs, units, in_flight=frozenset(), node=None):
+def reconcile(jobs, units, in_flight=frozenset(), node=None, now=None, stop_timeout=None):
     """Plan for one node. jobs: {uuid: Job} of records that are live on this
     node, or whose unit is still loaded; units: {uuid: UnitStatus} of this
     node's lcluster-job units; in_flight: uuids this process is starting now;
     node: this node's name (a unit whose record names another node, or none,
-    was taken from us while we were failed or cut off: fence it).
+    was taken from us while we were failed or cut off: fence it);
+    now and stop_timeout: to tell stuck units (none without them).
     Returns [(action, uuid)], in a stable order."""
     plan = []
     for job_uuid in sorted(set(jobs) | set(units)):
         job, unit = jobs.get(job_uuid), units.get(job_uuid)
         if job is None or job_uuid in in_flight:
             continue  # not ours to judge (unknown record, or being started now)
-        if node is not None and job.node != node and not job.terminal:
+        ours = node is None or job.node == node
+        if job.state == WARNED:
+            if unit is None or unit.finished:
+                plan.append((CLEAR, job_uuid))
+        elif (unit is not None and ours and job.state in WARNABLE and now is not None
+                and stuck(unit, now, stop_timeout)):
+            plan.append((WARN, job_uuid))
+        elif not ours and not job.terminal:
             if unit is not None:  # another node's job now (or queued again): fence ours
                 plan.append((RELEASE_UNIT, job_uuid))
         elif unit is None:
@@ -613,6 +736,16 @@ OOM_CHECK = (
     "2>/dev/null </sys/fs/cgroup/memory$cg/memory.oom_control; exit 0" % OOM_SEEN)
 
 
+# journald's default rate limit (10,000 lines per 30 s, scaled by free space)
+# drops a chatty job's lines without a trace: a job's output is its result, so
+# allow a million lines a second (journald's size limits still bound its space).
+# (An interval of 0 would not do: systemd 252 reads it as "journald's default".)
+JOB_LOG_RATE_LIMIT = (
+    ("LogRateLimitIntervalUSec", 1_000_000),
+    ("LogRateLimitBurst", 1_000_000),
+)
+
+
 def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
                     namespace: Optional[str] = None):
     """The systemd properties of a job's transient service, as (name, value).
@@ -628,6 +761,7 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
         ("Environment", [f"LCLUSTER_JOB_ID={job.uuid}", *job.env]),
         ("KillSignal", 15),  # SIGTERM first ...
         ("TimeoutStopUSec", int(stop_timeout * 1_000_000)),  # ... SIGKILL after this
+        *JOB_LOG_RATE_LIMIT,
         *SANDBOX,
     ]
     network = job.network or (f"ns:{namespace}" if namespace else "none")

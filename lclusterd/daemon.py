@@ -18,7 +18,7 @@ import click
 from aiohttp import web
 from systemd import daemon as sd
 
-from lclusterd import (__version__, api, config as configuration, core, netns,
+from lclusterd import (__version__, api, config as configuration, core, journal, netns,
                        rootfs as rootfs_builder, sandbox)
 from lclusterd.node import Node
 from lclusterd.store import Store
@@ -29,7 +29,8 @@ log = logging.getLogger("lclusterd")
 EX_CONFIG = 78  # sysexits' "configuration error": lclusterd.service does not restart on it
 REPORT_EVERY = 1  # seconds between looks at STATUS= (and watchdog pets)
 # What SIGHUP can change: the limits and networks apply to jobs submitted after it.
-RELOADABLE = ("slots", "stop_timeout", "poll_interval", "job_networks",
+RELOADABLE = ("slots", "stop_timeout", "poll_interval", "job_networks", "retention",
+              "max_finished_jobs",
               *(f"{kind}_{name}" for name, _, _ in core.LIMITS for kind in ("default", "max")))
 
 
@@ -128,6 +129,7 @@ def reload(node, config_path):
     for name in RELOADABLE:
         setattr(node.config, name, getattr(fresh, name))
     log.info("reloaded %s; other settings take a restart", ", ".join(RELOADABLE))
+    node.next_prune = 0.0  # apply a new retention now
     node.wake()
 
 
@@ -144,7 +146,7 @@ async def serve(config, config_path=None):
                   tls={"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert,
                        "cert_key": config.etcd_key})
     units = Units()
-    node = Node(config, store, units)
+    node = Node(config, store, units, journal.JobLog)
     units.on_change = node.unit_changed
 
     runner = web.AppRunner(api.make_app(node, token), access_log=None)

@@ -12,7 +12,7 @@ import functools
 import logging
 import pwd
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lclusterd import core, netns
 from lclusterd.store import Unavailable as StoreUnavailable
@@ -21,6 +21,13 @@ from lclusterd.units import Refused, Unavailable as UnitsUnavailable
 log = logging.getLogger(__name__)
 
 MAX_CHANGE_ATTEMPTS = 5  # re-reads of a record whose revision moved under us
+# journald reads a job's stdout pipe on its own time: 100,000 lines reach the
+# journal up to a second after the job ended. So output read within
+# LATE_OUTPUT seconds of the end is complete only once the journal has had
+# nothing new for the unit for QUIET seconds.
+LATE_OUTPUT = 10.0
+QUIET = 1.0
+MAX_PRUNE_EVERY = 300.0  # seconds; shorter retentions are pruned every retention/10
 # The lease (TTL = config.lease_ttl), as fractions of the TTL:
 HEARTBEAT = 0.25  # renew this often (and give each renewal this long)
 FENCE_AFTER = 0.5  # unrenewed this long: stop our jobs, so they are stopped here
@@ -37,6 +44,10 @@ class PermissionDenied(core.Forbidden):
     pass
 
 
+class Elsewhere(Exception):
+    """The job ran on another node; its output is in that node's journal."""
+
+
 @dataclass(frozen=True)
 class Caller:
     uid: int
@@ -45,15 +56,17 @@ class Caller:
 
 
 class Node:
-    def __init__(self, config, store, units, clock=time.time):
+    def __init__(self, config, store, units, job_log=None, clock=time.time):
         self.config = config
         self.store = store
         self.units = units
+        self.job_log = job_log  # journal.JobLog: a job's output on this node
         self.clock = clock
         self.mine = set()  # uuids of live jobs on this node: they hold slots
         self.in_flight = set()  # uuids whose unit this process is starting now
         self.changed = set()  # uuids whose unit systemd told us about
         self.etcd_error = None  # why etcd is unreachable, or None
+        self.next_prune = 0.0  # loop time of the next look at the history
         self._wake = asyncio.Event()
         self._recovered = False
         self.lease = None  # our etcd lease while registered, else None (claim nothing)
@@ -139,21 +152,25 @@ class Node:
         return core.unit_properties(job, self.config.stop_timeout, self.config.rootfs,
                                     self.config.namespace)
 
-    async def list(self, limit=50, state=None):
-        jobs = [job for job, _ in await self._store(self.store.all_jobs)
-                if state is None or job.state == state]
-        jobs.sort(key=lambda j: j.submitted_at, reverse=True)
-        return jobs[:limit]
+    async def list(self, limit=50, **filters):
+        """Jobs matching filters (core.select's), live ones first."""
+        jobs = [job for job, _ in await self._store(self.store.all_jobs)]
+        return core.select(jobs, limit=limit, **filters)
 
-    async def remove(self, ref, caller):
-        job = await self.find(ref)
+    @staticmethod
+    def _check_owner(job, caller):
+        """Only who queued the job, or root, may remove it or read its output."""
         if caller.uid != 0 and caller.uid != job.owner_uid:
             owner = job.submitter or job.user
             raise PermissionDenied(f"permission denied: job {job.uuid} belongs to {owner}")
 
+    async def remove(self, ref, caller):
+        job = await self.find(ref)
+        self._check_owner(job, caller)
+
         def cancel(current):
-            if current.terminal:
-                return None  # already over: removing it again changes nothing
+            if current.terminal or current.state == core.WARNED:
+                return None  # already over, or being stopped: removing it again changes nothing
             return core.transition(current, core.CANCELLED, ended_at=self.clock(),
                                    reason=f"removed by {caller.user}")
         job = await self._change(job.uuid, cancel)
@@ -161,10 +178,84 @@ class Node:
         # and stops the unit (core.reconcile: RELEASE_UNIT).
         if job.node == self.config.node_name:
             # Give systemd the grace period to SIGTERM and then SIGKILL it.
-            await self.units.stop_and_wait(job.uuid, self.config.stop_timeout + 5)
-            self.mine.discard(job.uuid)
-            self.wake()
+            grace = self.config.stop_timeout + core.KILL_GRACE
+            if await self.units.stop_and_wait(job.uuid, grace):
+                self.mine.discard(job.uuid)
+                self.wake()
+            else:  # it keeps its slot; the sweep watches it and clears it once it stops
+                why = f"still has processes {grace:g} s after removejob (SIGTERM, then SIGKILL)"
+                log.warning("job %s warned: %s", job.uuid, why)
+                job = await self._change(job.uuid, lambda j: core.warn(j, self.clock(), why)
+                                         if j.state == core.CANCELLED else None)
         return job
+
+    # -- a job's output ----------------------------------------------------------
+
+    async def output(self, job, caller, follow=False, tail=None, since=None):
+        """The job's output from this node's journal, in bounded chunks (an
+        async generator). follow: go on until the job has ended (a queued job
+        is waited for). Elsewhere if it ran on another node."""
+        self._check_owner(job, caller)
+        while follow and job.node is None and not job.terminal:
+            await asyncio.sleep(self.config.poll_interval / 4)  # queued: wait for a node
+            job = await self._current(job)
+        if job.node is None:
+            return  # never ran: no output
+        if job.node != self.config.node_name:
+            raise Elsewhere(f"job {job.uuid} ran on node {job.node}: its output is in that "
+                            f"node's journal")
+        loop = asyncio.get_running_loop()
+        async with self.job_log(job.unit, tail, since) as output:
+            quiet_since = None
+            while True:
+                chunk = await output.read()
+                if chunk:
+                    quiet_since = None
+                    yield chunk
+                    continue
+                if follow and not job.terminal:
+                    job = await self._current(job)
+                if not job.terminal:
+                    if not follow:
+                        return  # what is there now, like journalctl without -f
+                elif self.clock() - (job.ended_at or 0) > LATE_OUTPUT:
+                    return
+                elif quiet_since is None:
+                    quiet_since = loop.time()
+                elif loop.time() - quiet_since >= QUIET:
+                    return
+                await output.wait(QUIET / 4 if job.terminal else 1.0)
+
+    async def _current(self, job):
+        """The job's record now, to follow it: while etcd is away, as it was;
+        a record deleted meanwhile (retention) counts as ended."""
+        try:
+            found = await self._store(self.store.get, job.uuid)
+        except StoreUnavailable:
+            return job
+        return found[0] if found else replace(job, state=core.CANCELLED)
+
+    # -- history -------------------------------------------------------------------
+
+    def prune_every(self):
+        return max(self.config.poll_interval, min(self.config.retention / 10, MAX_PRUNE_EVERY))
+
+    async def prune(self):
+        """Delete finished records past the retention or the count cap, if no
+        other node has done so this interval (a lock under a lease as long as
+        the interval, left to run out). Returns how many were deleted."""
+        if not await self._store(self.store.lock, "prune", self.config.node_name,
+                                 self.prune_every()):
+            return 0
+        records = await self._store(self.store.all_jobs)
+        doomed = set(core.expired([job for job, _ in records], self.clock(),
+                                  self.config.retention, self.config.max_finished_jobs))
+        if not doomed:
+            return 0
+        deleted = await self._store(self.store.delete,
+                                    [(job.uuid, rev) for job, rev in records if job.uuid in doomed])
+        log.info("history: deleted %d finished job record(s)", deleted)
+        return deleted
 
     # -- the node's own work ---------------------------------------------------
 
@@ -185,6 +276,9 @@ class Node:
                 await self.record_changed()
                 await self.fill_slots()
                 await self.publish()
+                if loop.time() >= self.next_prune:
+                    self.next_prune = loop.time() + self.prune_every()
+                    await self.prune()
             except (StoreUnavailable, UnitsUnavailable, OSError) as e:
                 if str(e) != last_problem:  # say it once, not every pass
                     log.warning("%s", e)
@@ -217,11 +311,16 @@ class Node:
         self._recovered = True
         jobs = {u: job for u, (job, _) in records.items()}
         settled = set()
-        for action, job_uuid in core.reconcile(jobs, units, self.in_flight, self.config.node_name):
+        plan = core.reconcile(jobs, units, self.in_flight, self.config.node_name, self.clock(),
+                              self.config.stop_timeout)
+        for action, job_uuid in plan:
             log.info("reconcile: %s %s", action, job_uuid)
             await self._apply(action, records[job_uuid], units.get(job_uuid))
-            if action != core.RECORD_RUNNING:
-                settled.add(job_uuid)
+            # A job holds its slot until its unit is gone: running, stopping or warned.
+            if action == core.RECORD_RUNNING or action == core.WARN or (
+                    action == core.RELEASE_UNIT and not units[job_uuid].finished):
+                continue
+            settled.add(job_uuid)
         live = {u for u, job in jobs.items() if not job.terminal}
         self.mine = ((live | set(units)) - settled) | self.in_flight
 
@@ -238,6 +337,17 @@ class Node:
         elif action == core.REQUEUE:
             await self._change(job_uuid, lambda j: core.transition(
                 j, core.QUEUED, node=None) if self._ours(j, core.STARTING) else None, known)
+        elif action == core.WARN:
+            why = (f"its unit has been stopping for {self.clock() - status.stopped_at:.0f} s "
+                   f"and still has {status.processes} process(es)")
+            log.warning("job %s warned: %s", job_uuid, why)
+            await self._change(job_uuid, lambda j: core.warn(j, self.clock(), why)
+                               if j.node == self.config.node_name and j.state in core.WARNABLE else None, known)
+        elif action == core.CLEAR:
+            job = await self._change(job_uuid, lambda j: core.clear(j, status, self.clock())
+                                     if j.state == core.WARNED else None, known)
+            log.info("job %s no longer warned: %s", job_uuid, job and job.state)
+            await self.units.release(job_uuid)
         elif action == core.RECORD_VANISHED:
             # Its unit is gone (the machine rebooted, or we were fenced): it
             # did not end, its node lost it.
@@ -259,7 +369,8 @@ class Node:
         if job_uuid in self.fenced:  # we killed it: it did not end, it was lost
             decide = self._lose_mine
         else:
-            decide = lambda j: core.finish(j, status, self.clock()) if self._ours(j) else None  # noqa: E731
+            decide = lambda j: (core.settle(j, status, self.clock())  # noqa: E731
+                                if self._ours(j, core.STARTING, core.RUNNING, core.WARNED) else None)
         job = await self._change(job_uuid, decide, known)
         self.fenced.discard(job_uuid)
         self.mine.discard(job_uuid)

@@ -14,6 +14,10 @@ Keyspace (PREFIX is the `prefix` setting, /lcluster by default):
     PREFIX/failed_nodes/<name>         {"name", "at"}: a member whose lease
                                        expired; deleted when it registers again
     PREFIX/prime                       the primed node's name, under its lease
+    PREFIX/warned_jobs/<uuid>          present while the job is warned; its
+                                       value is the job's node
+    PREFIX/locks/<name>                held under a lease by one node at a time
+                                       (history pruning); the value names it
 
 Every change of a record is one transaction guarded by the record's
 mod_revision, and moves the queue key in the same transaction, so a job is
@@ -96,6 +100,9 @@ class Store:
     def _job_key(self, job_uuid):
         return f"{self.prefix}/jobs/{job_uuid}"
 
+    def _warned_key(self, job_uuid):
+        return f"{self.prefix}/warned_jobs/{job_uuid}"
+
     def _queue_key(self, job):
         return f"{self.prefix}/queue/{core.queue_rank(job)}"
 
@@ -161,6 +168,10 @@ class Store:
                 ops.append(c.transactions.delete(self._queue_key(old)))
             if new.state == core.QUEUED != old.state:
                 ops.append(c.transactions.put(self._queue_key(new), new.uuid))
+            if old.state == core.WARNED != new.state:
+                ops.append(c.transactions.delete(self._warned_key(old.uuid)))
+            if new.state == core.WARNED != old.state:
+                ops.append(c.transactions.put(self._warned_key(new.uuid), new.node or ""))
             compare = [c.transactions.mod(key) == revision]
             if prime is not None:
                 compare.append(c.transactions.value(self._key("prime")) == prime)
@@ -244,6 +255,40 @@ class Store:
         key = self._key("prime")
         self._call(lambda c: c.transaction(compare=[c.transactions.value(key) == name],
                                            success=[c.transactions.delete(key)], failure=[]))
+
+    def delete(self, records):
+        """Delete records [(uuid, revision)] whose record is still at that
+        revision (a batch in which one moved is skipped: the next pass sees
+        it again). Returns how many were deleted."""
+        def write(c, batch):
+            ok, _ = c.transaction(
+                compare=[c.transactions.mod(self._job_key(u)) == rev for u, rev in batch],
+                success=[c.transactions.delete(self._job_key(u)) for u, _ in batch], failure=[])
+            return len(batch) if ok else 0
+        step = MAX_TXN_OPS // 2  # compares and deletes both count
+        return sum(self._call(lambda c: write(c, records[i:i + step]))
+                   for i in range(0, len(records), step))
+
+    def warned(self):
+        """{uuid: node} of the warned jobs."""
+        return self._call(lambda c: {m.key.decode().rsplit("/", 1)[1]: v.decode() for v, m in
+                                     c.get_prefix(f"{self.prefix}/warned_jobs/")})
+
+    def lock(self, name, holder, ttl):
+        """Take PREFIX/locks/<name> for ttl seconds (a lease), if nobody else
+        holds it (holder may take it again, e.g. after a restart). True if we
+        got it; the lease runs out by itself."""
+        key = f"{self.prefix}/locks/{name}"
+        def take(c):
+            lease = c.lease(max(1, int(ttl)))
+            for free in (c.transactions.create(key) == 0, c.transactions.value(key) == holder):
+                ok, _ = c.transaction(compare=[free], success=[c.transactions.put(key, holder, lease)],
+                                      failure=[])
+                if ok:
+                    return True
+            lease.revoke()
+            return False
+        return self._call(take)
 
 
 def _end(prefix):

@@ -39,6 +39,7 @@ SIGNATURES = {
     "WorkingDirectory": "s", "MemoryMax": "t", "MemorySwapMax": "t",
     "CPUQuotaPerSecUSec": "t", "TasksMax": "t", "RuntimeMaxUSec": "t",
     "ExecStopPostEx": "a(sasas)",
+    "LogRateLimitIntervalUSec": "t", "LogRateLimitBurst": "u",
 }
 
 # Errors that mean "no such unit (any more)".
@@ -145,16 +146,21 @@ class Units:
             if unit["LoadState"].value != "loaded":
                 return None
             (service,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [SERVICE])
+            active = unit["ActiveState"].value
+            # Once it is no longer active, are processes left that systemd could not kill?
+            processes = 0 if active == "active" else len((await self._manager(
+                "GetUnitProcesses", "s", [core.unit_name(job_uuid)]))[0])
         except DBusError as e:
             if e.type in GONE:
                 return None
             raise
         return core.UnitStatus(
-            active_state=unit["ActiveState"].value, sub_state=unit["SubState"].value,
+            active_state=active, sub_state=unit["SubState"].value,
             result=service["Result"].value, exit_code=service["ExecMainCode"].value,
             exit_status=service["ExecMainStatus"].value,
             started_at=_seconds(service["ExecMainStartTimestamp"].value),
             ended_at=_seconds(service["ExecMainExitTimestamp"].value),
+            stopped_at=_seconds(unit["ActiveExitTimestamp"].value), processes=processes,
             oom_killed=_oom_seen(service.get("ExecStopPost")))
 
     async def list(self):

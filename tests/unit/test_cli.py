@@ -39,6 +39,7 @@ class FakeDaemon:
         self.requests = []  # (method, path, body) of every request, in order
         self.force = None  # (status, answer): every request gets this
         self.finish = None  # (state, exit_status): what a live job is on its next GET
+        self.output = {}  # uuid: bytes, a job's output for GET .../logs
 
     def add(self, job):
         self.jobs[job["uuid"]] = job
@@ -57,6 +58,19 @@ class FakeDaemon:
             jobs = sorted(self.jobs.values(), key=lambda j: -j["submitted_at"])
             jobs = [j for j in jobs if j["state"] == args.get("state", j["state"])]
             return 200, {"jobs": jobs[:int(args.get("limit", 50))]}
+        if route.startswith("/v1/jobs/") and route.endswith("/logs"):
+            matches = [u for u in self.jobs if u.startswith(route[len("/v1/jobs/"):-len("/logs")])]
+            if len(matches) != 1:
+                return 404, {"error": "no job matches"}
+            ref = matches[0]
+            args = dict(p.split("=", 1) for p in query.split("&") if p)
+            output = self.output.get(ref, b"")
+            if "tail" in args:
+                output = b"".join(output.splitlines(True)[-int(args["tail"]):])
+            if self.finish and ref in self.jobs:
+                state, status = self.finish
+                self.jobs[ref].update(state=state, exit_status=status, reason=f"status {status}")
+            return 200, output
         if route.startswith("/v1/jobs/"):
             ref = route[len("/v1/jobs/"):]
             matches = [u for u in self.jobs if u.startswith(ref)]
@@ -213,7 +227,8 @@ def test_prefix_refs_pass_through(fake, ref, sent):
     fake.add(record(JOB_A))
     result = run(fake, "checkjob", ref)
     assert result.exit_code == 0, result.stderr
-    assert fake.requests == [("GET", f"/v1/jobs/{sent}", None)]
+    assert fake.requests == [("GET", f"/v1/jobs/{sent}", None),
+                             ("GET", f"/v1/jobs/{JOB_A}/logs?tail=5", None)]
 
 
 def test_removejob(fake):
@@ -227,15 +242,20 @@ def test_removejob(fake):
 def test_list_fits_a_narrow_terminal(fake):
     for i, u in enumerate((JOB_A, JOB_B, JOB_C)):
         fake.add(record(u, command=f"job{i} " + "x" * 200 + "\x1b[31m", submitted=1764431000 + i))
-    result = run(fake, "list", env={"COLUMNS": "60"})
-    assert result.exit_code == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].split() == ["UUID", "STATE", "EXIT", "SUBMITTED", "NODE", "COMMAND"]
-    assert [line[:8] for line in lines[1:]] == [JOB_C[:8], JOB_B[:8], JOB_A[:8]]  # newest first
-    assert all(len(line) <= 60 for line in lines), lines
-    assert all(line.endswith("…") and " job" in line for line in lines[1:])
-    assert "\x1b" not in result.stdout
-    assert fake.requests == [("GET", "/v1/jobs?limit=20", None)]
+    result = run(fake, "list", env={"COLUMNS": "200"})
+    assert result.stdout.splitlines()[0].split() == ["UUID", "STATE", "EXIT", "USER", "NODE",
+                                                     "SUBMITTED", "COMMAND"]
+    for columns, header in ((60, ["UUID", "STATE", "EXIT", "USER", "NODE", "COMMAND"]),
+                            (40, ["UUID", "STATE", "EXIT", "COMMAND"]), (20, ["UUID", "STATE", "COMMAND"])):
+        result = run(fake, "list", env={"COLUMNS": str(columns)})
+        assert result.exit_code == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0].split() == header
+        assert [line[:8] for line in lines[1:]] == [JOB_C[:8], JOB_B[:8], JOB_A[:8]]  # newest first
+        assert all(len(line) <= max(columns, 8 + 2 + 9 + 2 + 7) for line in lines), lines
+        assert all(line.endswith("…") and " job" in line for line in lines[1:])
+        assert "\x1b" not in result.stdout
+    assert fake.requests[-1] == ("GET", "/v1/jobs?limit=20", None)
 
 
 def test_list_shows_escaped_control_characters(fake):
@@ -419,6 +439,83 @@ def test_main_exit_codes(fake, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["--version"])
     assert exit.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+# --- history, logs, wait ------------------------------------------------------------
+
+def test_list_filters_are_sent(fake, monkeypatch):
+    monkeypatch.setattr(cli.time, "time", lambda: 1_000_000.0)
+    result = run(fake, "list", "--state", "warned", "--node", "n1", "--user", "bob",
+                 "--since", "2d", "--until", "6h", "--limit", "3")
+    assert result.exit_code == 0, result.stderr
+    assert fake.requests == [("GET", "/v1/jobs?limit=3&state=warned&node=n1&user=bob"
+                              "&since=827200.0&until=978400.0", None)]
+
+
+def test_list_refuses_a_bad_time_before_the_daemon(fake):
+    result = run(fake, "list", "--since", "last tuesday")
+    assert result.exit_code == 2 and "not a time" in one_error_line(result)
+    assert fake.requests == []
+
+
+def test_logs_prints_the_output_as_it_is(fake):
+    fake.add(record(JOB_A))
+    fake.output[JOB_A] = b"one\n\xff raw \x1b[31m\ntwo\n"
+    result = run(fake, "logs", JOB_A)
+    assert result.exit_code == 0 and result.stdout_bytes == fake.output[JOB_A]
+    result = run(fake, "logs", "--tail", "1", JOB_A[:8])
+    assert result.stdout_bytes == b"two\n"
+    assert fake.requests[-1] == ("GET", "/v1/jobs/0b5e8c1e/logs?tail=1", None)
+
+
+@pytest.mark.parametrize("state,status,code", [("succeeded", 0, 0), ("failed", 3, 3),
+                                               ("cancelled", None, 130)])
+def test_logs_follow_exits_with_the_jobs_status(fake, state, status, code):
+    fake.add(record(JOB_A, state="running"))
+    fake.output[JOB_A] = b"working\n"
+    fake.finish = (state, status)
+    result = run(fake, "logs", "-f", JOB_A)
+    assert result.exit_code == code and result.stdout == "working\n"
+    assert fake.requests[0] == ("GET", f"/v1/jobs/{JOB_A}/logs?follow=1", None)
+
+
+def test_logs_of_no_job(fake):
+    result = run(fake, "logs", JOB_A)
+    assert result.exit_code == 3 and "no job" in one_error_line(result)
+
+
+def test_checkjob_shows_the_last_lines(fake):
+    fake.add(record(JOB_A))
+    fake.output[JOB_A] = b"".join(b"line %d\n" % i for i in range(1, 9))
+    lines = run(fake, "checkjob", JOB_A).stdout.splitlines()
+    assert "last 5 line(s)" in lines[-6] and lines[-5:] == [f"  line {i}" for i in range(4, 9)]
+
+
+def test_checkjob_shows_a_warning(fake):
+    fake.add(record(JOB_A, state="warned", warned_at=1764431001.0, warning="still has processes"))
+    assert re.search(r"^warned: +\S+: still has processes$", run(fake, "checkjob", JOB_A).stdout, re.M)
+
+
+def test_removejob_of_a_job_that_does_not_stop_exits_1(fake):
+    fake.add(record(JOB_A, state="running"))
+    fake.force = (200, {"job": record(JOB_A, state="warned", warning="still has processes")})
+    result = run(fake, "removejob", JOB_A)
+    assert result.exit_code == 1 and result.stdout == f"warned {JOB_A}\n"
+    assert "did not stop: still has processes" in one_error_line(result)
+
+
+@pytest.mark.parametrize("finish,code", [(("succeeded", 0), 0), (("failed", 2), 1)])
+def test_wait_exits_0_only_if_all_succeeded(fake, finish, code):
+    fake.add(record(JOB_A))
+    fake.add(record(JOB_B, state="running"))
+    fake.finish = finish
+    result = run(fake, "wait", JOB_A, JOB_B[:8], JOB_A)
+    assert result.exit_code == code, result.stderr
+    assert result.stdout == f"succeeded {JOB_A}\n{finish[0]} {JOB_B}\n"
+
+
+def test_wait_needs_a_job(fake):
+    assert run(fake, "wait").exit_code == 2
 
 
 # --- what a job asks for ------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from lclusterd import core
 from lclusterd.core import (CANCELLED, FAILED, QUEUED, RUNNING, STARTING, STATES, SUCCEEDED,
-                            TERMINAL, TRANSITIONS)
+                            TERMINAL, TRANSITIONS, WARNED)
 
 UUID = "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"
 
@@ -33,8 +33,8 @@ ILLEGAL = [pair for pair in ALL_PAIRS if pair not in TRANSITIONS]
 def test_table_only_names_known_states():
     assert {s for pair in TRANSITIONS for s in pair} <= set(STATES)
     assert TERMINAL == {SUCCEEDED, FAILED, CANCELLED}
-    # 49 pairs, 14 allowed: the generated list of illegal ones is the rest.
-    assert len(ALL_PAIRS) == 49 and len(TRANSITIONS) == 14 and len(ILLEGAL) == 35
+    # 64 pairs, 19 allowed: the generated list of illegal ones is the rest.
+    assert len(ALL_PAIRS) == 64 and len(TRANSITIONS) == 19 and len(ILLEGAL) == 45
 
 
 @pytest.mark.parametrize("old,new", sorted(TRANSITIONS))
@@ -55,15 +55,17 @@ def test_illegal_transition(old, new):
 
 
 @pytest.mark.parametrize("state", sorted(TERMINAL))
-def test_terminal_states_have_no_way_out(state):
-    assert not [new for (old, new) in TRANSITIONS if old == state]
+def test_terminal_states_have_no_way_out_but_a_removal_that_did_not_stop(state):
+    # The one way out: a removed (cancelled) job whose processes outlived the kill timeout.
+    ways_out = [new for (old, new) in TRANSITIONS if old == state]
+    assert ways_out == ([WARNED] if state == CANCELLED else [])
     assert job(state).terminal
-    for new in STATES:
+    for new in set(STATES) - set(ways_out):
         with pytest.raises(core.IllegalTransition):
             core.transition(job(state), new)
 
 
-@pytest.mark.parametrize("state", [QUEUED, STARTING, RUNNING])
+@pytest.mark.parametrize("state", [QUEUED, STARTING, RUNNING, WARNED])
 def test_live_states_are_not_terminal(state):
     assert not job(state).terminal
 
@@ -422,7 +424,7 @@ def test_job_to_dict_matches_the_api_documentation():
                                     "exit_status", "result", "reason", "submitter",
                                     "submitter_uid", "memory", "cpus", "tasks", "timeout",
                                     "env", "workdir", "network", "max_attempts", "attempts",
-                                    "priority"}
+                                    "priority", "warned_at", "warning", "warned_from"}
 
 
 def test_job_from_dict_ignores_unknown_keys():
@@ -433,3 +435,165 @@ def test_job_from_dict_ignores_unknown_keys():
 def test_job_is_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         job().state = RUNNING
+
+
+# --- warned jobs ---------------------------------------------------------------
+
+def stopping(processes, stopped_at=100.0, active="deactivating", sub="stop-sigterm"):
+    return dataclasses.replace(unit(active, sub, "success", 0, 0), processes=processes,
+                               stopped_at=stopped_at)
+
+
+@pytest.mark.parametrize("status,now,expected", [
+    (stopping(2), 100.0 + 10 + core.KILL_GRACE + 0.1, True),  # past stop_timeout + grace
+    (stopping(2), 100.0 + 10 + core.KILL_GRACE - 0.1, False),  # systemd may still kill it
+    (stopping(0), 1000.0, False),  # nothing left: it stopped
+    (stopping(1, active="failed", sub="failed"), 1000.0, True),  # systemd gave up on it
+    (stopping(1, active="inactive", sub="dead"), 1000.0, True),  # reset, but its cgroup is not empty
+    (stopping(1, stopped_at=None), 1000.0, False),  # never stopped
+    (dataclasses.replace(ACTIVE, processes=0), 1000.0, False),  # running is not stuck
+])
+def test_stuck(status, now, expected):
+    assert core.stuck(status, now, stop_timeout=10) is expected
+
+
+def test_a_unit_with_processes_left_has_not_finished():
+    assert not stopping(1, active="failed", sub="failed").finished
+    assert stopping(0, active="failed", sub="failed").finished
+
+
+def test_warn_records_time_reason_and_where_it_came_from():
+    removed = job(CANCELLED, node="n1", reason="removed by alice", ended_at=5.0)
+    warned = core.warn(removed, 20.0, "still has processes")
+    assert (warned.state, warned.warned_at, warned.warning, warned.warned_from) == (
+        WARNED, 20.0, "still has processes", CANCELLED)
+    assert not warned.terminal
+
+
+def test_clear_a_removed_job_returns_to_cancelled():
+    warned = core.warn(job(CANCELLED, reason="removed by alice", ended_at=5.0), 20.0, "stuck")
+    cleared = core.clear(warned, None, 60.0)
+    assert (cleared.state, cleared.ended_at, cleared.reason) == (CANCELLED, 60.0, "removed by alice")
+    assert cleared.warned_at == 20.0 and cleared.warning == "stuck"  # the history stays
+
+
+def test_clear_a_stopped_running_job_takes_the_units_outcome():
+    warned = core.warn(job(RUNNING), 20.0, "stuck")
+    timed_out = unit("failed", "failed", "timeout", core.CLD_KILLED, 9, ended_at=50.0)
+    cleared = core.clear(warned, timed_out, 60.0)
+    assert cleared.state == FAILED and cleared.exit_status == 137 and "timeout" in cleared.reason
+    gone = core.clear(warned, None, 60.0)
+    assert gone.state == FAILED and gone.ended_at == 60.0 and "40 s after" in gone.reason
+    given_up = core.clear(warned, unit("failed", "failed", "timeout", 0, 0), 60.0)
+    assert (given_up.state, given_up.result, given_up.exit_status) == (FAILED, "timeout", None)
+    assert given_up.reason == "stopped (timeout); its processes ended 40 s after it was warned"
+
+
+def test_settle():
+    assert core.settle(job(SUCCEEDED), EXITED, 1.0) is None
+    assert core.settle(job(RUNNING), EXITED, 1.0).state == SUCCEEDED
+    warned = core.warn(job(CANCELLED), 2.0, "stuck")
+    assert core.settle(warned, EXITED, 3.0).state == CANCELLED
+
+
+STUCK = stopping(3, stopped_at=0.0, active="inactive", sub="dead")
+
+
+@pytest.mark.parametrize("state,status,plan", [
+    (RUNNING, STUCK, [(core.WARN, U1)]),  # a timeout or a fence that did not stop it
+    (CANCELLED, STUCK, [(core.WARN, U1)]),  # a removal that did not stop it
+    (SUCCEEDED, STUCK, [(core.RELEASE_UNIT, U1)]),  # not a stop of ours: just release
+    (RUNNING, stopping(3, stopped_at=999.0), []),  # still within the kill timeout
+])
+def test_reconcile_warns_stuck_units(state, status, plan):
+    assert core.reconcile({U1: job(state, job_uuid=U1)}, {U1: status}, now=1000.0,
+                          stop_timeout=10) == plan
+
+
+@pytest.mark.parametrize("status,plan", [
+    (STUCK, []),  # still stuck: watch it
+    (None, [(core.CLEAR, U1)]),  # its unit is gone with its processes
+    (unit("failed", "failed", "timeout", core.CLD_KILLED, 9), [(core.CLEAR, U1)]),
+])
+def test_reconcile_clears_warned_jobs_once_they_stop(status, plan):
+    warned = core.warn(job(CANCELLED, job_uuid=U1), 1.0, "stuck")
+    units = {} if status is None else {U1: status}
+    assert core.reconcile({U1: warned}, units, now=1000.0, stop_timeout=10) == plan
+
+
+def test_no_stuck_check_without_a_clock():
+    assert core.reconcile({U1: job(RUNNING, job_uuid=U1)}, {U1: STUCK}) == []
+
+
+def test_job_output_is_not_rate_limited_away():
+    props = dict(core.unit_properties(job(), stop_timeout=10))
+    assert props["LogRateLimitIntervalUSec"] > 0  # 0 would mean journald's default limit
+    assert props["LogRateLimitBurst"] >= 100_000
+
+
+# --- history -----------------------------------------------------------------------
+
+def record(n, state, submitted, ended=None, node="n1", user="alice"):
+    return core.Job(uuid=f"{n:08d}-0000-4000-8000-000000000000", command=f"job {n}", uid=1000,
+                    gid=1000, user=user, submitted_at=submitted, state=state, node=node,
+                    ended_at=ended)
+
+
+HISTORY = [
+    record(1, SUCCEEDED, 10.0, 20.0), record(2, FAILED, 11.0, 40.0, node="n2"),
+    record(3, RUNNING, 12.0), record(4, QUEUED, 30.0, node=None), record(5, WARNED, 5.0),
+    record(6, CANCELLED, 50.0, 51.0, user="bob"),
+]
+
+
+def numbers(jobs):
+    return [int(j.uuid[:8]) for j in jobs]
+
+
+def test_select_puts_live_jobs_first_then_the_latest_finished():
+    assert numbers(core.select(HISTORY)) == [5, 3, 4, 6, 2, 1]
+    assert numbers(core.select(HISTORY, limit=4)) == [5, 3, 4, 6]
+
+
+@pytest.mark.parametrize("filters,expected", [
+    ({"state": WARNED}, [5]),
+    ({"node": "n2"}, [2]),
+    ({"user": "bob"}, [6]),
+    ({"since": 11.0}, [3, 4, 6, 2]),
+    ({"until": 11.0}, [5, 2, 1]),
+    ({"since": 11.0, "until": 30.0, "user": "alice"}, [3, 4, 2]),
+    ({"state": SUCCEEDED, "node": "n2"}, []),
+])
+def test_select_filters(filters, expected):
+    assert numbers(core.select(HISTORY, **filters)) == expected
+
+
+def test_select_by_user_is_who_queued_it_or_whom_it_runs_as():
+    queued_by_root = dataclasses.replace(record(7, QUEUED, 60.0, node=None, user="nobody"),
+                                         submitter="root")
+    assert numbers(core.select(HISTORY + [queued_by_root], user="root")) == [7]
+    assert numbers(core.select(HISTORY + [queued_by_root], user="nobody")) == [7]
+
+
+def test_expired_by_age_and_by_count_never_live_ones():
+    assert set(numbers_of(core.expired(HISTORY, now=100.0, retention=70, max_finished=10))) == {1}
+    assert set(numbers_of(core.expired(HISTORY, now=100.0, retention=1000, max_finished=1))) == {1, 2}
+    everything = core.expired(HISTORY, now=1e9, retention=1, max_finished=0)
+    assert set(numbers_of(everything)) == {1, 2, 6}  # running, queued, warned stay
+
+
+def numbers_of(uuids):
+    return [int(u[:8]) for u in uuids]
+
+
+def test_durations_take_weeks_too():
+    assert core.parse_duration("1w") == 604800 and core.parse_duration("2d") == 172800
+
+
+def test_parse_when():
+    assert core.parse_when("2d", now=1_000_000.0) == 1_000_000.0 - 172800
+    assert core.parse_when("2026-11-28T14:00:00+00:00", now=0) == 1795874400.0
+    local = core.parse_when("2026-11-28 14:00", now=0)
+    assert abs(local - 1795874400.0) <= 14 * 3600  # local time, whatever the zone
+    with pytest.raises(core.InvalidInput, match="not a time"):
+        core.parse_when("yesterday", now=0)
