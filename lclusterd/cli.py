@@ -211,10 +211,11 @@ def _attempts(attempts):
 
 
 def _nodes_table(nodes):
-    rows = [("NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "FAILED AT")]
+    rows = [("NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "WARNED", "FAILED AT")]
     for n in nodes:
         rows.append(tuple(_text(v) for v in (n.get("name"), n.get("address"), n.get("state"),
                                              n.get("running"), n.get("slots"),
+                                             len(n.get("warned") or ()),
                                              _local_time(n.get("failed_at")))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows)

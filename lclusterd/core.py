@@ -224,6 +224,12 @@ def node_rows(members, live, failed, prime):
     return rows
 
 
+def with_warned(rows, warned):
+    """node_rows with each node's warned jobs: warned is {uuid: node name}."""
+    return [{**row, "warned": sorted(u for u, name in warned.items() if name == row["name"])}
+            for row in rows]
+
+
 # --- validation ------------------------------------------------------------
 
 def validate_command(command) -> str:

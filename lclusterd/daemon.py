@@ -18,7 +18,7 @@ import click
 from aiohttp import web
 from systemd import daemon as sd
 
-from lclusterd import (__version__, api, config as configuration, core, journal, netns,
+from lclusterd import (__version__, api, config as configuration, core, journal, netns, peers,
                        rootfs as rootfs_builder, sandbox)
 from lclusterd.node import Node
 from lclusterd.store import Store
@@ -146,7 +146,7 @@ async def serve(config, config_path=None):
                   tls={"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert,
                        "cert_key": config.etcd_key})
     units = Units()
-    node = Node(config, store, units, journal.JobLog)
+    node = Node(config, store, units, journal.JobLog, peers.Peers(token))
     units.on_change = node.unit_changed
 
     runner = web.AppRunner(api.make_app(node, token), access_log=None)

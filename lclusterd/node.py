@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, replace
 
 from lclusterd import core, netns
+from lclusterd.peers import Unreachable as PeerUnreachable
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Refused, Unavailable as UnitsUnavailable
 
@@ -45,7 +46,7 @@ class PermissionDenied(core.Forbidden):
 
 
 class Elsewhere(Exception):
-    """The job ran on another node; its output is in that node's journal."""
+    """The job ran on another node, whose output we cannot fetch."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,12 @@ class Caller:
 
 
 class Node:
-    def __init__(self, config, store, units, job_log=None, clock=time.time):
+    def __init__(self, config, store, units, job_log=None, peers=None, clock=time.time):
         self.config = config
         self.store = store
         self.units = units
         self.job_log = job_log  # journal.JobLog: a job's output on this node
+        self.peers = peers  # peers.Peers: the output of jobs that ran on other nodes
         self.clock = clock
         self.mine = set()  # uuids of live jobs on this node: they hold slots
         self.in_flight = set()  # uuids whose unit this process is starting now
@@ -192,9 +194,10 @@ class Node:
     # -- a job's output ----------------------------------------------------------
 
     async def output(self, job, caller, follow=False, tail=None, since=None):
-        """The job's output from this node's journal, in bounded chunks (an
-        async generator). follow: go on until the job has ended (a queued job
-        is waited for). Elsewhere if it ran on another node."""
+        """The job's output in bounded chunks (an async generator): from this
+        node's journal, or fetched from the node that ran it. follow: go on
+        until the job has ended (a queued job is waited for). Elsewhere if its
+        node cannot be asked."""
         self._check_owner(job, caller)
         while follow and job.node is None and not job.terminal:
             await asyncio.sleep(self.config.poll_interval / 4)  # queued: wait for a node
@@ -202,8 +205,18 @@ class Node:
         if job.node is None:
             return  # never ran: no output
         if job.node != self.config.node_name:
-            raise Elsewhere(f"job {job.uuid} ran on node {job.node}: its output is in that "
-                            f"node's journal")
+            live, members, _, _ = await self._store(self.store.cluster)
+            address = (live.get(job.node) or members.get(job.node) or {}).get("address")
+            chunks = self.peers.logs(job.node, address, job.uuid, follow=1 if follow else None,
+                                     tail=tail, since=since)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except PeerUnreachable as e:
+                raise Elsewhere(str(e)) from None
+            finally:
+                await chunks.aclose()
+            return
         loop = asyncio.get_running_loop()
         async with self.job_log(job.unit, tail, since) as output:
             quiet_since = None
@@ -556,4 +569,5 @@ class Node:
 
     async def nodes(self):
         live, members, failed, prime = await self._store(self.store.cluster)
-        return core.node_rows(members, live, failed, prime)
+        warned = await self._store(self.store.warned)
+        return core.with_warned(core.node_rows(members, live, failed, prime), warned)

@@ -597,3 +597,9 @@ def test_parse_when():
     assert abs(local - 1795874400.0) <= 14 * 3600  # local time, whatever the zone
     with pytest.raises(core.InvalidInput, match="not a time"):
         core.parse_when("yesterday", now=0)
+
+
+def test_with_warned_counts_each_nodes_warned_jobs():
+    rows = [{"name": "n1"}, {"name": "n2"}]
+    assert core.with_warned(rows, {U2: "n1", U1: "n1"}) == [
+        {"name": "n1", "warned": [U1, U2]}, {"name": "n2", "warned": []}]
