@@ -239,7 +239,10 @@ def test_a_job_stopped_by_systemd_that_does_not_stop_becomes_warned(box):
     finally:
         frozen.thaw()
     job = box.wait_state(uuid, ("failed",), timeout=30)
-    assert job["result"] == "timeout" and "after it was warned" in job["reason"]
+    # Whether systemd still saw its main process die (killed by signal 9) or
+    # had given up on it before (no exit status) depends on timing.
+    assert job["result"] == "timeout" and job["warned_at"] and job["warning"]
+    assert "killed by signal 9" in job["reason"] or "after it was warned" in job["reason"]
 
 
 # --- retention (last: it deletes records) -----------------------------------------------
