@@ -1,0 +1,556 @@
+"""The measurements, run inside the bench container as root by tests/bench/run.py
+(`make bench`), with lclusterd installed from the .deb and Slurm + munge in
+the rootfs. Prints one JSON object on stdout; progress goes to stderr.
+
+Every system gets the same jobs and the same number of them in flight:
+
+  lclusterd  jobs submitted over its HTTP API (and with lclusterc), `slots`
+             set to IN_FLIGHT; "finished" = its record turned terminal in etcd
+             (seen by an etcd watch)
+  systemd    StartTransientUnit of the same sandboxed unit (core.unit_properties,
+             but without RemainAfterExit: nobody records it), IN_FLIGHT at a
+             time; "finished" = systemd unloaded it (UnitRemoved)
+  slurm      sbatch --wrap, one node, OverSubscribe=FORCE so IN_FLIGHT jobs
+             fit on its 2 CPUs; "finished" = gone from squeue
+
+Dispatch latency is submit -> unit started: the unit's ActiveEnterTimestamp
+(for Type=simple: its main process was forked) as systemd announces it in
+PropertiesChanged, minus the wall clock just before the submit; for Slurm
+the job itself writes the clock when it starts (its batch script runs then).
+"""
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid as uuidlib
+
+import aiohttp
+import etcd3
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+from lclusterd import core
+from lclusterd.units import SIGNATURES, _variant, unit_path
+
+SOCKET = "/run/lclusterd/lclusterd.sock"
+CONF = "/etc/lclusterd/lclusterd.conf"
+ETCD_METRICS = "http://127.0.0.1:2379/metrics"
+PREFIX = "/lcluster"
+
+# The sizes of the runs: (name, value). BENCH_SCALE < 1 shrinks them for a quick try.
+SCALE = float(os.environ.get("BENCH_SCALE", "1"))
+JOBS = {"true": "true", "sleep": "sleep 0.1"}  # job kind -> command
+IN_FLIGHT = 16  # lclusterd's slots, systemd's calls in flight, Slurm's jobs per node
+N_E2E = int(1000 * SCALE)  # jobs of an end-to-end throughput run
+N_LATENCY = {"true": int(200 * SCALE), "sleep": int(100 * SCALE)}  # one at a time, idle node
+N_MEMORY = int(10000 * SCALE)  # jobs between the two RSS readings
+N_CLI = int(50 * SCALE)  # sequential lclusterc addjob calls
+N_CLI_PARALLEL = int(200 * SCALE)  # lclusterc addjob calls, CLI_PROCS at a time
+CLI_PROCS = 8
+HTTP_CLIENTS = 32  # concurrent HTTP clients
+N_SLURM_LATENCY = int(50 * SCALE)
+# etcd's own counters read before and after the 10,000 jobs
+ETCD_COUNTERS = ("etcd_server_proposals_committed_total", "etcd_mvcc_put_total",
+                 "etcd_mvcc_txn_total", "etcd_mvcc_delete_total", "etcd_mvcc_range_total",
+                 "etcd_mvcc_db_total_size_in_bytes", "etcd_mvcc_db_total_size_in_use_in_bytes",
+                 "etcd_debugging_mvcc_keys_total")
+TERMINAL = tuple(core.TERMINAL)
+
+
+def say(*args):
+    print("bench:", *args, file=sys.stderr, flush=True)
+
+
+def sh(cmd, check=True, **kw):
+    r = subprocess.run(cmd, shell=True, text=True, capture_output=True, **kw)
+    if check and r.returncode:
+        raise RuntimeError(f"{cmd!r} exited {r.returncode}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def percentiles(samples):
+    s = sorted(samples)
+    if not s:
+        return {}
+    pick = lambda q: s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return {"n": len(s), "p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99),
+            "min": s[0], "max": s[-1], "mean": sum(s) / len(s)}
+
+
+# --- observers -----------------------------------------------------------------
+
+class UnitMonitor:
+    """Our own connection to systemd: the first ActiveEnterTimestamp of every
+    unit (by object path) and the names of units that were unloaded."""
+
+    def __init__(self):
+        self.started = {}  # object path -> seconds since the epoch
+        self.waiters = {}  # unit name -> future resolved on UnitRemoved
+        self.bus = None
+
+    async def connect(self):
+        self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        self.bus.add_message_handler(self._on_message)
+        for rule in ("type='signal',sender='org.freedesktop.systemd1',"
+                     "interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',"
+                     "path_namespace='/org/freedesktop/systemd1/unit'",
+                     "type='signal',sender='org.freedesktop.systemd1',"
+                     "interface='org.freedesktop.systemd1.Manager',member='UnitRemoved'"):
+            await self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                            "AddMatch", "s", [rule])
+        await self.manager("Subscribe", "", [])
+
+    def _on_message(self, msg):
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        if msg.member == "PropertiesChanged" and msg.body[0] == "org.freedesktop.systemd1.Unit":
+            ts = msg.body[1].get("ActiveEnterTimestamp")
+            if ts is not None and ts.value and msg.path not in self.started:
+                self.started[msg.path] = ts.value / 1e6
+        elif msg.member == "UnitRemoved":
+            fut = self.waiters.pop(msg.body[0], None)
+            if fut is not None and not fut.done():
+                fut.set_result(time.time())
+        return None
+
+    async def call(self, dest, path, iface, member, sig, body):
+        reply = await self.bus.call(Message(destination=dest, path=path, interface=iface,
+                                            member=member, signature=sig, body=body))
+        if reply.message_type == MessageType.ERROR:
+            raise RuntimeError(f"{member}: {reply.error_name} {reply.body}")
+        return reply.body
+
+    async def manager(self, member, sig, body):
+        return await self.call("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                               "org.freedesktop.systemd1.Manager", member, sig, body)
+
+    async def started_at(self, unit, timeout=30):
+        path = unit_path(unit)
+        deadline = time.monotonic() + timeout
+        while path not in self.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{unit}: no ActiveEnterTimestamp within {timeout} s")
+            await asyncio.sleep(0.002)
+        return self.started.pop(path)
+
+
+class RecordWatch:
+    """An etcd watch on the job records: when each job's record was first seen
+    terminal (and its record then)."""
+
+    def __init__(self):
+        self.client = etcd3.client(timeout=30)
+        self.ended = {}  # uuid -> (time seen, record)
+        self.cond = threading.Condition()
+        events, self.cancel = self.client.watch_prefix(f"{PREFIX}/jobs/")
+        self.thread = threading.Thread(target=self._run, args=(events,), daemon=True)
+        self.thread.start()
+
+    def _run(self, events):
+        try:
+            for ev in events:
+                value = ev.value
+                if not value or b'"state":"queued"' in value or b'"state":"running"' in value \
+                        or b'"state":"starting"' in value:
+                    continue
+                now = time.time()
+                job = json.loads(value)
+                with self.cond:
+                    self.ended.setdefault(job["uuid"], (now, job))
+                    self.cond.notify_all()
+        except Exception as e:  # the watch is cancelled at the end
+            say("record watch ended:", e)
+
+    def wait(self, uuids, timeout):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not all(u in self.ended for u in uuids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [u for u in uuids if u not in self.ended]
+                    raise RuntimeError(f"{len(missing)} jobs not finished after {timeout} s, "
+                                       f"e.g. {missing[0]}")
+                self.cond.wait(min(left, 1))
+        return [self.ended[u] for u in uuids]
+
+    def close(self):
+        self.cancel()  # (closing the client too makes etcd3's watch thread complain)
+
+
+def etcd_counters():
+    text = urllib.request.urlopen(ETCD_METRICS, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if m and m.group(1) in ETCD_COUNTERS:
+            values[m.group(1)] = values.get(m.group(1), 0) + float(m.group(2))
+    return values
+
+
+def etcd_keyspace():
+    c = etcd3.client(timeout=60)
+    try:
+        keys = {"jobs": 0, "queue": 0, "other": 0}
+        for _, meta in c.get_prefix(f"{PREFIX}/", keys_only=True):
+            part = meta.key.decode()[len(PREFIX) + 1:].split("/", 1)[0]
+            keys[part if part in keys else "other"] += 1
+        return {"keys": keys, "total_keys": sum(keys.values())}
+    finally:
+        c.close()
+
+
+def daemon_pid():
+    pid = int(sh("systemctl show -p MainPID --value lclusterd").strip() or 0)
+    if not pid:
+        raise RuntimeError("lclusterd is not running")
+    return pid
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+# --- lclusterd ---------------------------------------------------------------------
+
+def lclusterd_setup():
+    with open(CONF) as f:
+        text = f.read()
+    text = re.sub(r"(?m)^#?slots *=.*$", f"slots = {IN_FLIGHT}", text)
+    with open(CONF, "w") as f:
+        f.write(text)
+    sh("systemctl restart lclusterd")
+    wait_for(lambda: subprocess.run(["lclusterc", "list", "--limit", "1"],
+                                    capture_output=True).returncode == 0, "lclusterd to answer")
+
+
+def wait_for(pred, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+async def http_submit(command, n, clients):
+    """Submit n jobs over HTTP with `clients` concurrent connections.
+    Returns (first submit, last accepted, uuids)."""
+    todo = iter(range(n))
+    uuids = []
+    conn = aiohttp.UnixConnector(path=SOCKET, limit=clients)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def worker():
+            for _ in todo:
+                async with session.post("http://lclusterd/v1/jobs", json={"command": command}) as r:
+                    body = await r.json()
+                    if r.status != 201:
+                        raise RuntimeError(f"submit: HTTP {r.status} {body}")
+                    uuids.append(body["job"]["uuid"])
+        t0 = time.time()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        t1 = time.time()
+    return t0, t1, uuids
+
+
+def lclusterd_e2e(watch, kind, n=N_E2E):
+    t0, t1, uuids = asyncio.run(http_submit(JOBS[kind], n, HTTP_CLIENTS))
+    ends = watch.wait(uuids, timeout=max(300, n / 5))
+    t_end = max(t for t, _ in ends)
+    bad = [job for _, job in ends if job["state"] != "succeeded"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {n} lclusterd jobs did not succeed, e.g. {bad[0]}")
+    return {"n": n, "submit_per_s": n / (t1 - t0), "seconds": t_end - t0,
+            "jobs_per_s": n / (t_end - t0)}
+
+
+async def lclusterd_latency(watch, kind, n):
+    mon = UnitMonitor()
+    await mon.connect()
+    samples = []
+    conn = aiohttp.UnixConnector(path=SOCKET)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        for _ in range(n):
+            t0 = time.time()
+            async with session.post("http://lclusterd/v1/jobs", json={"command": JOBS[kind]}) as r:
+                job = (await r.json())["job"]
+            samples.append(await mon.started_at(job["unit"]) - t0)
+            await asyncio.to_thread(watch.wait, [job["uuid"]], 60)
+            await asyncio.sleep(0.02)  # the node settles: idle again
+    mon.bus.disconnect()
+    return samples
+
+
+def lclusterc_submit(watch):
+    t0 = time.time()
+    uuids = [sh("lclusterc addjob true").split()[0] for _ in range(N_CLI)]
+    seq = N_CLI / (time.time() - t0)
+    t0 = time.time()
+    out = sh(f"seq {N_CLI_PARALLEL} | xargs -P {CLI_PROCS} -I@ lclusterc addjob true")
+    par = N_CLI_PARALLEL / (time.time() - t0)
+    uuids += out.split()
+    watch.wait(uuids, timeout=300)
+    return {"sequential_per_s": seq, "parallel_per_s": par, "parallel_procs": CLI_PROCS}
+
+
+def lclusterd_memory(watch):
+    """RSS before and after N_MEMORY `true` jobs, etcd's counters around them."""
+    pid = daemon_pid()
+    before = rss_mb(pid)
+    c0 = etcd_counters()
+    t0, t1, uuids = asyncio.run(http_submit("true", N_MEMORY, HTTP_CLIENTS))
+    ends = watch.wait(uuids, timeout=max(600, N_MEMORY / 5))
+    t_end = max(t for t, _ in ends)
+    time.sleep(2 * 2 + 1)  # two sweeps (poll_interval 2 s): the daemon is idle again
+    c1 = etcd_counters()
+    if daemon_pid() != pid:
+        raise RuntimeError("lclusterd restarted during the memory run")
+    after = rss_mb(pid)
+    delta = {k: c1.get(k, 0) - c0.get(k, 0) for k in ETCD_COUNTERS}
+    per_job = {k: v / N_MEMORY for k, v in delta.items()}
+    return {"n": N_MEMORY, "rss_before_mb": before, "rss_after_mb": after,
+            "rss_growth_mb": after - before, "jobs_per_s": N_MEMORY / (t_end - t0),
+            "submit_per_s": N_MEMORY / (t1 - t0),
+            "etcd_per_job": per_job,
+            "etcd_writes_per_job": per_job["etcd_server_proposals_committed_total"],
+            "etcd_after": {k: c1.get(k) for k in ETCD_COUNTERS if "size" in k or "keys" in k},
+            "keyspace": etcd_keyspace()}
+
+
+def bench_lclusterd():
+    say("lclusterd: setting slots =", IN_FLIGHT)
+    lclusterd_setup()
+    rss_start = rss_mb(daemon_pid())
+    watch = RecordWatch()
+    out = {"slots": IN_FLIGHT, "rss_at_start_mb": rss_start, "latency": {}, "e2e": {}}
+    try:
+        for kind in JOBS:
+            say(f"lclusterd: dispatch latency, {N_LATENCY[kind]} x {kind!r} one at a time")
+            out["latency"][kind] = asyncio.run(lclusterd_latency(watch, kind, N_LATENCY[kind]))
+        say(f"lclusterd: lclusterc addjob, {N_CLI} sequential, {N_CLI_PARALLEL} by {CLI_PROCS} processes")
+        out["lclusterc"] = lclusterc_submit(watch)
+        for kind in JOBS:
+            say(f"lclusterd: end to end, {N_E2E} x {kind!r}, {HTTP_CLIENTS} HTTP clients")
+            out["e2e"][kind] = lclusterd_e2e(watch, kind)
+            say("  ", json.dumps(out["e2e"][kind]))
+        say(f"lclusterd: memory and etcd writes over {N_MEMORY} x 'true'")
+        out["memory"] = lclusterd_memory(watch)
+        say("  ", json.dumps({k: v for k, v in out["memory"].items() if k != "etcd_per_job"}))
+    finally:
+        watch.close()
+    sh("systemctl stop lclusterd.socket lclusterd.service")
+    return out
+
+
+# --- raw systemd --------------------------------------------------------------------
+
+def raw_properties(command):
+    job = core.new_job(command, 0, 0, "root", time.time())
+    props = [(k, False if k == "RemainAfterExit" else v)
+             for k, v in core.unit_properties(job, 10)]
+    return [[k, Variant(SIGNATURES[k], _variant(v))] for k, v in props]
+
+
+async def raw_start(mon, command):
+    """Start one unit; returns (unit name, future resolved when it is unloaded)."""
+    name = f"lcluster-bench@{uuidlib.uuid4()}.service"
+    fut = asyncio.get_running_loop().create_future()
+    mon.waiters[name] = fut
+    await mon.manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                      [name, "fail", raw_properties(command), []])
+    return name, fut
+
+
+async def raw_e2e(kind, n=N_E2E):
+    mon = UnitMonitor()
+    await mon.connect()
+    todo = iter(range(n))
+
+    async def worker():
+        for _ in todo:
+            _, fut = await raw_start(mon, JOBS[kind])
+            await asyncio.wait_for(fut, 60)
+    t0 = time.time()
+    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    t1 = time.time()
+    mon.bus.disconnect()
+    return {"n": n, "seconds": t1 - t0, "jobs_per_s": n / (t1 - t0)}
+
+
+async def raw_latency(kind, n):
+    mon = UnitMonitor()
+    await mon.connect()
+    samples = []
+    for _ in range(n):
+        t0 = time.time()
+        name, fut = await raw_start(mon, JOBS[kind])
+        samples.append(await mon.started_at(name) - t0)
+        await asyncio.wait_for(fut, 60)
+        await asyncio.sleep(0.02)
+    mon.bus.disconnect()
+    return samples
+
+
+def bench_systemd():
+    out = {"in_flight": IN_FLIGHT, "latency": {}, "e2e": {}}
+    for kind in JOBS:
+        say(f"systemd: dispatch latency, {N_LATENCY[kind]} x {kind!r}")
+        out["latency"][kind] = asyncio.run(raw_latency(kind, N_LATENCY[kind]))
+        say(f"systemd: end to end, {N_E2E} x {kind!r}, {IN_FLIGHT} in flight")
+        out["e2e"][kind] = asyncio.run(raw_e2e(kind))
+        say("  ", json.dumps(out["e2e"][kind]))
+    return out
+
+
+# --- Slurm -------------------------------------------------------------------------
+
+# DESIGN.md's figures: the settings that made one node fast. One node whose 2
+# CPUs take IN_FLIGHT jobs (OverSubscribe=FORCE:8), jobs scheduled at once
+# (batch_sched_delay=0), finished jobs forgotten after 2 s (MinJobAge), no
+# accounting, job-completion log or accounting gathering; proctrack/linuxproc
+# because proctrack/cgroup fails in the container.
+SLURM_CONF = """\
+ClusterName=bench
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/builtin
+SchedulerParameters=batch_sched_delay=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MinJobAge=2
+ReturnToService=2
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+NodeName={host} CPUs=2 State=UNKNOWN
+PartitionName=bench Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:{share}
+"""
+
+
+def slurm_setup():
+    host = socket.gethostname()
+    # Slurm resolves names with AI_ADDRCONFIG: with only loopback (the container's
+    # private network) no name resolves. A veth pair inside the container's own
+    # network namespace gives it a non-loopback address for the hostname, which
+    # munge's credentials need too (else they carry 0.0.0.0).
+    if "bench0" not in sh("ip -br link"):
+        sh("ip link add bench0 type veth peer name bench1 && ip addr add 10.254.0.1/32 dev bench0"
+           " && ip link set bench0 up && ip link set bench1 up")
+    with open("/etc/hosts", "a") as f:
+        f.write(f"10.254.0.1\t{host}\n")
+    with open("/etc/slurm/slurm.conf", "w") as f:
+        f.write(SLURM_CONF.format(host=host, share=IN_FLIGHT // 2))
+    os.makedirs("/var/lib/slurm/slurmctld", exist_ok=True)
+    os.makedirs("/var/lib/slurm/slurmd", exist_ok=True)
+    os.makedirs("/var/log/slurm", exist_ok=True)
+    os.makedirs("/etc/systemd/system/munge.service.d", exist_ok=True)
+    with open("/etc/systemd/system/munge.service.d/bench.conf", "w") as f:
+        f.write("[Service]\nExecStart=\nExecStart=/usr/sbin/munged --num-threads 10\n")
+    sh("systemctl daemon-reload && systemctl restart munge && systemctl restart slurmctld slurmd")
+    wait_for(lambda: sh("sinfo -h -o %T", check=False).strip() == "idle", "the Slurm node to be idle")
+
+
+def sbatch(command, extra=""):
+    out = sh(f"sbatch --parsable -o /dev/null -e /dev/null {extra} --wrap={command!r}")
+    return out.strip().split(";")[0]
+
+
+def slurm_idle():
+    return sh("squeue -h -o %i", check=False).strip() == ""
+
+
+def slurm_wait_idle(timeout):
+    deadline = time.monotonic() + timeout
+    while not slurm_idle():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Slurm jobs still queued after {timeout} s")
+        time.sleep(0.1)
+    return time.time()
+
+
+def slurm_e2e(kind, n=N_E2E):
+    t0 = time.time()
+    sh(f"seq {n} | xargs -P {CLI_PROCS} -I@ sbatch --parsable -o /dev/null -e /dev/null "
+       f"--wrap={JOBS[kind]!r}")
+    t1 = time.time()
+    t_end = slurm_wait_idle(max(600, n))
+    return {"n": n, "submit_per_s": n / (t1 - t0), "seconds": t_end - t0,
+            "jobs_per_s": n / (t_end - t0)}
+
+
+def slurm_latency(kind, n):
+    os.makedirs("/var/tmp/slurm-lat", exist_ok=True)
+    samples = []
+    cmd = JOBS[kind]
+    for _ in range(n):
+        t0 = time.time()
+        jobid = sbatch(f"date +%s.%N >/var/tmp/slurm-lat/$SLURM_JOB_ID; {cmd}")
+        path = f"/var/tmp/slurm-lat/{jobid}"
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(path) and os.path.getsize(path)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Slurm job {jobid} did not start within 60 s")
+            time.sleep(0.002)
+        with open(path) as f:
+            samples.append(float(f.read()) - t0)
+        slurm_wait_idle(60)
+    return samples
+
+
+def bench_slurm():
+    say("slurm: configuring one node (munge, slurmctld, slurmd)")
+    slurm_setup()
+    out = {"in_flight": IN_FLIGHT, "latency": {}, "e2e": {}}
+    t0 = time.time()
+    for _ in range(N_CLI):
+        sbatch("true")
+    out["sbatch_sequential_per_s"] = N_CLI / (time.time() - t0)
+    slurm_wait_idle(300)
+    for kind in JOBS:
+        say(f"slurm: dispatch latency, {N_SLURM_LATENCY} x {kind!r}")
+        out["latency"][kind] = slurm_latency(kind, N_SLURM_LATENCY)
+        say(f"slurm: end to end, {N_E2E} x {kind!r}, sbatch from {CLI_PROCS} processes")
+        out["e2e"][kind] = slurm_e2e(kind)
+        say("  ", json.dumps(out["e2e"][kind]))
+    sh("systemctl stop slurmd slurmctld munge")
+    return out
+
+
+def main():
+    which = sys.argv[1:] or ["lclusterd", "systemd", "slurm"]
+    results = {"cpus": os.cpu_count(), "scale": SCALE,
+               "sizes": {"e2e": N_E2E, "latency": N_LATENCY, "memory": N_MEMORY,
+                         "http_clients": HTTP_CLIENTS, "in_flight": IN_FLIGHT}}
+    sh("systemctl stop slurmd slurmctld", check=False)  # quiet while the others run
+    for name in which:
+        t = time.monotonic()
+        results[name] = {"lclusterd": bench_lclusterd, "systemd": bench_systemd,
+                         "slurm": bench_slurm}[name]()
+        say(f"{name}: done in {time.monotonic() - t:.0f} s")
+    json.dump(results, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

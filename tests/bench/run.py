@@ -1,0 +1,216 @@
+"""`make bench`: boot the test container (with Slurm and munge in its rootfs),
+install the built .deb with apt, run tests/bench/inner.py inside, then print
+the table of figures and their ratios to the baselines, and save it as JSON
+with a PNG of the latency distributions.
+
+    python3 -m tests.bench.run --deb-dir dist --out dist/bench [--scale 0.1] [--only lclusterd]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.system import container as ct
+
+HERE = Path(__file__).resolve().parent
+# The bench rootfs: the system tests' packages plus the Slurm baseline's.
+BENCH_PACKAGES = ct.TEST_PACKAGES + ["slurm-wlm", "munge"]
+
+# The targets of issue 6 on a 2-core machine: (figure, test of its value, as said).
+TARGETS = {
+    "e2e true, jobs/s": ("ratio_systemd", lambda r: r >= 0.8, ">= 0.8 x raw systemd"),
+    "e2e sleep 0.1, jobs/s": ("ratio_systemd", lambda r: r >= 0.8, ">= 0.8 x raw systemd"),
+    "submit, HTTP concurrent, jobs/s": ("value", lambda v: v >= 1000, ">= 1000/s"),
+    "dispatch true p50, ms": ("value", lambda v: v <= 30, "<= 30 ms"),
+    "dispatch true p99, ms": ("value", lambda v: v <= 150, "<= 150 ms"),
+    "dispatch sleep 0.1 p50, ms": ("value", lambda v: v <= 30, "<= 30 ms"),
+    "dispatch sleep 0.1 p99, ms": ("value", lambda v: v <= 150, "<= 150 ms"),
+    "RSS growth over memory run, MB": ("value", lambda v: v <= 20, "<= 20 MB"),
+    "etcd writes per job": ("value", lambda v: v <= 4, "<= 4"),
+}
+KIND_LABEL = {"true": "true", "sleep": "sleep 0.1"}
+
+
+def table(res):
+    """[(figure, lclusterd, systemd or None, slurm or None)]; larger or smaller is better
+    as the figure says."""
+    lc, sd, sl = res.get("lclusterd", {}), res.get("systemd", {}), res.get("slurm", {})
+    g = lambda d, *keys: _dig(d, keys)
+    ms = lambda v: None if v is None else v * 1000
+    rows = []
+    for kind, label in KIND_LABEL.items():
+        rows.append((f"e2e {label}, jobs/s", g(lc, "e2e", kind, "jobs_per_s"),
+                     g(sd, "e2e", kind, "jobs_per_s"), g(sl, "e2e", kind, "jobs_per_s")))
+    rows.append(("submit, HTTP concurrent, jobs/s", g(lc, "e2e", "true", "submit_per_s"),
+                 None, g(sl, "e2e", "true", "submit_per_s")))
+    rows.append(("submit, CLI sequential, jobs/s", g(lc, "lclusterc", "sequential_per_s"),
+                 None, g(sl, "sbatch_sequential_per_s")))
+    rows.append(("submit, CLI 8 processes, jobs/s", g(lc, "lclusterc", "parallel_per_s"),
+                 None, g(sl, "e2e", "true", "submit_per_s")))
+    if g(lc, "batch") is not None:
+        rows.append(("submit, batch, jobs/s", g(lc, "batch", "submit_per_s"), None, None))
+    for kind, label in KIND_LABEL.items():
+        stats = [_pct(g(d, "latency", kind)) for d in (lc, sd, sl)]
+        for q in ("p50", "p95", "p99"):
+            rows.append((f"dispatch {label} {q}, ms", *(ms(s.get(q)) for s in stats)))
+    mem = g(lc, "memory") or {}
+    n = mem.get("n", 0)
+    rows += [
+        (f"e2e true over memory run ({n} jobs), jobs/s", mem.get("jobs_per_s"), None, None),
+        ("RSS at start, MB", g(lc, "rss_at_start_mb"), None, None),
+        ("RSS before memory run, MB", mem.get("rss_before_mb"), None, None),
+        ("RSS after memory run, MB", mem.get("rss_after_mb"), None, None),
+        ("RSS growth over memory run, MB", mem.get("rss_growth_mb"), None, None),
+        ("etcd writes per job", mem.get("etcd_writes_per_job"), None, None),
+    ]
+    for k, v in sorted((mem.get("etcd_per_job") or {}).items()):
+        if k.endswith("_total") and "keys" not in k:
+            rows.append((f"  {k} per job", v, None, None))
+    ks = mem.get("keyspace") or {}
+    after = mem.get("etcd_after") or {}
+    rows += [
+        ("etcd keys under prefix after all runs", ks.get("total_keys"), None, None),
+        ("etcd db size after all runs, MB",
+         _div(after.get("etcd_mvcc_db_total_size_in_bytes"), 2 ** 20), None, None),
+        ("etcd db size in use after all runs, MB",
+         _div(after.get("etcd_mvcc_db_total_size_in_use_in_bytes"), 2 ** 20), None, None),
+    ]
+    return rows
+
+
+def _dig(d, keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _div(a, b):
+    return None if a is None else a / b
+
+
+def _pct(samples):
+    if not samples:
+        return {}
+    s = sorted(samples)
+    return {q: s[min(len(s) - 1, int(round(f * (len(s) - 1))))]
+            for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+
+
+def with_ratios(rows):
+    out = []
+    for name, lc, sd, sl in rows:
+        target = TARGETS.get(name)
+        row = {"figure": name, "lclusterd": lc, "systemd": sd, "slurm": sl,
+               "ratio_systemd": lc / sd if lc is not None and sd else None,
+               "ratio_slurm": lc / sl if lc is not None and sl else None}
+        if target and lc is not None:
+            key, ok, said = target
+            value = row[key]
+            row["target"] = said
+            row["met"] = bool(value is not None and ok(value))
+            if name.startswith("e2e") and sl is not None:  # and above Slurm
+                row["target"] += " and > Slurm"
+                row["met"] = row["met"] and lc > sl
+        out.append(row)
+    return out
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+
+
+def render(rows):
+    head = ("figure", "lclusterd", "systemd", "slurm", "lcd/systemd", "lcd/slurm", "target", "met")
+    lines = [[r["figure"], fmt(r["lclusterd"]), fmt(r["systemd"]), fmt(r["slurm"]),
+              fmt(r["ratio_systemd"]), fmt(r["ratio_slurm"]), r.get("target", ""),
+              fmt(r["met"]) if "met" in r else ""] for r in rows]
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    show = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([show(head), show(["-" * w for w in widths]), *map(show, lines)])
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (kind, label) in zip(axes, KIND_LABEL.items()):
+        for system in ("lclusterd", "systemd", "slurm"):
+            samples = sorted(_dig(res, (system, "latency", kind)) or [])
+            if samples:
+                ys = [(i + 1) / len(samples) for i in range(len(samples))]
+                ax.step([s * 1000 for s in samples], ys, where="post",
+                        label=f"{system} (n={len(samples)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("submit -> unit started, ms (log)")
+        ax.set_ylabel("fraction of jobs")
+        ax.set_title(f"dispatch latency on an idle node, job '{label}'")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run_inside(c, cmd, timeout):
+    """Like Container.run, but stderr (progress) goes straight to ours."""
+    argv = ["nsenter", "-t", str(c.init_pid), "-a", "env", "-i", *ct.INNER_ENV,
+            "HOME=/root", "sh", "-c", cmd]
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                       timeout=timeout, env={"PATH": ct.INNER_PATH})
+    if r.returncode:
+        raise ct.ContainerError(f"{cmd!r} exited {r.returncode}")
+    return r.stdout
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python3 -m tests.bench.run")
+    ap.add_argument("--deb-dir", required=True)
+    ap.add_argument("--out", required=True, help="directory for results.json and latency.png")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink the runs (quick tries)")
+    ap.add_argument("--only", action="append", choices=("lclusterd", "systemd", "slurm"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    debs = sorted(Path(args.deb_dir).glob("lclusterd_*_all.deb"))
+    if not debs:
+        print(f"bench: no lclusterd_*_all.deb in {args.deb_dir}", file=sys.stderr)
+        return 1
+    t = time.monotonic()
+    try:
+        ct.check_host()
+        rootfs = ct.build_rootfs(BENCH_PACKAGES)
+        with ct.Container(ct.unique_name("lcbench"), rootfs,
+                          binds_ro={str(Path(args.deb_dir).resolve()): "/mnt/debs",
+                                    str(HERE): "/mnt/bench"}) as c:
+            print(f"bench: container {c.name} up; installing {debs[-1].name}", file=sys.stderr)
+            c.run(f"apt-get install -y --no-install-recommends /mnt/debs/{debs[-1].name}",
+                  timeout=300)
+            raw = run_inside(c, f"BENCH_SCALE={args.scale} /usr/bin/python3 /mnt/bench/inner.py "
+                             + " ".join(args.only or []), timeout=3600)
+    except (ct.ContainerError, subprocess.TimeoutExpired) as e:
+        print(f"bench: FAILED: {e}", file=sys.stderr)
+        return 1
+    res = json.loads(raw.strip().splitlines()[-1])
+    rows = with_ratios(table(res))
+    res["table"] = rows
+    res["wall_seconds"] = time.monotonic() - t
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    plot(res, out / "latency.png")
+    print(render(rows))
+    print(f"\n{res['cpus']} CPUs; {res['sizes']}; in flight {res['sizes']['in_flight']} "
+          f"(lclusterd slots, systemd calls, Slurm OverSubscribe); wall {res['wall_seconds']:.0f} s")
+    print(f"saved {out / 'results.json'} and {out / 'latency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
