@@ -42,6 +42,15 @@ SIGNATURES = {
     "LogRateLimitIntervalUSec": "t", "LogRateLimitBurst": "u",
 }
 
+# What status() reads, per interface. Only these, with one Get each: a GetAll
+# of a service unmarshals ~250 properties, which was most of the daemon's CPU
+# under load (make bench, py-spy).
+STATUS_PROPERTIES = (
+    (UNIT, ("LoadState", "ActiveState", "SubState", "ActiveExitTimestamp")),
+    (SERVICE, ("Result", "ExecMainCode", "ExecMainStatus", "ExecMainStartTimestamp",
+               "ExecMainExitTimestamp", "ExecStopPost")),
+)
+
 # Errors that mean "no such unit (any more)".
 GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed",
         "org.freedesktop.DBus.Error.UnknownObject")
@@ -75,6 +84,7 @@ class Units:
     def __init__(self, on_change=None):
         self.on_change = on_change  # called with a job uuid when its unit changes
         self._bus = None
+        self._watched = set()  # uuids whose unit has a match rule on this connection
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def connect(self):
@@ -84,10 +94,7 @@ class Units:
             raise Unavailable(f"cannot reach the system bus: {e}")
         bus.add_message_handler(self._on_message)
         self._bus = bus
-        await self._call(
-            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
-            [f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
-             f"member='PropertiesChanged',path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'"])
+        self._watched = set()  # match rules live as long as their connection
         # Without Subscribe systemd sends no PropertiesChanged for units.
         await self._manager("Subscribe", "", [])
 
@@ -102,7 +109,8 @@ class Units:
 
     def _on_message(self, msg):
         if (msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged"
-                and msg.path and msg.path.startswith(_JOB_PATH_PREFIX) and self.on_change):
+                and msg.path and msg.path.startswith(_JOB_PATH_PREFIX) and self.on_change
+                and _may_have_ended(msg.body)):
             job_uuid = _uuid_of_path(msg.path)
             if job_uuid:
                 self.on_change(job_uuid)
@@ -123,6 +131,29 @@ class Units:
             raise DBusError(reply.error_name, reply.body[0] if reply.body else "", reply)
         return reply.body
 
+    async def _bus_match(self, member, job_uuid):
+        # One rule per job unit, only for its Unit interface: a rule for all
+        # units would also bring every other unit's changes (each job changes
+        # the dependency lists of ~8 others) and the Service interface's big
+        # ones; unmarshalling those was most of the daemon's CPU (make bench).
+        # (dbus-daemon allows 512 rules per connection: far above `slots`.)
+        rule = (f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
+                f"member='PropertiesChanged',path='{unit_path(core.unit_name(job_uuid))}',"
+                f"arg0='{UNIT}'")
+        await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                         member, "s", [rule])
+
+    async def watch(self, job_uuid):
+        """Have systemd's changes of this job's unit reported to on_change."""
+        if job_uuid not in self._watched:
+            await self._bus_match("AddMatch", job_uuid)
+            self._watched.add(job_uuid)
+
+    async def unwatch(self, job_uuid):
+        if job_uuid in self._watched:
+            self._watched.discard(job_uuid)
+            await self._bus_match("RemoveMatch", job_uuid)
+
     async def _manager(self, member, signature, body):
         return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, body)
 
@@ -132,21 +163,34 @@ class Units:
         """Start the job's transient service with properties (name, value)
         from core.unit_properties; Refused if systemd says no."""
         props = [[name, Variant(SIGNATURES[name], _variant(value))] for name, value in properties]
+        await self.watch(job.uuid)  # before the start: its first changes must not be missed
         try:
             await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
                                 [job.unit, "fail", props, []])
         except DBusError as e:
+            await self.unwatch(job.uuid)
             raise Refused(e.text) from None
 
     async def status(self, job_uuid):
         """core.UnitStatus of the job's unit, or None if it is not loaded."""
         path = unit_path(core.unit_name(job_uuid))
+        wanted = [(iface, name) for iface, names in STATUS_PROPERTIES for name in names]
+        # All at once: one round trip's wait, not ten. Any error of a unit
+        # that is not loaded means only that.
+        answers = await asyncio.gather(*(
+            self._call(SYSTEMD, path, PROPERTIES, "Get", "ss", [iface, name])
+            for iface, name in wanted), return_exceptions=True)
+        load_state = answers[0]
+        if (isinstance(load_state, DBusError) and load_state.type in GONE
+                or not isinstance(load_state, BaseException) and load_state[0].value != "loaded"):
+            return None
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        p = {name: answer[0].value for (_, name), answer in zip(wanted, answers)}
+        exec_stop_post = answers[[name for _, name in wanted].index("ExecStopPost")][0]
+        active = p["ActiveState"]
         try:
-            (unit,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [UNIT])
-            if unit["LoadState"].value != "loaded":
-                return None
-            (service,) = await self._call(SYSTEMD, path, PROPERTIES, "GetAll", "s", [SERVICE])
-            active = unit["ActiveState"].value
             # Once it is no longer active, are processes left that systemd could not kill?
             processes = 0 if active == "active" else len((await self._manager(
                 "GetUnitProcesses", "s", [core.unit_name(job_uuid)]))[0])
@@ -155,13 +199,12 @@ class Units:
                 return None
             raise
         return core.UnitStatus(
-            active_state=active, sub_state=unit["SubState"].value,
-            result=service["Result"].value, exit_code=service["ExecMainCode"].value,
-            exit_status=service["ExecMainStatus"].value,
-            started_at=_seconds(service["ExecMainStartTimestamp"].value),
-            ended_at=_seconds(service["ExecMainExitTimestamp"].value),
-            stopped_at=_seconds(unit["ActiveExitTimestamp"].value), processes=processes,
-            oom_killed=_oom_seen(service.get("ExecStopPost")))
+            active_state=active, sub_state=p["SubState"],
+            result=p["Result"], exit_code=p["ExecMainCode"], exit_status=p["ExecMainStatus"],
+            started_at=_seconds(p["ExecMainStartTimestamp"]),
+            ended_at=_seconds(p["ExecMainExitTimestamp"]),
+            stopped_at=_seconds(p["ActiveExitTimestamp"]), processes=processes,
+            oom_killed=_oom_seen(exec_stop_post))
 
     async def list(self):
         """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
@@ -174,6 +217,7 @@ class Units:
                 status = await self.status(job_uuid)
                 if status is not None:
                     found[job_uuid] = status
+                    await self.watch(job_uuid)  # e.g. found after a restart
         return found
 
     async def stop(self, job_uuid):
@@ -191,11 +235,13 @@ class Units:
         except DBusError:
             pass  # gone, or nothing left running in it: the stop that follows settles it
 
-    async def release(self, job_uuid):
+    async def release(self, job_uuid, status=None):
         """Unload a finished unit whose outcome is recorded: a stopped unit is
-        garbage-collected, a failed one needs its failure reset first."""
-        status = await self.status(job_uuid)
+        garbage-collected, a failed one needs its failure reset first.
+        status: the unit's status if the caller just read it."""
+        status = status or await self.status(job_uuid)
         if status is None:
+            await self.unwatch(job_uuid)
             return
         try:
             if status.active_state == "failed":
@@ -205,6 +251,7 @@ class Units:
         except DBusError as e:
             if e.type not in GONE:
                 raise
+        await self.unwatch(job_uuid)
 
     async def stop_and_wait(self, job_uuid, timeout):
         """Stop the unit and wait until it is gone (or timeout seconds pass)."""
@@ -214,11 +261,25 @@ class Units:
         while loop.time() < deadline:
             status = await self.status(job_uuid)
             if status is None:
+                await self.unwatch(job_uuid)
                 return True
             if status.active_state in ("inactive", "failed"):
                 await self.release(job_uuid)
             await asyncio.sleep(0.1)
         return False
+
+
+def _may_have_ended(body):
+    """Whether a unit's PropertiesChanged (interface, changed, invalidated) may
+    tell that it ended: only an ActiveState of its Unit interface does. The
+    others (it loaded, it started) would each cost the node a status read for
+    nothing; the sweep catches anything missed."""
+    interface, changed = body[0], body[1]
+    if interface != UNIT or "ActiveState" not in changed:
+        return interface == UNIT and "ActiveState" in body[2]  # invalidated: look
+    state = changed["ActiveState"].value
+    sub = changed["SubState"].value if "SubState" in changed else None
+    return state in ("inactive", "failed", "deactivating") or (state == "active" and sub != "running")
 
 
 def _uuid_of_path(path):
