@@ -4,6 +4,7 @@
 #   make lint    lintian on the built .deb (shows warnings, fails on errors)
 #   make clean   remove build outputs
 #   make test    run the test suite
+#   make bench   measure throughput, latency, memory against systemd and Slurm
 
 PYTHON ?= /usr/bin/python3
 
@@ -15,7 +16,7 @@ DIST    := dist
 BUILDDIR := $(DIST)/build/lclusterd-$(VERSION)
 DEB      := $(DIST)/lclusterd_$(VERSION)_all.deb
 
-.PHONY: all deps deb lint clean test demo
+.PHONY: all deps deb lint clean test demo bench
 
 all: deb
 
@@ -86,3 +87,21 @@ demo: deps deb
 	fi
 
 # ---- bench ------------------------------------------------------------------
+# `make bench` boots the test container (its rootfs also holds Slurm and munge,
+# cached in /var/cache/lclusterd-tests), installs the .deb with apt, and
+# measures lclusterd against raw systemd and Slurm on the same jobs. Prints
+# the table; saves dist/bench/results.json and dist/bench/latency.png.
+# BENCH_ARGS="--scale 0.1" for a quick try.
+
+BENCH_DEPS := python3-matplotlib
+BENCH_ARGS ?=
+
+bench: deps deb
+	@missing=$$(for p in $(BENCH_DEPS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q ' installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(PYTHON) -m tests.bench.run --deb-dir $(DIST) --out $(DIST)/bench $(BENCH_ARGS)

@@ -32,7 +32,7 @@ STATUS_OF = (
 )
 
 # command, and what the job asks for (core.job_spec, core.run_as).
-SUBMIT_FIELDS = {"command", "user", "memory", "cpus", "tasks", "timeout", "env", "workdir",
+SUBMIT_FIELDS = {"command", "count", "user", "memory", "cpus", "tasks", "timeout", "env", "workdir",
                  "network", "max_attempts", "priority"}
 REMOTE = Caller(uid=0, gid=0, user="root")  # who a TCP caller with the token is
 MAX_BODY = 2 * core.MAX_COMMAND_BYTES  # JSON escaping can double a command
@@ -122,7 +122,10 @@ async def submit(request):
     body = await _body(request, SUBMIT_FIELDS)
     if "command" not in body:
         raise core.InvalidInput("missing field: command")
-    job = await request.app["node"].submit(body.pop("command"), caller_of(request), body)
+    count = body.pop("count", None)  # a batch: count copies, all queued or none
+    job = await request.app["node"].submit(body.pop("command"), caller_of(request), body, count)
+    if count is not None:
+        return web.json_response({"jobs": [j.to_dict() for j in job]}, status=201)
     return web.json_response({"job": job.to_dict()}, status=201)
 
 

@@ -294,6 +294,20 @@ def lclusterc(ctx, socket_path, server, token_file):
         raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
 
 
+def _addjob_batch(client, command, count, as_json, spec):
+    """Batches of core.MAX_BATCH, each queued all or none; uuids printed as
+    each batch is accepted, so a failure part way leaves no doubt."""
+    _checked(lambda c: core.validate_count(min(count, core.MAX_BATCH), c), command)
+    jobs = []
+    while len(jobs) < count:
+        batch = client.add_jobs(command, min(core.MAX_BATCH, count - len(jobs)), **spec)
+        jobs += batch
+        if not as_json:
+            click.echo("\n".join(job["uuid"] for job in batch))
+    if as_json:
+        _echo_json(jobs)
+
+
 @lclusterc.command()
 @click.argument("command")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
@@ -312,9 +326,11 @@ def lclusterc(ctx, socket_path, server, token_file):
               help="none (own loopback, the default), host or ns:NAME, where the node allows it.")
 @click.option("--user", metavar="NAME",
               help="Run as this user (root only; root's jobs run as nobody without it).")
+@click.option("--count", type=int, metavar="N",
+              help=f"Queue N copies, {core.MAX_BATCH} per request; print their uuids.")
 @click.pass_obj
 def addjob(client, command, wait, retries, priority, as_json, memory, cpus, tasks, timeout, env,
-           workdir, network, user):
+           workdir, network, user, count):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
     checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
               "timeout": core.parse_duration, "workdir": core.validate_workdir,
@@ -326,8 +342,14 @@ def addjob(client, command, wait, retries, priority, as_json, memory, cpus, task
             _checked(checks[name], value)  # the daemon parses the text again
     if env:
         _checked(core.validate_env, list(env))
-    job = client.add_job(_checked(core.validate_command, command), env=list(env) or None,
-                         user=user, max_attempts=retries, priority=priority, **given)
+    command = _checked(core.validate_command, command)
+    spec = dict(env=list(env) or None, user=user, max_attempts=retries, priority=priority, **given)
+    if count is not None:
+        if wait:
+            raise Failure("--wait takes one job, not --count", EXIT_USAGE)
+        _addjob_batch(client, command, count, as_json, spec)
+        return
+    job = client.add_job(command, **spec)
     if not as_json:
         click.echo(job["uuid"])  # at once, even with --wait: the user may need it
     if wait:

@@ -186,6 +186,12 @@ class Client:
     def nodes(self):
         return self._field(self._request("GET", "/v1/nodes"), "nodes", list)
 
+    def add_jobs(self, command, count, **spec):
+        """count copies of command in one request (core.MAX_BATCH at most); spec as add_job's."""
+        body = {"command": command, "count": count, **{k: v for k, v in spec.items() if v is not None}}
+        jobs = self._field(self._request("POST", "/v1/jobs", body), "jobs", list)
+        return [self._job({"job": job}) for job in jobs]
+
     def get_job(self, ref):
         return self._job(self._request("GET", self._job_path(ref)))
 

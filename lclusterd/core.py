@@ -12,6 +12,11 @@ import uuid as uuidlib
 from typing import Optional
 
 MAX_COMMAND_BYTES = 64 * 1024
+# A batch submit (count copies of one command) is one etcd transaction: at
+# most 64 jobs (two puts each under etcd's default 128 operations) and 1 MiB
+# of commands (etcd takes requests up to 1.5 MiB).
+MAX_BATCH = 64
+MAX_BATCH_BYTES = 1024 * 1024
 MIN_PREFIX_LEN = 4
 UNIT_PREFIX = "lcluster-job@"
 UNIT_SUFFIX = ".service"
@@ -231,6 +236,17 @@ def with_warned(rows, warned):
 
 
 # --- validation ------------------------------------------------------------
+
+def validate_count(count, command: str) -> int:
+    """How many copies of command one batch submit may queue."""
+    if type(count) is not int or count < 1:
+        raise InvalidInput("count must be a whole number of at least 1")
+    if count > MAX_BATCH:
+        raise InvalidInput(f"count must be at most {MAX_BATCH} per request")
+    if count * len(command.encode("utf-8")) > MAX_BATCH_BYTES:
+        raise InvalidInput(f"count x command length must stay under {MAX_BATCH_BYTES} bytes")
+    return count
+
 
 def validate_command(command) -> str:
     if not isinstance(command, str):

@@ -122,9 +122,10 @@ class Node:
     async def ping(self):
         await self._store(self.store.ping)
 
-    async def submit(self, command, caller, request=None):
+    async def submit(self, command, caller, request=None, count=None):
         """Queue command; request: what the job asks for (core.job_spec's
-        fields, and user: whom to run as)."""
+        fields, and user: whom to run as). count: queue that many copies, all
+        or none, and return them as a list (a batch)."""
         request = request or {}
         spec = core.job_spec(request, self.config)
         uid, gid, user = caller.uid, caller.gid, caller.user
@@ -135,11 +136,13 @@ class Node:
             except KeyError:
                 raise core.InvalidInput(f"no such user '{name}' on this node") from None
             uid, gid, user = entry.pw_uid, entry.pw_gid, entry.pw_name
-        job = core.new_job(command, uid, gid, user, self.clock(), submitter=caller.user,
-                           submitter_uid=caller.uid, **spec)
-        await self._store(self.store.submit, job)
+        copies = 1 if count is None else core.validate_count(count, core.validate_command(command))
+        now = self.clock()
+        jobs = [core.new_job(command, uid, gid, user, now, submitter=caller.user,
+                             submitter_uid=caller.uid, **spec) for _ in range(copies)]
+        await self._store(self.store.submit_many, jobs)
         self.wake()
-        return job
+        return jobs[0] if count is None else jobs
 
     async def find(self, ref):
         ref = core.validate_ref(ref)

@@ -146,15 +146,21 @@ class Store:
     # -- writes -------------------------------------------------------------
 
     def submit(self, job):
+        self.submit_many([job])
+
+    def submit_many(self, jobs):
+        """Queue new jobs, all or none, in one transaction (core.MAX_BATCH at most)."""
         def write(c):
-            key = self._job_key(job.uuid)
+            keys = [self._job_key(job.uuid) for job in jobs]
             ok, _ = c.transaction(
-                compare=[c.transactions.version(key) == 0],
-                success=[c.transactions.put(key, _encode(job)),
-                         c.transactions.put(self._queue_key(job), job.uuid)], failure=[])
+                compare=[c.transactions.version(key) == 0 for key in keys],
+                success=[op for job, key in zip(jobs, keys)
+                         for op in (c.transactions.put(key, _encode(job)),
+                                    c.transactions.put(self._queue_key(job), job.uuid))],
+                failure=[])
             return ok
         if not self._call(write):
-            raise RuntimeError(f"job {job.uuid} already exists")
+            raise RuntimeError(f"job {jobs[0].uuid if len(jobs) == 1 else 'uuid'} already exists")
 
     def update(self, old, new, revision, prime=None):
         """Replace old with new if the record is still at revision; moves the

@@ -55,6 +55,7 @@ N_CLI = int(50 * SCALE)  # sequential lclusterc addjob calls
 N_CLI_PARALLEL = int(200 * SCALE)  # lclusterc addjob calls, CLI_PROCS at a time
 CLI_PROCS = 8
 HTTP_CLIENTS = 32  # concurrent HTTP clients
+BATCH_CLIENTS = 4  # concurrent HTTP clients of the batch submit, core.MAX_BATCH jobs a request
 N_SLURM_LATENCY = int(50 * SCALE)
 # etcd's own counters read before and after the 10,000 jobs
 ETCD_COUNTERS = ("etcd_server_proposals_committed_total", "etcd_mvcc_put_total",
@@ -242,28 +243,32 @@ def wait_for(pred, what, timeout=60):
         time.sleep(0.2)
 
 
-async def http_submit(command, n, clients):
-    """Submit n jobs over HTTP with `clients` concurrent connections.
-    Returns (first submit, last accepted, uuids)."""
-    todo = iter(range(n))
+async def http_submit(command, n, clients, batch=None):
+    """Submit n jobs over HTTP with `clients` concurrent connections, one job
+    a request or `batch` ({"count": batch}). Returns (first submit, last accepted, uuids)."""
+    todo = iter(range(0, n, batch or 1))
     uuids = []
     conn = aiohttp.UnixConnector(path=SOCKET, limit=clients)
     async with aiohttp.ClientSession(connector=conn) as session:
         async def worker():
-            for _ in todo:
-                async with session.post("http://lclusterd/v1/jobs", json={"command": command}) as r:
+            for i in todo:
+                req = {"command": command}
+                if batch:
+                    req["count"] = min(batch, n - i)
+                async with session.post("http://lclusterd/v1/jobs", json=req) as r:
                     body = await r.json()
                     if r.status != 201:
                         raise RuntimeError(f"submit: HTTP {r.status} {body}")
-                    uuids.append(body["job"]["uuid"])
+                    uuids.extend(j["uuid"] for j in body.get("jobs", [body.get("job")]))
         t0 = time.time()
         await asyncio.gather(*(worker() for _ in range(clients)))
         t1 = time.time()
     return t0, t1, uuids
 
 
-def lclusterd_e2e(watch, kind, n=N_E2E):
-    t0, t1, uuids = asyncio.run(http_submit(JOBS[kind], n, HTTP_CLIENTS))
+def lclusterd_e2e(watch, kind, n=N_E2E, batch=None):
+    t0, t1, uuids = asyncio.run(http_submit(JOBS[kind], n, BATCH_CLIENTS if batch else HTTP_CLIENTS,
+                                            batch))
     ends = watch.wait(uuids, timeout=max(300, n / 5))
     t_end = max(t for t, _ in ends)
     bad = [job for _, job in ends if job["state"] != "succeeded"]
@@ -298,8 +303,13 @@ def lclusterc_submit(watch):
     out = sh(f"seq {N_CLI_PARALLEL} | xargs -P {CLI_PROCS} -I@ lclusterc addjob true")
     par = N_CLI_PARALLEL / (time.time() - t0)
     uuids += out.split()
+    t0 = time.time()
+    out = sh(f"lclusterc addjob --count {N_E2E} true")
+    batch = N_E2E / (time.time() - t0)
+    uuids += out.split()
     watch.wait(uuids, timeout=300)
-    return {"sequential_per_s": seq, "parallel_per_s": par, "parallel_procs": CLI_PROCS}
+    return {"sequential_per_s": seq, "parallel_per_s": par, "parallel_procs": CLI_PROCS,
+            "count_per_s": batch, "count": N_E2E}
 
 
 def lclusterd_memory(watch):
@@ -342,6 +352,9 @@ def bench_lclusterd():
             say(f"lclusterd: end to end, {N_E2E} x {kind!r}, {HTTP_CLIENTS} HTTP clients")
             out["e2e"][kind] = lclusterd_e2e(watch, kind)
             say("  ", json.dumps(out["e2e"][kind]))
+        say(f"lclusterd: end to end, {N_E2E} x 'true', batch submit by {BATCH_CLIENTS} HTTP clients")
+        out["batch"] = lclusterd_e2e(watch, "true", batch=core.MAX_BATCH)
+        say("  ", json.dumps(out["batch"]))
         say(f"lclusterd: memory and etcd writes over {N_MEMORY} x 'true'")
         out["memory"] = lclusterd_memory(watch)
         say("  ", json.dumps({k: v for k, v in out["memory"].items() if k != "etcd_per_job"}))

@@ -35,6 +35,29 @@ def test_submit_and_get_round_trip(store):
     assert store.get("00000000-0000-4000-8000-000000000000") is None
 
 
+def test_submit_many_queues_all_in_order(store):
+    jobs = [make_job(command=f"echo {i}", submitted_at=1000.0 + i) for i in range(core.MAX_BATCH)]
+    store.submit_many(jobs)
+    assert queued_uuids(store) == [job.uuid for job in jobs]
+    assert all(store.get(job.uuid)[0] == job for job in jobs)
+
+
+def test_submit_many_of_largest_batch(store):
+    jobs = [make_job(command="x" * core.MAX_COMMAND_BYTES) for _ in range(16)]
+    store.submit_many(jobs)  # 1 MiB of commands: under etcd's request limit
+    assert len(queued_uuids(store)) == 16
+
+
+def test_submit_many_is_all_or_none(store):
+    taken = make_job()
+    store.submit(taken)
+    fresh = make_job()
+    with pytest.raises(RuntimeError):
+        store.submit_many([fresh, taken])
+    assert store.get(fresh.uuid) is None
+    assert queued_uuids(store) == [taken.uuid]
+
+
 def test_submit_of_largest_command(store):
     job = make_job(command="x" * core.MAX_COMMAND_BYTES)
     store.submit(job)

@@ -49,6 +49,9 @@ class FakeDaemon:
         if self.force:
             return self.force
         route, _, query = path.partition("?")
+        if method == "POST" and route == "/v1/jobs" and "count" in body:
+            return 201, {"jobs": [self.add(record(str(uuidlib.uuid4()), body["command"], state="queued"))
+                                  for _ in range(body["count"])]}
         if method == "POST" and route == "/v1/jobs":
             job = self.add(record(str(uuidlib.uuid4()), body["command"], state="queued", started_at=None,
                                   ended_at=None, exit_status=None, result=None, reason=None))
@@ -153,6 +156,28 @@ def test_addjob_prints_the_full_uuid_only(fake):
     assert UUID.match(result.stdout.strip()) and result.stdout.count("\n") == 1
     assert fake.requests == [("POST", "/v1/jobs", {"command": "echo hello from $(hostname)"})]
     assert result.stdout.strip() in fake.jobs
+
+
+def test_addjob_count_sends_batches_and_prints_every_uuid(fake):
+    result = run(fake, "addjob", "--count", "150", "true")
+    assert result.exit_code == 0, result.stderr
+    uuids = result.stdout.split()
+    assert len(uuids) == 150 and len(set(uuids)) == 150 and all(UUID.match(u) for u in uuids)
+    assert set(uuids) == set(fake.jobs)
+    assert fake.requests == [("POST", "/v1/jobs", {"command": "true", "count": n})
+                             for n in (64, 64, 22)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--count", "0", "true"], "--count"),
+    (["--count", "2", "--wait", "true"], "--wait takes one job"),
+    (["--count", "64", "x" * 20000], "count x command length"),
+])
+def test_addjob_count_refused(fake, args, message):
+    result = run(fake, "addjob", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert fake.requests == []
 
 
 def test_addjob_json_prints_the_record(fake):
