@@ -1,0 +1,36 @@
+"""Batch submit on the installed package: `lclusterc addjob --count N`, and
+that every job of a batch runs, as its submitter, and leaves no unit behind."""
+
+import json
+import re
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def test_addjob_count_queues_and_runs_every_copy(box):
+    out = box.lc("addjob --count 70 'id -un'", user="alice").stdout.split()
+    assert len(out) == 70 and len(set(out)) == 70 and all(UUID.match(u) for u in out)
+    for uuid in out:
+        job = box.wait_state(uuid, timeout=120)
+        assert job["state"] == "succeeded" and job["user"] == "alice", job
+    log = box.sh(f"journalctl -u lcluster-job@{out[-1]} --no-pager -o cat").stdout
+    assert "alice" in log.split()
+    box.sh("until [ -z \"$(systemctl list-units --all --plain --no-legend 'lcluster-job@*')\" ];"
+           " do sleep 0.2; done", timeout=30)
+
+
+def test_addjob_count_json_and_bad_counts(box):
+    jobs = json.loads(box.lc("addjob --count 3 --json true", user="bob").stdout)
+    assert [j["state"] for j in jobs] != [] and len(jobs) == 3 and {j["user"] for j in jobs} == {"bob"}
+    before = box.job_count()
+    for args, message in (("--count 0 true", "--count"),
+                          ("--count 2 --wait true", "--wait takes one job")):
+        r = box.lc(f"addjob {args}", user="bob", check=False)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    # The API refuses a batch over the limit whole, and writes nothing.
+    r = box.sh("python3 -c 'from lclusterd.client import Client, ClientError\n"
+               "try: Client().add_jobs(\"true\", 65)\n"
+               "except ClientError as e: print(e.cause, e.message)'", user="bob")
+    assert r.stdout.startswith("400 count must be at most 64"), r.stdout
+    assert box.job_count() == before
