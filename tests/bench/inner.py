@@ -9,7 +9,9 @@ Every system gets the same jobs and the same number of them in flight:
              (seen by an etcd watch)
   systemd    StartTransientUnit of the same sandboxed unit (core.unit_properties,
              but without RemainAfterExit: nobody records it), IN_FLIGHT at a
-             time; "finished" = systemd unloaded it (UnitRemoved)
+             time; "finished" = systemd announced it inactive after it had been
+             active (not its unloading: systemd garbage-collects at idle
+             priority, late under load)
   slurm      sbatch --wrap, one node, OverSubscribe=FORCE so IN_FLIGHT jobs
              fit on its 2 CPUs; "finished" = gone from squeue
 
@@ -89,11 +91,11 @@ def percentiles(samples):
 
 class UnitMonitor:
     """Our own connection to systemd: the first ActiveEnterTimestamp of every
-    unit (by object path) and the names of units that were unloaded."""
+    unit (by object path), and the end of units we wait for."""
 
     def __init__(self):
         self.started = {}  # object path -> seconds since the epoch
-        self.waiters = {}  # unit name -> future resolved on UnitRemoved
+        self.waiters = {}  # object path -> future resolved when the unit has ended
         self.bus = None
 
     async def connect(self):
@@ -101,9 +103,8 @@ class UnitMonitor:
         self.bus.add_message_handler(self._on_message)
         for rule in ("type='signal',sender='org.freedesktop.systemd1',"
                      "interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',"
-                     "path_namespace='/org/freedesktop/systemd1/unit'",
-                     "type='signal',sender='org.freedesktop.systemd1',"
-                     "interface='org.freedesktop.systemd1.Manager',member='UnitRemoved'"):
+                     "path_namespace='/org/freedesktop/systemd1/unit',"
+                     "arg0='org.freedesktop.systemd1.Unit'",):
             await self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                             "AddMatch", "s", [rule])
         await self.manager("Subscribe", "", [])
@@ -115,10 +116,13 @@ class UnitMonitor:
             ts = msg.body[1].get("ActiveEnterTimestamp")
             if ts is not None and ts.value and msg.path not in self.started:
                 self.started[msg.path] = ts.value / 1e6
-        elif msg.member == "UnitRemoved":
-            fut = self.waiters.pop(msg.body[0], None)
-            if fut is not None and not fut.done():
-                fut.set_result(time.time())
+            state = msg.body[1].get("ActiveState")
+            # Inactive with an ActiveEnterTimestamp: it ran and ended (not "just loaded").
+            if ts is not None and ts.value and state is not None \
+                    and state.value in ("inactive", "failed"):
+                fut = self.waiters.pop(msg.path, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.time())
         return None
 
     async def call(self, dest, path, iface, member, sig, body):
@@ -374,10 +378,10 @@ def raw_properties(command):
 
 
 async def raw_start(mon, command):
-    """Start one unit; returns (unit name, future resolved when it is unloaded)."""
+    """Start one unit; returns (unit name, future resolved when it has ended)."""
     name = f"lcluster-bench@{uuidlib.uuid4()}.service"
     fut = asyncio.get_running_loop().create_future()
-    mon.waiters[name] = fut
+    mon.waiters[unit_path(name)] = fut
     await mon.manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
                       [name, "fail", raw_properties(command), []])
     return name, fut

@@ -114,7 +114,7 @@ def with_ratios(rows):
                "ratio_slurm": lc / sl if lc is not None and sl else None}
         if target and lc is not None:
             key, ok, said = target
-            value = row[key]
+            value = row["lclusterd" if key == "value" else key]
             row["target"] = said
             row["met"] = bool(value is not None and ok(value))
             if name.startswith("e2e") and sl is not None:  # and above Slurm
@@ -182,9 +182,13 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="directory for results.json and latency.png")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink the runs (quick tries)")
     ap.add_argument("--only", action="append", choices=("lclusterd", "systemd", "slurm"))
+    ap.add_argument("--report", action="store_true",
+                    help="only print the table (and redo the plot) of OUT/results.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return report(json.loads((out / "results.json").read_text()), out)
     debs = sorted(Path(args.deb_dir).glob("lclusterd_*_all.deb"))
     if not debs:
         print(f"bench: no lclusterd_*_all.deb in {args.deb_dir}", file=sys.stderr)
@@ -205,14 +209,20 @@ def main(argv=None):
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
     res = json.loads(raw.strip().splitlines()[-1])
+    res["wall_seconds"] = time.monotonic() - t
+    (out / "results.json").write_text(json.dumps(res, indent=1))  # before anything can fail
+    return report(res, out)
+
+
+def report(res, out):
     rows = with_ratios(table(res))
     res["table"] = rows
-    res["wall_seconds"] = time.monotonic() - t
     (out / "results.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "latency.png")
     print(render(rows))
     print(f"\n{res['cpus']} CPUs; {res['sizes']}; in flight {res['sizes']['in_flight']} "
-          f"(lclusterd slots, systemd calls, Slurm OverSubscribe); wall {res['wall_seconds']:.0f} s")
+          f"(lclusterd slots, systemd units, Slurm OverSubscribe); wall {res['wall_seconds']:.0f} s")
+    print("ratios are lclusterd / baseline: above 1 is better for rates, below 1 for latencies")
     print(f"saved {out / 'results.json'} and {out / 'latency.png'}")
     return 0
 
