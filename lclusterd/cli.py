@@ -297,7 +297,7 @@ def lclusterc(ctx, socket_path, server, token_file):
 def _addjob_batch(client, command, count, as_json, spec):
     """Batches of core.MAX_BATCH, each queued all or none; uuids printed as
     each batch is accepted, so a failure part way leaves no doubt."""
-    _checked(lambda c: core.validate_count(min(count, core.MAX_BATCH), c), command)
+    _checked(lambda c: core.validate_count(min(count, core.MAX_BATCH), c), command)  # 0, -1 too
     jobs = []
     while len(jobs) < count:
         batch = client.add_jobs(command, min(core.MAX_BATCH, count - len(jobs)), **spec)

@@ -23,7 +23,7 @@ def test_addjob_count_json_and_bad_counts(box):
     jobs = json.loads(box.lc("addjob --count 3 --json true", user="bob").stdout)
     assert [j["state"] for j in jobs] != [] and len(jobs) == 3 and {j["user"] for j in jobs} == {"bob"}
     before = box.job_count()
-    for args, message in (("--count 0 true", "--count"),
+    for args, message in (("--count 0 true", "count must be a whole number of at least 1"),
                           ("--count 2 --wait true", "--wait takes one job")):
         r = box.lc(f"addjob {args}", user="bob", check=False)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

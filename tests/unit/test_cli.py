@@ -169,14 +169,15 @@ def test_addjob_count_sends_batches_and_prints_every_uuid(fake):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--count", "0", "true"], "--count"),
+    (["--count", "0", "true"], "count must be a whole number of at least 1"),
+    (["--count", "-3", "true"], "count must be a whole number of at least 1"),
     (["--count", "2", "--wait", "true"], "--wait takes one job"),
     (["--count", "64", "x" * 20000], "count x command length"),
 ])
 def test_addjob_count_refused(fake, args, message):
     result = run(fake, "addjob", *args)
     assert result.exit_code == 2
-    assert message in result.stderr
+    assert message in one_error_line(result)
     assert fake.requests == []
 
 
