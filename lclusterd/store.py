@@ -164,9 +164,10 @@ class Store:
 
     def update(self, old, new, revision, prime=None):
         """Replace old with new if the record is still at revision; moves the
-        queue key when the job enters or leaves the queue. False if someone
-        changed the record first. prime: a node name; then only while that
-        node holds the prime (a claim by a node whose lease expired fails)."""
+        queue key when the job enters or leaves the queue. Returns the
+        record's new revision, or False if someone changed it first. prime:
+        a node name; then only while that node holds the prime (a claim by a
+        node whose lease expired fails)."""
         def write(c):
             key = self._job_key(new.uuid)
             ops = [c.transactions.put(key, _encode(new))]
@@ -181,8 +182,8 @@ class Store:
             compare = [c.transactions.mod(key) == revision]
             if prime is not None:
                 compare.append(c.transactions.value(self._key("prime")) == prime)
-            ok, _ = c.transaction(compare=compare, success=ops, failure=[])
-            return ok
+            ok, responses = c.transaction(compare=compare, success=ops, failure=[])
+            return ok and responses[0].response_put.header.revision
         return self._call(write)
 
     # -- the cluster: leases, registrations, the prime --------------------------

@@ -147,7 +147,8 @@ def test_update_guarded_by_revision(store):
     store.submit(job)
     _, revision = store.get(job.uuid)
     claimed = core.transition(job, core.STARTING, node="node1")
-    assert store.update(job, claimed, revision)
+    new_revision = store.update(job, claimed, revision)
+    assert new_revision > revision and store.get(job.uuid) == (claimed, new_revision)
     current, new_revision = store.get(job.uuid)
     assert current == claimed and new_revision > revision
 
@@ -224,7 +225,7 @@ def test_racing_claims_exactly_one_wins(etcd, prefix):
             for t in threads:
                 t.join(10)
             assert sorted(map(bool, results)) == [False, True], f"round {round_}: {results}"
-            winner = results.index(True)
+            winner = [bool(r) for r in results].index(True)
             record, _ = stores[0].get(job.uuid)
             assert (record.state, record.node) == (core.STARTING, f"node{winner}")
             assert stores[1].queued(5) == []
