@@ -24,6 +24,7 @@ the job itself writes the clock when it starts (its batch script runs then).
 import asyncio
 import json
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -371,7 +372,9 @@ def bench_lclusterd():
 # --- raw systemd --------------------------------------------------------------------
 
 def raw_properties(command):
-    job = core.new_job(command, 0, 0, "root", time.time())
+    # as lclusterd runs root's jobs: as nobody (core.run_as)
+    nobody = pwd.getpwnam("nobody")
+    job = core.new_job(command, nobody.pw_uid, nobody.pw_gid, "nobody", time.time())
     props = [(k, False if k == "RemainAfterExit" else v)
              for k, v in core.unit_properties(job, 10)]
     return [[k, Variant(SIGNATURES[k], _variant(v))] for k, v in props]
