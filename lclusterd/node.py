@@ -301,10 +301,12 @@ class Node:
                 if loop.time() >= next_sweep:
                     await self.sweep()
                     await self.watch_cluster()
+                    # Once a sweep, not per job: the registration's counts are
+                    # for people (lclusterc nodes), and each rewrite is an etcd write.
+                    await self.publish()
                     next_sweep = loop.time() + self.config.poll_interval
                 await self.record_changed()
                 await self.fill_slots()
-                await self.publish()
                 if loop.time() >= self.next_prune:
                     self.next_prune = loop.time() + self.prune_every()
                     await self.prune()
