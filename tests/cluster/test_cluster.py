@@ -230,9 +230,13 @@ def test_power_off_requeues_its_jobs_on_the_other_nodes(cluster):
     done = [alive.wait_state(u, timeout=60) for u in mine]
     for job in done:
         assert job["state"] == "succeeded" and job["node"] != dead.name
+        # The last two attempts: lost with the dead node, then done elsewhere.
+        # (On a loaded machine a node may already have lost one while the
+        # cluster was forming: every attempt before the last is lost.)
         nodes = [a["node"] for a in job["attempts"]]
-        assert nodes[0] == dead.name and len(nodes) == 2 and nodes[1] == job["node"]
-        assert [a["outcome"] for a in job["attempts"]] == ["lost", "succeeded"]
-        assert job["attempts"][1]["started_at"] >= job["attempts"][0]["ended_at"]
+        assert nodes[-2:] == [dead.name, job["node"]], nodes
+        outcomes = [a["outcome"] for a in job["attempts"]]
+        assert outcomes[-1] == "succeeded" and set(outcomes[:-1]) == {"lost"}, outcomes
+        assert job["attempts"][-1]["started_at"] >= job["attempts"][-2]["ended_at"]
     described = alive.lc(f"checkjob {mine[0]}").stdout
     assert f"{dead.name} (lost)" in described
