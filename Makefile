@@ -53,7 +53,7 @@ BUILD_DEPS := debhelper dh-python python3-all python3-setuptools fakeroot lintia
 RUN_DEPS   := python3-etcd3 python3-dbus-next python3-systemd python3-pyroute2 \
               python3-click python3-aiohttp
 TEST_DEPS  := python3-pytest etcd-server etcd-client systemd-container debootstrap \
-              iproute2 procps util-linux
+              iproute2 procps util-linux openssl
 
 deps:
 	@missing=$$(for p in $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS); do \
