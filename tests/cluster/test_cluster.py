@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from tests.cluster.conftest import LEASE_TTL, PORT, SLOTS, TOKEN, ip, wait_for
+from tests.cluster.harness import LEASE_TTL, PORT, SLOTS, TOKEN, ip, wait_for
 
 FIGURES = Path("/tmp/lclusterd-tests/cluster-figures.txt")
 # Each line a job prints: "at <uuid> <epoch seconds>", from inside the job.

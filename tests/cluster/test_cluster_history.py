@@ -4,7 +4,7 @@ job that will not stop shown as warned on its node by `lclusterc nodes`."""
 
 import json
 
-from tests.cluster.conftest import wait_for
+from tests.cluster.harness import wait_for
 from tests.cluster.test_cluster import addjob
 from tests.system.test_history import Frozen
 
