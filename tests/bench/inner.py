@@ -60,6 +60,7 @@ CLI_PROCS = 8
 HTTP_CLIENTS = 32  # concurrent HTTP clients
 BATCH_CLIENTS = 4  # concurrent HTTP clients of the batch submit, core.MAX_BATCH jobs a request
 N_SLURM_LATENCY = int(50 * SCALE)
+N_CLUSTER = {"true": int(300 * SCALE), "sleep": int(150 * SCALE)}  # jobs a 3-node e2e run
 # etcd's own counters read before and after the 10,000 jobs
 ETCD_COUNTERS = ("etcd_server_proposals_committed_total", "etcd_mvcc_put_total",
                  "etcd_mvcc_txn_total", "etcd_mvcc_delete_total", "etcd_mvcc_range_total",
@@ -567,16 +568,83 @@ def bench_slurm():
     return out
 
 
+# --- 3 nodes ---------------------------------------------------------------------
+
+def cluster_e2e(watch, kind, urls, n):
+    """n jobs submitted across the nodes at once (lclusterc --server URL addjob
+    --count, n/len(urls) each) until all are recorded finished; where they ran."""
+    shares = [n // len(urls) + (i < n % len(urls)) for i in range(len(urls))]
+    t0 = time.time()
+    procs = [subprocess.Popen(["lclusterc", "--server", url, "--token-file", "/etc/lclusterd/token",
+                               "addjob", "--count", str(k), "--", JOBS[kind]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for url, k in zip(urls, shares)]
+    uuids = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        if p.returncode:
+            raise RuntimeError(f"lclusterc addjob --count exited {p.returncode}: {err.strip()}")
+        uuids += out.split()
+    t1 = time.time()
+    if len(uuids) != n:
+        raise RuntimeError(f"submitted {n} jobs, got {len(uuids)} ids")
+    ends = watch.wait(uuids, timeout=max(300, n / 2))
+    t_end = max(t for t, _ in ends)
+    bad = [job for _, job in ends if job["state"] != "succeeded"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {n} jobs did not succeed, e.g. {bad[0]}")
+    ran_on = {}
+    for _, job in ends:
+        ran_on[job.get("node")] = ran_on.get(job.get("node"), 0) + 1
+    return {"n": n, "submit_per_s": n / (t1 - t0), "seconds": t_end - t0,
+            "jobs_per_s": n / (t_end - t0), "ran_on": dict(sorted(ran_on.items()))}
+
+
+def bench_cluster():
+    """Inside node 1 of tests/cluster/harness.py's cluster; BENCH_NODES the
+    nodes' URLs. etcd's counters are cluster-wide: every member commits every
+    proposal, so node 1's member counts all the nodes' writes."""
+    urls = os.environ["BENCH_NODES"].split(",")
+    nodes = json.loads(sh("lclusterc nodes --json"))
+    watch = RecordWatch()
+    out = {"nodes": len(urls), "slots": {n["name"]: n.get("slots") for n in nodes}, "e2e": {}}
+    try:
+        i0, t_idle = etcd_counters(), time.time()
+        time.sleep(IDLE_SECONDS)
+        c0, t_c0 = etcd_counters(), time.time()
+        idle_per_s = (c0[PROPOSALS] - i0[PROPOSALS]) / (t_c0 - t_idle)
+        for kind in JOBS:
+            say(f"3 nodes: end to end, {N_CLUSTER[kind]} x {kind!r}, "
+                f"--count across {len(urls)} nodes")
+            out["e2e"][kind] = cluster_e2e(watch, kind, urls, N_CLUSTER[kind])
+            if kind == "true":  # etcd's writes over the `true` run, its idle rate taken off
+                time.sleep(2 * 2 + 1)  # two sweeps: the nodes are idle again
+                c1, t_c1 = etcd_counters(), time.time()
+                delta = {k: c1.get(k, 0) - c0.get(k, 0) for k in ETCD_COUNTERS}
+                n = N_CLUSTER[kind]
+                out["etcd_per_job"] = {k: v / n for k, v in delta.items() if k.endswith("_total")}
+                out["etcd_writes_per_job"] = delta[PROPOSALS] / n
+                out["etcd_idle_writes_per_s"] = idle_per_s
+                out["etcd_job_writes_per_job"] = (delta[PROPOSALS]
+                                                  - idle_per_s * (t_c1 - t_c0)) / n
+            say("  ", json.dumps(out["e2e"][kind]))
+    finally:
+        watch.close()
+    return out
+
+
 def main():
     which = sys.argv[1:] or ["lclusterd", "systemd", "slurm"]
     results = {"cpus": os.cpu_count(), "scale": SCALE,
                "sizes": {"e2e": N_E2E, "latency": N_LATENCY, "memory": N_MEMORY,
-                         "http_clients": HTTP_CLIENTS, "in_flight": IN_FLIGHT}}
-    sh("systemctl stop slurmd slurmctld", check=False)  # quiet while the others run
+                         "http_clients": HTTP_CLIENTS, "in_flight": IN_FLIGHT,
+                         "cluster": N_CLUSTER}}
+    if which != ["cluster"]:
+        sh("systemctl stop slurmd slurmctld", check=False)  # quiet while the others run
     for name in which:
         t = time.monotonic()
         results[name] = {"lclusterd": bench_lclusterd, "systemd": bench_systemd,
-                         "slurm": bench_slurm}[name]()
+                         "slurm": bench_slurm, "cluster": bench_cluster}[name]()
         say(f"{name}: done in {time.monotonic() - t:.0f} s")
     json.dump(results, sys.stdout)
     print()

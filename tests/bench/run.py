@@ -3,6 +3,10 @@ install the built .deb with apt, run tests/bench/inner.py inside, then print
 the table of figures and their ratios to the baselines, and save it as JSON
 with a PNG of the latency distributions.
 
+Then the 3-node section: tests/cluster/harness.py's cluster (three containers,
+three etcd members, lclusterd from the .deb on each), inner.py's `cluster`
+run inside node 1. On one 2-core machine this measures overhead, not scaling.
+
     python3 -m tests.bench.run --deb-dir dist --out dist/bench [--scale 0.1] [--only lclusterd]
 """
 import argparse
@@ -12,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.cluster import harness
 from tests.system import container as ct
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +38,11 @@ TARGETS = {
                                                         "<= 4 (+-0.05: idle rate estimated)"),
 }
 KIND_LABEL = {"true": "true", "sleep": "sleep 0.1"}
+SYSTEMS = ("lclusterd", "systemd", "slurm", "cluster")  # what --only picks
+# Slots a node in the 3-node run: 18 in flight over the cluster, about the
+# single node's 16 (core.IN_FLIGHT in inner.py), so the ratio shows overhead.
+CLUSTER_SLOTS = 6
+CLUSTER_LABEL = "3-node (overhead on one 2-core machine, not scaling)"
 
 
 def table(res):
@@ -87,6 +97,41 @@ def table(res):
          _div(after.get("etcd_mvcc_db_total_size_in_use_in_bytes"), 2 ** 20), None, None),
     ]
     return rows
+
+
+def cluster_table(res):
+    """[(figure, 3 nodes, single node or None)] of the same run."""
+    cl, lc = res.get("cluster") or {}, res.get("lclusterd") or {}
+    rows = []
+    for kind, label in KIND_LABEL.items():
+        e2e = _dig(cl, ("e2e", kind)) or {}
+        rows.append((f"e2e {label} (n={e2e.get('n')}, --count across nodes), jobs/s",
+                     e2e.get("jobs_per_s"), _dig(lc, ("e2e", kind, "jobs_per_s"))))
+        rows.append((f"submit {label}, lclusterc addjob --count, 3 at once, jobs/s",
+                     e2e.get("submit_per_s"), _dig(lc, ("lclusterc", "count_per_s"))))
+        for node, count in (e2e.get("ran_on") or {}).items():
+            rows.append((f"  {label}: jobs run on {node}", count, None))
+    rows += [
+        ("etcd writes per job, all", cl.get("etcd_writes_per_job"),
+         _dig(lc, ("memory", "etcd_writes_per_job"))),
+        ("etcd writes per job, less the nodes' idle rate", cl.get("etcd_job_writes_per_job"),
+         _dig(lc, ("memory", "etcd_job_writes_per_job"))),
+        ("etcd writes per second, idle", cl.get("etcd_idle_writes_per_s"),
+         _dig(lc, ("memory", "etcd_idle_writes_per_s"))),
+    ]
+    return [{"figure": f, "3-node": c, "1-node": one,
+             "ratio": c / one if c is not None and one else None} for f, c, one in rows]
+
+
+def render_cluster(rows, res):
+    head = ("figure", "3-node", "1-node", "3-node/1-node")
+    lines = [[r["figure"], fmt(r["3-node"]), fmt(r["1-node"]), fmt(r["ratio"])] for r in rows]
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    show = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    slots = (res.get("cluster") or {}).get("slots")
+    return "\n".join([f"{CLUSTER_LABEL}: 3 containers, a 3-member etcd, slots {slots}",
+                      show(head), show(["-" * w for w in widths]), *map(show, lines)])
 
 
 def _dig(d, keys):
@@ -185,7 +230,7 @@ def main(argv=None):
     ap.add_argument("--deb-dir", required=True)
     ap.add_argument("--out", required=True, help="directory for results.json and latency.png")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink the runs (quick tries)")
-    ap.add_argument("--only", action="append", choices=("lclusterd", "systemd", "slurm"))
+    ap.add_argument("--only", action="append", choices=SYSTEMS)
     ap.add_argument("--report", action="store_true",
                     help="only print the table (and redo the plot) of OUT/results.json")
     args = ap.parse_args(argv)
@@ -197,35 +242,71 @@ def main(argv=None):
     if not debs:
         print(f"bench: no lclusterd_*_all.deb in {args.deb_dir}", file=sys.stderr)
         return 1
+    which = args.only or SYSTEMS
+    single = [s for s in which if s != "cluster"]
     t = time.monotonic()
+    res = {}
     try:
         ct.check_host()
-        rootfs = ct.build_rootfs(BENCH_PACKAGES)
-        with ct.Container(ct.unique_name("lcbench"), rootfs,
-                          binds_ro={str(Path(args.deb_dir).resolve()): "/mnt/debs",
-                                    str(HERE): "/mnt/bench"}) as c:
-            print(f"bench: container {c.name} up; installing {debs[-1].name}", file=sys.stderr)
-            c.run(f"apt-get install -y --no-install-recommends /mnt/debs/{debs[-1].name}",
-                  timeout=300)
-            raw = run_inside(c, f"BENCH_SCALE={args.scale} /usr/bin/python3 /mnt/bench/inner.py "
-                             + " ".join(args.only or []), timeout=3600)
-    except (ct.ContainerError, subprocess.TimeoutExpired) as e:
+        if single:
+            res = bench_single(debs[-1], single, args.scale)
+            (out / "results.json").write_text(json.dumps(res, indent=1))  # before anything can fail
+        if "cluster" in which:
+            cl = bench_cluster(args.deb_dir, args.scale)
+            res = {**cl, **res, "cluster": cl["cluster"]}
+    except (ct.ContainerError, subprocess.TimeoutExpired, AssertionError, RuntimeError) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
+        if res:
+            report(res, out)
         return 1
-    res = json.loads(raw.strip().splitlines()[-1])
     res["wall_seconds"] = time.monotonic() - t
-    (out / "results.json").write_text(json.dumps(res, indent=1))  # before anything can fail
+    (out / "results.json").write_text(json.dumps(res, indent=1))
     return report(res, out)
+
+
+def bench_single(deb, which, scale):
+    rootfs = ct.build_rootfs(BENCH_PACKAGES)
+    with ct.Container(ct.unique_name("lcbench"), rootfs,
+                      binds_ro={str(deb.parent.resolve()): "/mnt/debs",
+                                str(HERE): "/mnt/bench"}) as c:
+        print(f"bench: container {c.name} up; installing {deb.name}", file=sys.stderr)
+        c.run(f"apt-get install -y --no-install-recommends /mnt/debs/{deb.name}", timeout=300)
+        raw = run_inside(c, f"BENCH_SCALE={scale} /usr/bin/python3 /mnt/bench/inner.py "
+                         + " ".join(which), timeout=3600)
+    return json.loads(raw.strip().splitlines()[-1])
+
+
+def bench_cluster(deb_dir, scale):
+    """The 3-node run, inside node 1; the harness removes containers, namespaces,
+    veths and the bridge on the way out, failures too."""
+    t = time.monotonic()
+    # the cluster tests' rootfs (no Slurm: its units would fail at boot on every node)
+    with harness.booted(ct.build_rootfs(), deb_dir, binds_ro={str(HERE): "/mnt/bench"},
+                        slots=CLUSTER_SLOTS) as nodes:
+        print(f"bench: 3 nodes up in {time.monotonic() - t:.0f} s", file=sys.stderr)
+        urls = ",".join(n.url for n in nodes)
+        raw = run_inside(nodes[0].c, f"BENCH_SCALE={scale} BENCH_NODES={urls} "
+                         "/usr/bin/python3 /mnt/bench/inner.py cluster", timeout=1800)
+    cl = json.loads(raw.strip().splitlines()[-1])
+    cl["cluster"]["wall_seconds"] = time.monotonic() - t
+    return cl
 
 
 def report(res, out):
     rows = with_ratios(table(res))
     res["table"] = rows
+    if res.get("cluster"):
+        res["cluster_table"] = cluster_table(res)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "latency.png")
     print(render(rows))
+    if res.get("cluster"):
+        print()
+        print(render_cluster(res["cluster_table"], res))
+        print(f"3-node wall {res['cluster'].get('wall_seconds', 0):.0f} s, booting included")
     print(f"\n{res['cpus']} CPUs; {res['sizes']}; in flight {res['sizes']['in_flight']} "
-          f"(lclusterd slots, systemd units, Slurm OverSubscribe); wall {res['wall_seconds']:.0f} s")
+          f"(lclusterd slots, systemd units, Slurm OverSubscribe); "
+          f"wall {res.get('wall_seconds', 0):.0f} s")
     print("ratios are lclusterd / baseline: above 1 is better for rates, below 1 for latencies")
     print(f"saved {out / 'results.json'} and {out / 'latency.png'}")
     return 0
