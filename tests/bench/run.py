@@ -103,7 +103,7 @@ def cluster_table(res):
     """[(figure, 3 nodes, single node or None)] of the same run."""
     cl, lc = res.get("cluster") or {}, res.get("lclusterd") or {}
     rows = []
-    for kind, label in KIND_LABEL.items():
+    for kind, label in {**KIND_LABEL, "sleep1": "sleep 1"}.items():
         e2e = _dig(cl, ("e2e", kind)) or {}
         rows.append((f"e2e {label} (n={e2e.get('n')}, --count across nodes), jobs/s",
                      e2e.get("jobs_per_s"), _dig(lc, ("e2e", kind, "jobs_per_s"))))
@@ -298,10 +298,10 @@ def report(res, out):
     if res.get("cluster"):
         res["cluster_table"] = cluster_table(res)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / "latency.png")
-    print(render(rows))
+    if any(res.get(s) for s in SYSTEMS[:3]):
+        plot(res, out / "latency.png")
+        print(render(rows) + "\n")
     if res.get("cluster"):
-        print()
         print(render_cluster(res["cluster_table"], res))
         print(f"3-node wall {res['cluster'].get('wall_seconds', 0):.0f} s, booting included")
     print(f"\n{res['cpus']} CPUs; {res['sizes']}; in flight {res['sizes']['in_flight']} "
