@@ -89,8 +89,10 @@ demo: deps deb
 # ---- bench ------------------------------------------------------------------
 # `make bench` boots the test container (its rootfs also holds Slurm and munge,
 # cached in /var/cache/lclusterd-tests), installs the .deb with apt, and
-# measures lclusterd against raw systemd and Slurm on the same jobs. Prints
-# the table; saves dist/bench/results.json and dist/bench/latency.png.
+# measures lclusterd against raw systemd and Slurm on the same jobs; then
+# boots the cluster tests' three nodes (tests/cluster/harness.py) for the
+# 3-node section. Prints the tables; saves dist/bench/results.json and
+# dist/bench/latency.png.
 # BENCH_ARGS="--scale 0.1" for a quick try.
 
 BENCH_DEPS := python3-matplotlib

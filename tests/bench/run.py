@@ -298,7 +298,8 @@ def report(res, out):
     if res.get("cluster"):
         res["cluster_table"] = cluster_table(res)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    if any(res.get(s) for s in SYSTEMS[:3]):
+    single = any(res.get(s) for s in SYSTEMS[:3])
+    if single:
         plot(res, out / "latency.png")
         print(render(rows) + "\n")
     if res.get("cluster"):
@@ -308,7 +309,7 @@ def report(res, out):
           f"(lclusterd slots, systemd units, Slurm OverSubscribe); "
           f"wall {res.get('wall_seconds', 0):.0f} s")
     print("ratios are lclusterd / baseline: above 1 is better for rates, below 1 for latencies")
-    print(f"saved {out / 'results.json'} and {out / 'latency.png'}")
+    print(f"saved {out / 'results.json'}" + (f" and {out / 'latency.png'}" if single else ""))
     return 0
 
 
