@@ -103,10 +103,12 @@ def cluster_table(res):
     """[(figure, 3 nodes, single node or None)] of the same run."""
     cl, lc = res.get("cluster") or {}, res.get("lclusterd") or {}
     rows = []
+    # The single node's figure to compare: batch-submitted too where it has one.
+    one = {"true": ("batch", "jobs_per_s"), "sleep": ("e2e", "sleep", "jobs_per_s")}
     for kind, label in {**KIND_LABEL, "sleep1": "sleep 1"}.items():
         e2e = _dig(cl, ("e2e", kind)) or {}
         rows.append((f"e2e {label} (n={e2e.get('n')}, --count across nodes), jobs/s",
-                     e2e.get("jobs_per_s"), _dig(lc, ("e2e", kind, "jobs_per_s"))))
+                     e2e.get("jobs_per_s"), _dig(lc, one.get(kind, ("-",)))))
         rows.append((f"submit {label}, lclusterc addjob --count, 3 at once, jobs/s",
                      e2e.get("submit_per_s"), _dig(lc, ("lclusterc", "count_per_s"))))
         for node, count in (e2e.get("ran_on") or {}).items():
@@ -124,7 +126,7 @@ def cluster_table(res):
 
 
 def render_cluster(rows, res):
-    head = ("figure", "3-node", "1-node", "3-node/1-node")
+    head = ("figure", "3-node", "1-node", "3-node/1-node")  # 1-node e2e true: its batch run
     lines = [[r["figure"], fmt(r["3-node"]), fmt(r["1-node"]), fmt(r["ratio"])] for r in rows]
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     show = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -178,6 +180,8 @@ def fmt(v):
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "NO"
+    if isinstance(v, int):
+        return f"{v:,}"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
 
 
