@@ -246,6 +246,11 @@ def _echo_json(value):
     click.echo(json.dumps(value, indent=2))
 
 
+def _say_if_unsuccessful(job):
+    if job["state"] != "succeeded":
+        click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}", err=True)
+
+
 def _wait_exit_code(job):
     """addjob --wait exits like `systemd-run --wait`: 0 if the job succeeded,
     its exit status if it failed with one (1 if none). A cancelled job gives
@@ -360,8 +365,8 @@ def addjob(client, command, wait, retries, priority, as_json, memory, cpus, task
         except KeyboardInterrupt:
             raise Failure(f"stopped waiting; the job goes on (lclusterc removejob {job['uuid']} stops it)",
                           EXIT_INTERRUPTED) from None
-        if job["state"] != "succeeded" and not as_json:
-            click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}", err=True)
+        if not as_json:
+            _say_if_unsuccessful(job)
     if as_json:
         _echo_json(job)
     if wait:
@@ -464,9 +469,7 @@ def logs(client, ref, follow, tail, since):
         if job["state"] not in TERMINAL:
             raise Failure(f"the output of job {job['uuid']} ended while it is {job['state']}",
                           EXIT_FAILED)
-        if job["state"] != "succeeded":
-            click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}",
-                       err=True)
+        _say_if_unsuccessful(job)
         click.get_current_context().exit(_wait_exit_code(job))
 
 
@@ -492,9 +495,7 @@ def wait(client, refs):
     for ref in wanted:  # in the order given
         job = ended[ref]
         click.echo(f"{_text(job['state'])} {job['uuid']}")
-        if job["state"] != "succeeded":
-            click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}",
-                       err=True)
+        _say_if_unsuccessful(job)
     failed = any(job["state"] != "succeeded" for job in ended.values())
     click.get_current_context().exit(EXIT_FAILED if failed else EXIT_OK)
 

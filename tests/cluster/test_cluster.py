@@ -168,12 +168,18 @@ def test_one_etcd_member_down_the_cluster_keeps_scheduling(cluster):
         "etcdctl endpoint health --cluster 2>&1", check=False).stdout.count("is healthy") == 3, 60)
 
 
-def test_node_cut_off_stops_its_jobs_and_no_job_runs_twice(cluster):
-    uuids = [addjob(cluster[0], TICKING.format(n=1000)) for _ in range(SLOTS)]
+def ticking_jobs(cluster, ticks):
+    """Fill SLOTS with ticking jobs; (their uuids, the node running the first,
+    that node's jobs, another node)."""
+    uuids = [addjob(cluster[0], TICKING.format(n=ticks)) for _ in range(SLOTS)]
     jobs = wait_running(cluster[0], uuids)
-    cut = next(n for n in cluster if n.name == jobs[0]["node"])
-    mine = [j["uuid"] for j in jobs if j["node"] == cut.name]
-    other = next(n for n in cluster if n is not cut)
+    node = next(n for n in cluster if n.name == jobs[0]["node"])
+    mine = [j["uuid"] for j in jobs if j["node"] == node.name]
+    return uuids, node, mine, next(n for n in cluster if n is not node)
+
+
+def test_node_cut_off_stops_its_jobs_and_no_job_runs_twice(cluster):
+    uuids, cut, mine, other = ticking_jobs(cluster, ticks=1000)
     try:
         t_cut = time.time()
         ip("link", "set", cut.veth, "down")
@@ -213,11 +219,7 @@ def test_node_cut_off_stops_its_jobs_and_no_job_runs_twice(cluster):
 
 
 def test_power_off_requeues_its_jobs_on_the_other_nodes(cluster):
-    uuids = [addjob(cluster[0], TICKING.format(n=40)) for _ in range(SLOTS)]
-    jobs = wait_running(cluster[0], uuids)
-    dead = next(n for n in cluster if n.name == jobs[0]["node"])
-    mine = [j["uuid"] for j in jobs if j["node"] == dead.name]
-    alive = next(n for n in cluster if n is not dead)
+    _, dead, mine, alive = ticking_jobs(cluster, ticks=40)
     t_off = time.time()
     dead.c.poweroff_hard()
     failed_after = wait_for(f"{dead.name} failed", lambda: (

@@ -60,6 +60,14 @@ class Box:
     def unit_state(self, unit):
         return self.sh(f"systemctl show -p LoadState,ActiveState --value {unit}").stdout.split()
 
+    def fill_slots(self, user="alice"):
+        """Take every slot of the node with a `sleep 600` job; their uuids."""
+        slots = int(self.sh("nproc").stdout)
+        blockers = [self.lc("addjob 'sleep 600'", user=user).stdout.strip() for _ in range(slots)]
+        for uuid in blockers:
+            self.wait_state(uuid, ("running",))
+        return blockers
+
     def job_count(self):
         return len(json.loads(self.lc("list --json --limit 100000").stdout))
 

@@ -78,10 +78,7 @@ def test_logs_follow_shows_lines_while_the_job_runs_then_exits_with_its_status(b
 
 
 def test_logs_follow_of_a_queued_job_waits_for_it(box):
-    slots = int(box.sh("nproc").stdout)
-    blockers = [box.lc("addjob 'sleep 600'", user="alice").stdout.strip() for _ in range(slots)]
-    for uuid in blockers:
-        box.wait_state(uuid, ("running",))
+    blockers = box.fill_slots()
     queued = box.lc("addjob 'echo at last'", user="alice").stdout.strip()
     assert box.job(queued)["state"] == "queued"
     box.sh(f"runuser -u alice -- lclusterc logs -f {queued} > /tmp/queued.out & "

@@ -90,10 +90,7 @@ def test_removejob_stops_a_running_job(box):
 
 
 def test_removejob_takes_a_queued_job_off_the_queue(box):
-    slots = int(box.sh("nproc").stdout)
-    blockers = [box.lc("addjob 'sleep 600'", user="alice").stdout.strip() for _ in range(slots)]
-    for uuid in blockers:
-        box.wait_state(uuid, ("running",))
+    blockers = box.fill_slots()
     queued = box.lc("addjob 'echo never'", user="alice").stdout.strip()
     assert box.job(queued)["state"] == "queued"
     box.lc(f"removejob {queued}", user="alice")
