@@ -57,8 +57,14 @@ class Caller:
 
 
 class Node:
-    def __init__(self, config, store, units, job_log=None, peers=None, clock=time.time):
+    def __init__(self, config, store, units, job_log=None, peers=None, clock=time.time,
+                 signing_key=None, enforceable=frozenset(("memory", "cpu", "pids"))):
         self.config = config
+        self.signing_key = signing_key  # core.signing_key(token), None: records unsigned (contract C3)
+        self.enforceable = frozenset(enforceable)  # limits this node can enforce (contract C4)
+        # Loop time each long-lived loop last went round ("schedule", "heartbeat"):
+        # the daemon pets the watchdog only while both are recent.
+        self.progress = {}
         self.store = store
         self.units = units
         self.job_log = job_log  # journal.JobLog: a job's output on this node
@@ -294,6 +300,7 @@ class Node:
         next_sweep, last_problem = 0.0, None
         loop = asyncio.get_running_loop()
         while not stopping.is_set():
+            self.progress["schedule"] = loop.time()
             try:
                 if not self.units.connected:
                     await self.units.connect()
@@ -515,6 +522,7 @@ class Node:
             return max(0.05, min(limit, renewed + ttl * FENCE_AFTER - loop.time()))
 
         while not stopping.is_set():
+            self.progress["heartbeat"] = loop.time()
             if loop.time() >= next_beat:
                 # Counted from when we asked: etcd restarts the TTL when it gets the request.
                 sent = loop.time()
