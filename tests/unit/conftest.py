@@ -1,10 +1,13 @@
 """Unit tests cannot touch the system by accident.
 
 An autouse fixture (after cloud-init's disable_subp_usage) makes every way out
-of the process fail with AssertionError('unit tests must not touch X'):
+of the process fail with TouchedSystem('unit tests must not touch X'), a
+BaseException: code under test that catches Exception (Node.run's retry
+loop, a task's error log) cannot swallow it, so the test fails:
 
     subprocess   subprocess.Popen (and so run/check_output/asyncio's
-                 subprocesses), os.system, os.posix_spawn[p]
+                 subprocesses), os.system, os.posix_spawn[p], os.fork,
+                 os.forkpty
     socket       connect()/connect_ex()/sendto() on any socket but AF_UNIX ones
                  (socketpairs, and a fake daemon on a socket in tmp_path), and
                  AF_UNIX ones under /run or /var/run (the system bus, the real
@@ -33,9 +36,13 @@ KINDS = ("subprocess", "socket", "etcd", "dbus")
 SYSTEM_SOCKET_DIRS = ("/run/", "/var/run/")
 
 
+class TouchedSystem(BaseException):
+    """A unit test reached outside the process. Not an Exception, on purpose."""
+
+
 def _refuse(what):
     def refused(*args, **kwargs):
-        raise AssertionError(f"unit tests must not touch {what} "
+        raise TouchedSystem(f"unit tests must not touch {what} "
                              "(mark the test with @pytest.mark.allow_io if it must)")
     return refused
 
@@ -54,10 +61,10 @@ def _unix_path_allowed(address):
 def _guarded(original, verb):
     def guarded(self, address, *args):
         if self.family != socket.AF_UNIX:
-            raise AssertionError(f"unit tests must not touch the network ({verb} to {address!r} "
+            raise TouchedSystem(f"unit tests must not touch the network ({verb} to {address!r} "
                                  "on a non-unix socket; mark the test with @pytest.mark.allow_io)")
         if not _unix_path_allowed(address):
-            raise AssertionError(f"unit tests must not touch system sockets ({verb} to {address!r}; "
+            raise TouchedSystem(f"unit tests must not touch system sockets ({verb} to {address!r}; "
                                  "mark the test with @pytest.mark.allow_io)")
         return original(self, address, *args)
     return guarded
@@ -67,10 +74,10 @@ def _guarded_sendto(original):
     def sendto(self, data, *args):
         # sendto(data, address) or sendto(data, flags, address)
         if args and self.family != socket.AF_UNIX:
-            raise AssertionError(f"unit tests must not touch the network (sendto {args[-1]!r}; "
+            raise TouchedSystem(f"unit tests must not touch the network (sendto {args[-1]!r}; "
                                  "mark the test with @pytest.mark.allow_io)")
         if args and not _unix_path_allowed(args[-1]):
-            raise AssertionError(f"unit tests must not touch system sockets (sendto {args[-1]!r}; "
+            raise TouchedSystem(f"unit tests must not touch system sockets (sendto {args[-1]!r}; "
                                  "mark the test with @pytest.mark.allow_io)")
         return original(self, data, *args)
     return sendto
@@ -98,7 +105,7 @@ def no_system_io(request, monkeypatch):
         # _execute_child is where every Popen forks, whoever holds a reference to Popen.
         monkeypatch.setattr(subprocess.Popen, "_execute_child", _refuse("subprocesses"))
         monkeypatch.setattr(os, "system", _refuse("subprocesses"))
-        for name in ("posix_spawn", "posix_spawnp"):
+        for name in ("posix_spawn", "posix_spawnp", "fork", "forkpty"):
             if hasattr(os, name):
                 monkeypatch.setattr(os, name, _refuse("subprocesses"))
 
