@@ -10,6 +10,15 @@ from lclusterd import core
 
 DEFAULT_PATH = "/etc/lclusterd/lclusterd.conf"
 SECTION = "lclusterd"
+# The package's local etcd takes client certificates only; these are the
+# files the package makes for the daemon (root-only).
+ETCD_DIR = "/etc/lclusterd/etcd"
+DEFAULT_TLS = {"etcd_ca": f"{ETCD_DIR}/ca.crt", "etcd_cert": f"{ETCD_DIR}/client.crt",
+               "etcd_key": f"{ETCD_DIR}/client.key"}
+LOCAL_ETCD_TLS = "https://127.0.0.1:2379"
+LOCAL_ETCD_PLAIN = "http://127.0.0.1:2379"  # when the package's certificates are not there
+JOB_TMP_SHARE = 0.10  # of the smaller of the filesystems holding /tmp and /var/tmp ...
+MIN_JOB_TMP = 64 * 1024 ** 2  # ... but at least this much
 
 
 class ConfigError(ValueError):
@@ -18,7 +27,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class Config:
-    etcd_endpoints: tuple = ("http://127.0.0.1:2379",)
+    # Unset in the file: the local etcd, https with the package's
+    # certificates when they are there, else http (see _resolve_etcd).
+    etcd_endpoints: tuple = (LOCAL_ETCD_PLAIN,)
     prefix: str = "/lcluster"  # every key we write starts with this
     node_name: str = dataclasses.field(default_factory=socket.gethostname)
     socket: str = "/run/lclusterd/lclusterd.sock"
@@ -49,6 +60,25 @@ class Config:
     etcd_key: Optional[str] = None
     retention: float = 7 * 86400.0  # seconds a finished job's record is kept ("7d" in the file)
     max_finished_jobs: int = 10000  # and at most this many finished records, the latest
+    # What one user or one flood may take.
+    max_queued_per_user: int = 10000  # queued jobs per uid (the cluster's, counted in etcd)
+    job_tmp_size: int = dataclasses.field(default_factory=lambda: default_job_tmp_size())
+    max_connections: int = 4096  # open API connections in total ...
+    max_connections_per_uid: int = 256  # ... and per caller uid (unix socket) or TCP peer
+
+
+def default_job_tmp_size(statvfs=os.statvfs):
+    """Bytes for each job's private /tmp and /var/tmp: a share of the smaller
+    filesystem that holds them, so that a few jobs cannot fill the node's."""
+    sizes = []
+    for path in ("/tmp", "/var/tmp"):
+        try:
+            st = statvfs(path)
+        except OSError:
+            continue
+        sizes.append(st.f_blocks * st.f_frsize)
+    size = int(min(sizes) * JOB_TMP_SHARE) if sizes else 0
+    return max(MIN_JOB_TMP, size // (1024 ** 2) * 1024 ** 2)  # whole MiB
 
 
 def load(path: Optional[str] = None, **overrides) -> Config:
@@ -69,7 +99,9 @@ def load(path: Optional[str] = None, **overrides) -> Config:
     return from_mapping(values)
 
 
-def from_mapping(values: dict) -> Config:
+def from_mapping(values: dict, exists=os.path.isfile) -> Config:
+    """A Config from {setting: text or value}; exists(path) tells which of
+    the package's etcd certificate files are there."""
     config = Config()
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, raw in values.items():
@@ -87,12 +119,43 @@ def from_mapping(values: dict) -> Config:
         default, ceiling = getattr(config, f"default_{name}"), getattr(config, f"max_{name}")
         if default is not None and ceiling is not None and default > ceiling:
             raise ConfigError(f"'default_{name}' ({show(default)}) is over 'max_{name}' ({show(ceiling)})")
-    if bool(config.etcd_cert) != bool(config.etcd_key):
-        raise ConfigError("'etcd_cert' and 'etcd_key' go together")
+    if config.max_connections_per_uid > config.max_connections:
+        raise ConfigError(f"'max_connections_per_uid' ({config.max_connections_per_uid}) is over "
+                          f"'max_connections' ({config.max_connections})")
+    _resolve_etcd(config, given=set(values), exists=exists)
     if config.address is None and config.listen:
         host, port = config.listen
         config.address = f"http://{config.node_name if host in ('', '0.0.0.0', '::') else host}:{port}"
     return config
+
+
+def _resolve_etcd(config, given, exists):
+    """The endpoints and the TLS files the daemon uses. A certificate setting
+    left unset takes the package's file only for https endpoints and only when
+    the file is there, so a node set up for an external plain etcd never needs
+    them; one set explicitly must exist."""
+    for key in DEFAULT_TLS:
+        path = getattr(config, key)
+        if key in given and path and not exists(path):
+            raise ConfigError(f"'{key}': {path} does not exist")
+    if "etcd_endpoints" not in given or not config.etcd_endpoints:
+        explicit = any(getattr(config, key) for key in DEFAULT_TLS)
+        packaged = all(exists(path) for path in DEFAULT_TLS.values())
+        config.etcd_endpoints = (LOCAL_ETCD_TLS if explicit or packaged else LOCAL_ETCD_PLAIN,)
+    schemes = {e.split("://", 1)[0] for e in config.etcd_endpoints}
+    if len(schemes) > 1:
+        raise ConfigError("'etcd_endpoints' mixes http:// and https://: use one for all")
+    secure = schemes == {"https"}
+    for key, path in DEFAULT_TLS.items():
+        if key not in given and secure and exists(path):
+            setattr(config, key, path)
+    if not secure and any(getattr(config, key) for key in DEFAULT_TLS):
+        raise ConfigError("'etcd_ca', 'etcd_cert' and 'etcd_key' need https:// etcd_endpoints")
+    if secure and not config.etcd_ca:
+        raise ConfigError(f"'etcd_endpoints' use https:// but there is no CA certificate: "
+                          f"set 'etcd_ca' ({DEFAULT_TLS['etcd_ca']} does not exist)")
+    if bool(config.etcd_cert) != bool(config.etcd_key):
+        raise ConfigError("'etcd_cert' and 'etcd_key' go together")
 
 
 _LIMIT_PARSERS = {f"{kind}_{name}": parse for name, parse, _ in core.LIMITS
@@ -107,11 +170,21 @@ def _parse(key, raw):
         endpoints = tuple(e.strip() for e in raw.split(",") if e.strip())
         if not endpoints:
             raise ValueError("no endpoint given")
+        for endpoint in endpoints:
+            if not endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"'{endpoint}' is not a URL (e.g. https://10.0.0.1:2379)")
         return endpoints
     if key == "slots":
         return int(raw) if raw else (os.cpu_count() or 1)
     if key == "retention":
         return core.parse_duration(raw)  # InvalidInput is a ValueError
+    if key == "job_tmp_size":
+        return core.parse_size(raw) if raw else default_job_tmp_size()
+    if key in ("max_queued_per_user", "max_connections", "max_connections_per_uid"):
+        value = int(raw)
+        if not 1 <= value <= 10 ** 7:
+            raise ValueError("must be from 1 to 10000000")
+        return value
     if key == "max_finished_jobs":
         value = int(raw)
         if value < 0:

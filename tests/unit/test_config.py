@@ -9,6 +9,13 @@ from lclusterd import config
 from lclusterd.config import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def no_packaged_certificates(monkeypatch, tmp_path):
+    """The package's etcd certificates: absent, whatever the host has."""
+    monkeypatch.setattr(config, "DEFAULT_TLS", {k: str(tmp_path / "etcd" / os.path.basename(v))
+                                                for k, v in config.DEFAULT_TLS.items()})
+
+
 @pytest.fixture
 def no_default_file(monkeypatch, tmp_path):
     """Point the default path somewhere empty: the host's /etc must not matter."""
@@ -129,3 +136,100 @@ def test_endpoints_comma_list(tmp_path):
 def test_from_mapping_keeps_parsed_values():
     c = config.from_mapping({"etcd_endpoints": ("http://x:1",), "slots": 4})
     assert c.etcd_endpoints == ("http://x:1",) and c.slots == 4
+
+
+# -- contract C8: what one user or one flood may take ---------------------------
+
+def test_quota_and_connection_defaults(no_default_file):
+    c = config.load()
+    assert (c.max_queued_per_user, c.max_connections, c.max_connections_per_uid) == (10000, 4096, 256)
+
+
+def test_quota_and_connections_from_file(tmp_path):
+    c = config.load(write(tmp_path, "[lclusterd]\nmax_queued_per_user = 50\n"
+                                    "max_connections = 100\nmax_connections_per_uid = 10\n"))
+    assert (c.max_queued_per_user, c.max_connections, c.max_connections_per_uid) == (50, 100, 10)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("max_queued_per_user", "0"), ("max_queued_per_user", "lots"), ("max_connections", "-1"),
+    ("max_connections_per_uid", "1.5"), ("job_tmp_size", "1"), ("job_tmp_size", "big"),
+])
+def test_bad_limits(tmp_path, key, value):
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, f"[lclusterd]\n{key} = {value}\n"))
+    assert f"'{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_per_uid_connections_within_total(tmp_path):
+    with pytest.raises(ConfigError, match="'max_connections_per_uid' .300. is over 'max_connections' .200."):
+        config.load(write(tmp_path, "[lclusterd]\nmax_connections = 200\nmax_connections_per_uid = 300\n"))
+
+
+class Fs:
+    def __init__(self, size):
+        self.f_blocks, self.f_frsize = size // 4096, 4096
+
+
+def test_job_tmp_default_is_a_share_of_the_smaller_filesystem():
+    sizes = {"/tmp": 2 * 1024 ** 3, "/var/tmp": 100 * 1024 ** 3}  # a 2G tmpfs, a 100G disk
+    assert config.default_job_tmp_size(lambda p: Fs(sizes[p])) == 204 * 1024 ** 2  # 10% of 2G, whole MiB
+    assert config.default_job_tmp_size(lambda p: Fs(100 * 1024 ** 2)) == 64 * 1024 ** 2  # the floor
+
+    def missing(path):
+        raise FileNotFoundError(path)
+    assert config.default_job_tmp_size(missing) == 64 * 1024 ** 2
+
+
+def test_job_tmp_size_from_file_and_empty(tmp_path):
+    assert config.load(write(tmp_path, "[lclusterd]\njob_tmp_size = 1G\n")).job_tmp_size == 1024 ** 3
+    assert config.load(write(tmp_path, "[lclusterd]\njob_tmp_size =\n")).job_tmp_size \
+        == config.default_job_tmp_size()
+    assert config.Config().job_tmp_size >= config.MIN_JOB_TMP
+
+
+# -- etcd: the package's TLS default, never in the way of a plain external etcd --
+
+def packaged(present):
+    return lambda path: path in present
+
+
+def test_local_etcd_over_tls_when_the_package_made_its_certificates():
+    c = config.from_mapping({}, exists=packaged(set(config.DEFAULT_TLS.values())))
+    assert c.etcd_endpoints == ("https://127.0.0.1:2379",)
+    assert (c.etcd_ca, c.etcd_cert, c.etcd_key) == tuple(config.DEFAULT_TLS.values())
+
+
+def test_local_etcd_plain_without_the_certificates():
+    c = config.from_mapping({}, exists=packaged(set()))
+    assert c.etcd_endpoints == ("http://127.0.0.1:2379",)
+    assert (c.etcd_ca, c.etcd_cert, c.etcd_key) == (None, None, None)
+
+
+def test_external_plain_etcd_ignores_the_default_certificates():
+    for present in (set(), set(config.DEFAULT_TLS.values())):
+        c = config.from_mapping({"etcd_endpoints": "http://10.0.0.1:2379"}, exists=packaged(present))
+        assert c.etcd_endpoints == ("http://10.0.0.1:2379",)
+        assert (c.etcd_ca, c.etcd_cert, c.etcd_key) == (None, None, None)
+
+
+def test_external_tls_etcd_with_files_of_its_own():
+    files = {"etcd_ca": "/srv/ca.pem", "etcd_cert": "/srv/me.pem", "etcd_key": "/srv/me.key"}
+    c = config.from_mapping({"etcd_endpoints": "https://10.0.0.1:2379", **files},
+                            exists=packaged(set(files.values())))
+    assert (c.etcd_ca, c.etcd_cert, c.etcd_key) == tuple(files.values())
+
+
+@pytest.mark.parametrize("values,present,message", [
+    ({"etcd_endpoints": "https://e:2379"}, set(), "use https:// but there is no CA certificate"),
+    ({"etcd_ca": "/srv/ca.pem"}, set(), "'etcd_ca': /srv/ca.pem does not exist"),
+    ({"etcd_endpoints": "http://e:2379", "etcd_ca": "/srv/ca.pem"}, {"/srv/ca.pem"}, "need https://"),
+    ({"etcd_endpoints": "http://a:2379,https://b:2379"}, set(), "mixes http:// and https://"),
+    ({"etcd_endpoints": "10.0.0.1:2379"}, set(), "is not a URL"),
+    ({"etcd_endpoints": "https://e:2379", "etcd_ca": "/srv/ca.pem", "etcd_cert": "/srv/c.pem"},
+     {"/srv/ca.pem", "/srv/c.pem"}, "go together"),
+])
+def test_bad_etcd_settings(values, present, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        config.from_mapping(values, exists=packaged(present))
+    assert "\n" not in str(e.value)
