@@ -11,9 +11,9 @@ from lclusterd import core
 DEFAULT_PATH = "/etc/lclusterd/lclusterd.conf"
 SECTION = "lclusterd"
 # The package's local etcd takes client certificates only; these are the
-# files the package makes for the daemon (root-only).
+# files the package makes for the daemon (root-only; units/etcd.service.d/).
 ETCD_DIR = "/etc/lclusterd/etcd"
-DEFAULT_TLS = {"etcd_ca": f"{ETCD_DIR}/ca.crt", "etcd_cert": f"{ETCD_DIR}/client.crt",
+DEFAULT_TLS = {"etcd_ca": f"{ETCD_DIR}/ca.pem", "etcd_cert": f"{ETCD_DIR}/client.pem",
                "etcd_key": f"{ETCD_DIR}/client.key"}
 LOCAL_ETCD_TLS = "https://127.0.0.1:2379"
 LOCAL_ETCD_PLAIN = "http://127.0.0.1:2379"  # when the package's certificates are not there
