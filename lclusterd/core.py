@@ -7,6 +7,9 @@ That keeps every rule testable without I/O.
 
 import dataclasses
 import datetime
+import hashlib
+import hmac
+import json
 import re
 import uuid as uuidlib
 from typing import Optional
@@ -32,6 +35,24 @@ class Forbidden(Exception):
 
 class IllegalTransition(ValueError):
     """A state change the lifecycle table does not allow."""
+
+
+class TooLarge(InvalidInput):
+    """The request is over a size bound (HTTP 413); the message says which."""
+
+
+class QuotaExceeded(Exception):
+    """The caller has as many jobs queued as the node allows (HTTP 429)."""
+
+
+def utf8(text: str, what: str) -> str:
+    """text, if it can be sent on as UTF-8 (to etcd, over D-Bus): a lone
+    surrogate (from undecodable bytes, or a JSON \\udc80 escape) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid UTF-8 (a lone surrogate)") from None
+    return text
 
 
 # --- lifecycle -------------------------------------------------------------
@@ -115,6 +136,9 @@ class Job:
     warned_at: Optional[float] = None  # when it became warned (kept once cleared)
     warning: Optional[str] = None  # why it was warned
     warned_from: Optional[str] = None  # the state it had then: what clearing returns to
+    # HMAC of what the job does and as whom (see sign): a node runs only what
+    # a node of its cluster wrote. None: unsigned (never run where keys are set).
+    signature: Optional[str] = None
 
     @property
     def unit(self) -> str:
@@ -244,7 +268,18 @@ def validate_count(count, command: str) -> int:
     if count > MAX_BATCH:
         raise InvalidInput(f"count must be at most {MAX_BATCH} per request")
     if count * len(command.encode("utf-8")) > MAX_BATCH_BYTES:
-        raise InvalidInput(f"count x command length must stay under {MAX_BATCH_BYTES} bytes")
+        raise TooLarge(f"count x command length must stay under {MAX_BATCH_BYTES} bytes")
+    return count
+
+
+def validate_batch_bytes(count: int, command: str, env=(), workdir=None) -> int:
+    """A batch is one etcd transaction (its limit: 1.5 MiB a request): count
+    x what each copy carries (command, env, workdir) stays under
+    MAX_BATCH_BYTES. TooLarge otherwise."""
+    each = sum(len(text.encode("utf-8")) for text in (command, *env, workdir or ""))
+    if count * each > MAX_BATCH_BYTES:
+        raise TooLarge(f"count x (command + env + workdir) is {count * each} bytes; a batch "
+                       f"must stay under {MAX_BATCH_BYTES} bytes (send fewer copies a request)")
     return count
 
 
@@ -255,11 +290,8 @@ def validate_command(command) -> str:
         raise InvalidInput("command is empty")
     if "\0" in command:
         raise InvalidInput("command contains a NUL byte")
-    try:
-        size = len(command.encode("utf-8"))
-    except UnicodeEncodeError:  # undecodable bytes in argv arrive as surrogates
-        raise InvalidInput("command is not valid UTF-8") from None
-    if size > MAX_COMMAND_BYTES:
+    # undecodable bytes in argv arrive as surrogates
+    if len(utf8(command, "command").encode("utf-8")) > MAX_COMMAND_BYTES:
         raise InvalidInput(f"command is longer than {MAX_COMMAND_BYTES} bytes")
     return command
 
@@ -315,11 +347,11 @@ def parse_size(value) -> int:
     """Bytes from 268435456, '256M', '1.5G' (K/M/G/T are powers of 1024)."""
     match = _SIZE.match(str(value).strip()) if not isinstance(value, bool) else None
     if not match:
-        raise InvalidInput(f"'{value}' is not a size (e.g. 512M, 2G)")
-    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+        raise InvalidInput(f"'{str(value)[:40]}' is not a size (e.g. 512M, 2G)")
+    size = float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]  # inf for 400 digits
     if not MIN_MEMORY <= size <= MAX_MEMORY:
-        raise InvalidInput(f"memory {value} is out of range (1M to 1P)")
-    return size
+        raise InvalidInput(f"memory {str(value)[:40]} is out of range (1M to 1P)")
+    return int(size)
 
 
 def parse_duration(value) -> float:
@@ -327,17 +359,17 @@ def parse_duration(value) -> float:
     match = _DURATION.match(str(value).strip()) if not isinstance(value, bool) else None
     seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)] if match else 0
     if not 0 < seconds <= MAX_DURATION:
-        raise InvalidInput(f"'{value}' is not a duration (e.g. 30s, 10m, 2h; at most 100 years)")
+        raise InvalidInput(f"'{str(value)[:40]}' is not a duration (e.g. 30s, 10m, 2h; at most 100 years)")
     return seconds
 
 
 def parse_cpus(value) -> float:
     try:
         cpus = float(value) if not isinstance(value, bool) else 0.0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit int
         cpus = 0.0
-    if not 0.01 <= cpus <= 1024:
-        raise InvalidInput(f"'{value}' is not a number of CPUs (e.g. 0.5, 2)")
+    if not 0.01 <= cpus <= 1024:  # also refuses nan
+        raise InvalidInput(f"'{str(value)[:40]}' is not a number of CPUs (e.g. 0.5, 2)")
     return cpus
 
 
@@ -347,7 +379,7 @@ def parse_tasks(value) -> int:
     except ValueError:
         tasks = 0
     if not 1 <= tasks <= MAX_TASKS:
-        raise InvalidInput(f"'{value}' is not a number of tasks (1 to {MAX_TASKS})")
+        raise InvalidInput(f"'{str(value)[:40]}' is not a number of tasks (1 to {MAX_TASKS})")
     return tasks
 
 
@@ -401,13 +433,14 @@ def validate_env(env) -> tuple:
         raise InvalidInput(f"at most {MAX_ENV} environment variables")
     for entry in env:
         key, eq, value = entry.partition("=")
-        if not eq or not _ENV_KEY.match(key):
+        if not eq or not _ENV_KEY.fullmatch(key):  # fullmatch: 'KEY\n' is no key
             raise InvalidInput(f"'{entry[:60]}' is not KEY=VALUE (KEY: letters, digits, _)")
         if key in RESERVED_ENV:
             raise InvalidInput(f"{key} is set by lclusterd")
         if "\0" in value or "\n" in value:
             raise InvalidInput(f"the value of {key} contains a NUL or newline")
-    if sum(len(e.encode("utf-8", "surrogateescape")) for e in env) > MAX_ENV_BYTES:
+        utf8(value, f"the value of {key}")
+    if sum(len(e.encode("utf-8")) for e in env) > MAX_ENV_BYTES:
         raise InvalidInput(f"environment is longer than {MAX_ENV_BYTES} bytes")
     return tuple(env)
 
@@ -416,16 +449,16 @@ def validate_workdir(workdir) -> str:
     if (not isinstance(workdir, str) or not workdir.startswith("/") or "\0" in workdir
             or "\n" in workdir or len(workdir) > MAX_PATH
             or any(part in (".", "..") for part in workdir.split("/"))):
-        raise InvalidInput(f"workdir must be an absolute path without . or .. ('{workdir}')")
-    return workdir
+        raise InvalidInput(f"workdir must be an absolute path without . or .. ('{str(workdir)[:200]}')")
+    return utf8(workdir, "workdir")
 
 
 def validate_network(network) -> str:
     if network in ("none", "host"):
         return network
-    if isinstance(network, str) and network.startswith("ns:") and NAMESPACE_NAME.match(network[3:]):
+    if isinstance(network, str) and network.startswith("ns:") and NAMESPACE_NAME.fullmatch(network[3:]):
         return network
-    raise InvalidInput(f"network must be none, host or ns:NAME, not '{network}'")
+    raise InvalidInput(f"network must be none, host or ns:NAME, not '{str(network)[:80]}'")
 
 
 def network_allowed(network: str, allowed) -> bool:
@@ -676,29 +709,46 @@ def free_slots(slots: int, busy: int) -> int:
     return max(0, slots - busy)
 
 
+def slot_holders(jobs, units, settled, node):
+    """uuids that hold one of node's slots after a sweep: its live records
+    (not those requeued or taken by another node meanwhile: their units
+    here are being stopped, and count only while loaded) and its loaded
+    units, less those the sweep settled."""
+    live = {u for u, job in jobs.items() if not job.terminal and job.node == node}
+    return (live | set(units)) - set(settled)
+
+
 # What the node must do to bring etcd and systemd into agreement.
 RECORD_RUNNING = "record-running"  # unit runs, record says starting
 RECORD_END = "record-end"  # unit finished, record still live: record its outcome
 RELEASE_UNIT = "release-unit"  # record terminal, unit still loaded: stop/unload it
 REQUEUE = "requeue"  # claimed but never started (node restarted in between)
 RECORD_VANISHED = "record-vanished"  # running, but its unit is gone (reboot, fencing): lose it
+RELEASE_ORPHAN = "release-orphan"  # a unit whose record is gone (deleted): stop and release it
 WARN = "warn"  # its unit would not stop: record it warned (it keeps its slot)
 CLEAR = "clear"  # a warned job's processes are gone: record its final state
 
 
-def reconcile(jobs, units, in_flight=frozenset(), node=None, now=None, stop_timeout=None):
+def reconcile(jobs, units, in_flight=frozenset(), node=None, now=None, stop_timeout=None,
+              gone=frozenset()):
     """Plan for one node. jobs: {uuid: Job} of records that are live on this
     node, or whose unit is still loaded; units: {uuid: UnitStatus} of this
     node's lcluster-job units; in_flight: uuids this process is starting now;
     node: this node's name (a unit whose record names another node, or none,
     was taken from us while we were failed or cut off: fence it);
-    now and stop_timeout: to tell stuck units (none without them).
+    now and stop_timeout: to tell stuck units (none without them);
+    gone: uuids whose record was looked for and is not there (deleted by
+    hand or by another tool): their units hold a slot for nothing.
     Returns [(action, uuid)], in a stable order."""
     plan = []
     for job_uuid in sorted(set(jobs) | set(units)):
         job, unit = jobs.get(job_uuid), units.get(job_uuid)
-        if job is None or job_uuid in in_flight:
-            continue  # not ours to judge (unknown record, or being started now)
+        if job_uuid in in_flight:
+            continue  # being started now: judged once its start is recorded
+        if job is None:
+            if unit is not None and job_uuid in gone:
+                plan.append((RELEASE_ORPHAN, job_uuid))
+            continue  # else not ours to judge (a record not read)
         ours = node is None or job.node == node
         if job.state == WARNED:
             if unit is None or unit.finished:
@@ -809,3 +859,60 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
     if job.timeout is not None:
         props.append(("RuntimeMaxUSec", int(job.timeout * 1_000_000)))  # then Result=timeout
     return props
+
+
+# --- record signing (contract C3) ----------------------------------------------
+#
+# etcd may be writable by others than the daemons (a default etcd has no
+# authentication). Every node signs the fields of a job that decide what runs
+# and as whom with a key derived from the cluster's token, and runs only a
+# record whose signature verifies: whoever writes etcd without the token can
+# delete or stall jobs, never make a node run anything.
+
+SIGNING_CONTEXT = b"lclusterd record signing v1"
+# Fixed at submission: what runs, as whom, with which limits, for whom. The
+# fields a node changes later (state, node, times, attempts) are not signed.
+SIGNED_FIELDS = ("uuid", "command", "uid", "gid", "user", "env", "memory", "cpus", "tasks",
+                 "timeout", "workdir", "network", "submitter", "submitter_uid")
+
+
+def signing_key(token: str) -> bytes:
+    """The key records are signed with, derived from the cluster token (the
+    token itself never becomes a record's MAC key). Surrounding blanks (a
+    token file's newline) do not count."""
+    token = (token or "").strip()
+    if not token:
+        raise ValueError("the cluster token is empty: records cannot be signed")
+    return hmac.new(token.encode(), SIGNING_CONTEXT, hashlib.sha256).digest()
+
+
+def _signed_bytes(job: Job) -> bytes:
+    def canonical(name, value):
+        if name in ("cpus", "timeout") and value is not None:
+            return repr(float(value))  # 600 and 600.0 are one timeout
+        if name == "env":
+            return list(value)
+        return value
+    # JSON with ASCII escapes: a canonical form even for lone surrogates.
+    fields = [[name, canonical(name, getattr(job, name))] for name in SIGNED_FIELDS]
+    return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def sign(job: Job, key: bytes) -> Job:
+    """The job with its signature set (HMAC-SHA256, hex)."""
+    return dataclasses.replace(job, signature=hmac.new(key, _signed_bytes(job), hashlib.sha256).hexdigest())
+
+
+def verify(job: Job, key: bytes) -> bool:
+    """True when the record's signed fields are what a holder of key signed."""
+    if not isinstance(job.signature, str) or not job.signature.isascii():
+        return False
+    try:
+        expected = hmac.new(key, _signed_bytes(job), hashlib.sha256).hexdigest()
+    except (TypeError, ValueError):  # a field no node writes (cpus "x", ...)
+        return False
+    return hmac.compare_digest(job.signature, expected)
+
+
+# The reason of a job whose record does not verify (contract C3).
+UNSIGNED = "record signature does not verify: not written by a node of this cluster"

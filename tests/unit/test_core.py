@@ -440,7 +440,8 @@ def test_job_to_dict_matches_the_api_documentation():
                                     "exit_status", "result", "reason", "submitter",
                                     "submitter_uid", "memory", "cpus", "tasks", "timeout",
                                     "env", "workdir", "network", "max_attempts", "attempts",
-                                    "priority", "warned_at", "warning", "warned_from"}
+                                    "priority", "warned_at", "warning", "warned_from",
+                                    "signature"}
 
 
 def test_job_from_dict_ignores_unknown_keys():
@@ -619,3 +620,56 @@ def test_with_warned_counts_each_nodes_warned_jobs():
     rows = [{"name": "n1"}, {"name": "n2"}]
     assert core.with_warned(rows, {U2: "n1", U1: "n1"}) == [
         {"name": "n1", "warned": [U1, U2]}, {"name": "n2", "warned": []}]
+
+
+# --- record signing (contract C3) ----------------------------------------------
+
+KEY = core.signing_key("a-cluster-token-of-some-length")
+
+
+def test_signing_key_is_derived_from_the_token_not_the_token():
+    assert core.signing_key("tok-123456789012345\n") == core.signing_key("tok-123456789012345")
+    assert core.signing_key("tok-123456789012345") != core.signing_key("tok-123456789012346")
+    assert len(KEY) == 32 and b"a-cluster-token" not in KEY
+    for empty in ("", " \n", None):
+        with pytest.raises(ValueError, match="token is empty"):
+            core.signing_key(empty)
+
+
+def test_a_signed_record_verifies_also_after_a_round_trip():
+    j = core.sign(job(env=("A=1", "B=\udc80"), memory=1 << 20, cpus=0.5, timeout=600.0,
+                      network="none", submitter="alice", submitter_uid=1000), KEY)
+    assert len(j.signature) == 64 and core.verify(j, KEY)
+    assert core.verify(core.Job.from_dict(j.to_dict()), KEY)
+    assert core.verify(dataclasses.replace(j, timeout=600), KEY)  # one number, int or float
+    assert not core.verify(j, core.signing_key("another-cluster-token"))
+
+
+def test_the_node_may_change_the_lifecycle_fields_of_a_signed_record():
+    j = core.sign(job(), KEY)
+    claimed = core.transition(j, STARTING, now=2.0, node="n1")
+    running = core.transition(claimed, RUNNING, started_at=3.0)
+    assert core.verify(running, KEY) and core.verify(core.transition(running, FAILED, now=4.0), KEY)
+
+
+@pytest.mark.parametrize("change", [
+    {"uid": 0}, {"gid": 0}, {"user": "root"}, {"command": "cat /etc/shadow"},
+    {"env": ("LD_PRELOAD=/tmp/x.so",)}, {"memory": None}, {"cpus": 2.0}, {"tasks": 10**6},
+    {"timeout": None}, {"workdir": "/root"}, {"network": "host"}, {"submitter": "bob"},
+    {"submitter_uid": 0}, {"uuid": "1b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"}, {"uid": True},
+])
+def test_a_record_changed_where_it_matters_does_not_verify(change):
+    j = core.sign(job(memory=1 << 20, cpus=1.0, tasks=64, timeout=60.0, workdir="/srv",
+                      network="none", submitter="alice", submitter_uid=1000, uid=1, gid=1), KEY)
+    assert not core.verify(dataclasses.replace(j, **change), KEY)
+
+
+@pytest.mark.parametrize("signature", [None, "", "0" * 64, "é" * 64, 12, ["x"]])
+def test_unsigned_or_garbled_signatures_do_not_verify(signature):
+    assert not core.verify(dataclasses.replace(job(), signature=signature), KEY)
+
+
+def test_a_record_no_node_would_write_does_not_verify_and_does_not_raise():
+    j = core.sign(job(), KEY)
+    assert not core.verify(dataclasses.replace(j, cpus="fast"), KEY)
+    assert not core.verify(dataclasses.replace(j, env=(object(),)), KEY)
