@@ -6,9 +6,15 @@ Keyspace (PREFIX is the `prefix` setting, /lcluster by default):
     PREFIX/queue/<rank>-<submit-ns>-<uuid>  present while the job is queued; the
                                        key sorts the queue: priority (rank =
                                        100 - priority), then submission order
+    PREFIX/queued_by/<uid>/<uuid>      present while the job is queued, kept in
+                                       the same transactions as its queue key:
+                                       queued_count(uid) counts them (quota)
+    PREFIX/idempotency/<uid>/<sha256>  the uuids a submission with that
+                                       Idempotency-Key queued (JSON list),
+                                       under a shared lease of IDEMPOTENCY_TTL
     PREFIX/nodes/<name>                a live node's registration, JSON (name,
-                                       address, slots, free, running), under
-                                       the node's lease: gone when it dies
+                                       address, machine, slots, free, running),
+                                       under the node's lease: gone when it dies
     PREFIX/members/<name>              the same, without a lease: every node
                                        that ever registered (lclusterc nodes)
     PREFIX/failed_nodes/<name>         {"name", "at"}: a member whose lease
@@ -20,35 +26,104 @@ Keyspace (PREFIX is the `prefix` setting, /lcluster by default):
                                        (history pruning); the value names it
 
 Every change of a record is one transaction guarded by the record's
-mod_revision, and moves the queue key in the same transaction, so a job is
-never claimed twice and the queue never disagrees with the records.
+mod_revision, and moves the queue key (and its queued_by index) in the same
+transaction, so a job is never claimed twice and the queue never disagrees
+with the records.
+
+Every read of a prefix is paginated (PAGE_KEYS keys, and sized to about
+PAGE_BYTES from the page before; a page gRPC refuses as over its 4 MiB is
+asked again smaller), at one revision, so no answer is too big however many
+or however large the records are.
+
+Errors (one tree, the callers map it):
+    Unavailable  etcd cannot be reached at any endpoint, whatever the gRPC
+                 code; nothing was written (or, for a write whose answer was
+                 lost, it may have been: guarded writes find out on re-read)
+    NoSpace      (an Unavailable) etcd's NOSPACE alarm: out of its quota
+    TooLarge     etcd refused the request as too large (--max-request-bytes)
+    NameTaken    register(): another machine's live node holds the name
+
+Maintenance: compact() keeps etcd's history short (the prune pass calls it);
+recover_space() compacts, defragments every member and disarms NOSPACE;
+space() says how big the db is, its quota and whether NOSPACE is raised.
+
 The calls block (python3-etcd3 is synchronous): the daemon runs them in
-threads.
+threads, and a Store is safe to share between threads: its channels are
+made under a lock, and a channel that failed is replaced for new calls but
+closed only once no call uses it any more.
 """
 
+import copy
+import hashlib
 import json
+import re
+import ssl
+import threading
+import time
 import urllib.parse
+import urllib.request
 
 import etcd3
 import etcd3.exceptions
 import etcd3.utils
 import grpc
+from etcd3 import etcdrpc
 
 from lclusterd import core
 
-CALL_TIMEOUT = 2  # seconds; etcd answers in milliseconds, and a dead member must
-                  # not hold up the next endpoint longer than a fraction of the lease TTL
+CALL_TIMEOUT = 2  # seconds, per endpoint tried; etcd answers in milliseconds.
+                  # The heartbeat passes a shorter timeout= (a dead member must
+                  # not eat the lease's fencing budget).
 # gRPC backs off up to 2 minutes between reconnects; etcd back after an
 # outage should be seen within a second.
-MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000)]
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops (per list of one transaction)
+PAGE_KEYS = 1000  # keys per range page at most
+PAGE_BYTES = 1 << 20  # aim a page's keys+values at 1 MiB; gRPC refuses over 4 MiB
+COMPACT_MARGIN = 10000  # revisions of history kept by compact(): a paginated
+                        # read pinned to a revision (20,000 records take
+                        # about a second) must not see it compacted away
+IDEMPOTENCY_TTL = 24 * 3600  # an Idempotency-Key is remembered this long (at least half)
+MAINTENANCE_TIMEOUT = 60  # seconds for a defragmentation (it blocks the member)
+
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED,  # "Channel closed!" and the like
+                grpc.StatusCode.UNKNOWN}  # transport: "Stream removed", "Socket closed"
 
 
 class Unavailable(Exception):
     """etcd cannot be reached; nothing was written."""
+
+
+class NoSpace(Unavailable):
+    """etcd raised its NOSPACE alarm: it takes reads and deletes, no writes."""
+
+
+class TooLarge(Exception):
+    """etcd refused a request as too large (nothing was written)."""
+
+
+class NameTaken(Exception):
+    """register(): another machine's live registration holds the node name."""
+
+    def __init__(self, name, address):
+        self.name, self.address = name, address
+        super().__init__(f"node name {name} is already live on another machine "
+                         f"(at {address or 'an unknown address'}): give this node another node_name")
+
+
+class _Compacted(Exception):
+    """A paginated read's revision was compacted meanwhile: read again."""
+
+
+class _Conn:
+    """One endpoint's client, shared by the threads that use it."""
+
+    def __init__(self, index, client):
+        self.index, self.client = index, client
+        self.users, self.retired, self.closed = 0, False, False
 
 
 class Store:
@@ -57,45 +132,102 @@ class Store:
         self.endpoints = list(endpoints)
         self.prefix = prefix
         self.tls = {k: v for k, v in (tls or {}).items() if v}
-        self._clients = [None] * len(self.endpoints)
-        self._current = 0
+        self._lock = threading.Lock()  # guards everything below
+        self._conns = [None] * len(self.endpoints)
+        self._current = 0  # the endpoint that answered last: tried first
+        self._idem_lease = None  # (lease id, monotonic time to stop using it)
+        self._compacted = 0
+        self._quota = None
 
     # -- plumbing -----------------------------------------------------------
 
-    def _client(self, index):
-        if self._clients[index] is None:
-            url = urllib.parse.urlsplit(self.endpoints[index])
-            self._clients[index] = etcd3.client(host=url.hostname or "127.0.0.1",
-                                                port=url.port or 2379, timeout=CALL_TIMEOUT,
-                                                grpc_options=GRPC_OPTIONS, **self.tls)
-        return self._clients[index]
+    def _connect(self, index):
+        url = urllib.parse.urlsplit(self.endpoints[index])
+        return etcd3.client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
+                            timeout=CALL_TIMEOUT, grpc_options=GRPC_OPTIONS, **self.tls)
 
-    def _call(self, fn):
-        """Run fn(client), failing over through the endpoints in turn."""
-        last = None
+    def _acquire(self, index):
+        with self._lock:
+            conn = self._conns[index]
+            if conn is None:  # the client does not connect yet: cheap under the lock
+                conn = self._conns[index] = _Conn(index, self._connect(index))
+            conn.users += 1
+            return conn
+
+    def _release(self, conn, failed=False):
+        with self._lock:
+            conn.users -= 1
+            if failed and not conn.retired:
+                # New calls get a fresh channel (not gRPC's backed-off one) and
+                # start at the next endpoint; calls in flight keep this one.
+                conn.retired = True
+                if self._conns[conn.index] is conn:
+                    self._conns[conn.index] = None
+                if self._current == conn.index:
+                    self._current = (conn.index + 1) % len(self.endpoints)
+            close = conn.retired and conn.users == 0 and not conn.closed
+            conn.closed = conn.closed or close
+        if close:
+            conn.client.close()
+
+    def _call(self, fn, timeout=None):
+        """Run fn(client), failing over through the endpoints in turn, from the
+        one that answered last. timeout: seconds per endpoint tried (CALL_TIMEOUT)."""
+        errors = []
+        with self._lock:
+            first = self._current
         for attempt in range(len(self.endpoints)):
-            index = (self._current + attempt) % len(self.endpoints)
+            index = (first + attempt) % len(self.endpoints)
+            conn = self._acquire(index)
+            client = conn.client
+            if timeout is not None:
+                client = copy.copy(client)  # the same channel; python3-etcd3 reads .timeout per call
+                client.timeout = timeout
+            failed = False
             try:
-                result = fn(self._client(index))
+                result = fn(client)
+            except Exception as e:  # noqa: BLE001 -- sorted just below; the rest re-raised
+                kind = _kind(e)
+                if kind == "nospace":
+                    raise NoSpace(self._nospace_message(e)) from None
+                if kind == "toolarge":
+                    raise TooLarge(f"the request is too large for etcd ({_describe(e)}); etcd "
+                                   "takes at most 1.5 MiB per request (--max-request-bytes)") from None
+                if kind != "unreachable":
+                    raise  # etcd answered: a bug of ours (or NameTaken, LookupError, ...)
+                failed = True
+                errors.append(e)
+                continue
+            finally:
+                self._release(conn, failed)
+            with self._lock:
                 self._current = index
-                return result
-            except (etcd3.exceptions.ConnectionFailedError,
-                    etcd3.exceptions.ConnectionTimeoutError, grpc.RpcError) as e:
-                if isinstance(e, grpc.RpcError) and e.code() not in UNREACHABLE:
-                    raise  # etcd answered: a bug of ours, not an outage
-                last = e
-                self._drop(index)  # a fresh channel next time, not gRPC's backed-off one
+            return result
         where = ", ".join(self.endpoints)
-        raise Unavailable(f"etcd is unreachable at {where} ({_describe(last)})")
+        raise Unavailable(f"etcd is unreachable at {where} ({_describe(errors[-1])})")
 
-    def _drop(self, index):
-        if self._clients[index] is not None:
-            self._clients[index].close()
-            self._clients[index] = None
+    def _consistent(self, fn):
+        """fn reads several pages at one revision: again if it was compacted meanwhile."""
+        def run(c):
+            for _ in range(3):
+                try:
+                    return fn(c)
+                except _Compacted:
+                    continue
+            return fn(c)
+        return run
 
     def close(self):
-        for index in range(len(self._clients)):
-            self._drop(index)
+        with self._lock:
+            conns, self._conns = self._conns, [None] * len(self.endpoints)
+            for conn in conns:
+                if conn is not None:
+                    conn.retired = True
+            idle = [c for c in conns if c is not None and c.users == 0 and not c.closed]
+            for conn in idle:
+                conn.closed = True
+        for conn in idle:  # a call still in flight closes its own on release
+            conn.client.close()
 
     def _job_key(self, job_uuid):
         return f"{self.prefix}/jobs/{job_uuid}"
@@ -106,10 +238,13 @@ class Store:
     def _queue_key(self, job):
         return f"{self.prefix}/queue/{core.queue_rank(job)}"
 
+    def _by_user_key(self, job):
+        return f"{self.prefix}/queued_by/{job.uid}/{job.uuid}"
+
     # -- reads --------------------------------------------------------------
 
-    def ping(self):
-        self._call(lambda c: c.get(f"{self.prefix}/ping"))
+    def ping(self, timeout=None):
+        self._call(lambda c: c.get(f"{self.prefix}/ping"), timeout)
 
     def get(self, job_uuid):
         """(Job, revision), or None when there is no such record."""
@@ -118,49 +253,90 @@ class Store:
 
     def resolve(self, ref):
         """The full uuid that a validated ref (uuid or prefix) names."""
-        keys = self._call(lambda c: [m.key.decode() for _, m in c.get_prefix(
-            self._job_key(ref), keys_only=True)])
-        return core.pick_by_prefix(ref, [k.rsplit("/", 1)[1] for k in keys])
+        prefix = self._job_key(ref)
+        def read(c):  # two keys and the count: enough to answer, however many match
+            answer = _range(c, prefix, _end(prefix), limit=2, keys_only=True)
+            return answer.count, [kv.key.decode().rsplit("/", 1)[1] for kv in answer.kvs]
+        count, uuids = self._call(read)
+        if count > len(uuids):
+            raise core.AmbiguousRef(f"'{ref}' matches {count} jobs: give more of the uuid")
+        return core.pick_by_prefix(ref, uuids)
 
     def all_jobs(self):
-        """Every record, as [(Job, revision)]."""
-        return self._call(lambda c: [(_decode(v), m.mod_revision)
-                                     for v, m in c.get_prefix(f"{self.prefix}/jobs/")])
+        """Every record, as [(Job, revision)], read page by page at one revision."""
+        kvs = self._call(self._consistent(lambda c: _scan(c, f"{self.prefix}/jobs/")[0]))
+        return [(_decode(kv.value), kv.mod_revision) for kv in kvs]
 
     def queued(self, limit):
         """The head of the queue, oldest first, as [(Job, revision)]."""
         if limit < 1:
             return []  # etcd reads a limit of 0 as "everything"
         def read(c):
-            heads = [kv.value.decode() for kv in _range(c, f"{self.prefix}/queue/", limit)]
-            found = []
-            # A few round trips for all the records: etcd caps a transaction's operations.
-            for start in range(0, len(heads), MAX_TXN_OPS):
-                _, ranges = c.transaction(compare=[], success=[
-                    c.transactions.get(self._job_key(u)) for u in heads[start:start + MAX_TXN_OPS]],
-                    failure=[])
-                found += [(_decode(v), m.mod_revision) for kvs in ranges for v, m in kvs]
-            return found
-        return [(job, rev) for job, rev in self._call(read) if job.state == core.QUEUED]
+            heads = _range(c, f"{self.prefix}/queue/", _end(f"{self.prefix}/queue/"),
+                           limit=min(limit, PAGE_KEYS)).kvs
+            return _get_many(c, [self._job_key(kv.value.decode()) for kv in heads])
+        found = [(_decode(kv.value), kv.mod_revision) for kv in self._call(read)]
+        return [(job, rev) for job, rev in found if job.state == core.QUEUED]
+
+    def queued_count(self, uid):
+        """How many jobs of uid are queued (a count-only read of an index)."""
+        prefix = f"{self.prefix}/queued_by/{int(uid)}/"
+        return self._call(lambda c: _range(c, prefix, _end(prefix), count_only=True).count)
 
     # -- writes -------------------------------------------------------------
 
     def submit(self, job):
         self.submit_many([job])
 
-    def submit_many(self, jobs):
-        """Queue new jobs, all or none, in one transaction (core.MAX_BATCH at most)."""
+    def submit_many(self, jobs, idempotency_key=None):
+        """Queue new jobs, all or none, in one transaction (core.MAX_BATCH at
+        most). idempotency_key: when a submission of the same user with that
+        key was written already, write nothing and return its uuids (a list);
+        otherwise record the key with ours in the same transaction. Returns
+        None when it wrote."""
+        keys = [self._job_key(job.uuid) for job in jobs]
+        compares = [_version(key, 0) for key in keys]
+        ops = [op for job, key in zip(jobs, keys)
+               for op in (_put(key, _encode(job)), _put(self._queue_key(job), job.uuid),
+                          _put(self._by_user_key(job), job.uuid))]
+        idem = None
+        if idempotency_key is not None:
+            digest = hashlib.sha256(str(idempotency_key).encode("utf-8", "surrogatepass")).hexdigest()
+            idem = f"{self.prefix}/idempotency/{jobs[0].uid}/{digest}"
+            compares.insert(0, _version(idem, 0))
+        uuids = json.dumps([job.uuid for job in jobs])
+
         def write(c):
-            keys = [self._job_key(job.uuid) for job in jobs]
-            ok, _ = c.transaction(
-                compare=[c.transactions.version(key) == 0 for key in keys],
-                success=[op for job, key in zip(jobs, keys)
-                         for op in (c.transactions.put(key, _encode(job)),
-                                    c.transactions.put(self._queue_key(job), job.uuid))],
-                failure=[])
-            return ok
-        if not self._call(write):
+            for again in (True, False):
+                extra = []
+                if idem is not None:
+                    extra = [_put(idem, uuids, self._idempotency_lease(c))]
+                try:
+                    answer = _txn(c, compares, _nested(ops + extra, len(compares)),
+                                  [_get(idem)] if idem is not None else [])
+                except grpc.RpcError as e:
+                    if again and idem is not None and e.code() == grpc.StatusCode.NOT_FOUND:
+                        with self._lock:  # our shared lease is gone (etcd restored?): a new one
+                            self._idem_lease = None
+                        continue
+                    raise
+                if answer.succeeded:
+                    return None
+                kvs = answer.responses[0].response_range.kvs if idem is not None else []
+                return json.loads(kvs[0].value) if kvs else False
+        written = self._call(write)
+        if written is False:
             raise RuntimeError(f"job {jobs[0].uuid if len(jobs) == 1 else 'uuid'} already exists")
+        return written
+
+    def _idempotency_lease(self, c):
+        with self._lock:
+            if self._idem_lease is not None and time.monotonic() < self._idem_lease[1]:
+                return self._idem_lease[0]
+        lease = c.lease(IDEMPOTENCY_TTL).id
+        with self._lock:
+            self._idem_lease = (lease, time.monotonic() + IDEMPOTENCY_TTL / 2)
+        return lease
 
     def update(self, old, new, revision, prime=None):
         """Replace old with new if the record is still at revision; moves the
@@ -173,8 +349,10 @@ class Store:
             ops = [c.transactions.put(key, _encode(new))]
             if old.state == core.QUEUED != new.state:
                 ops.append(c.transactions.delete(self._queue_key(old)))
+                ops.append(c.transactions.delete(self._by_user_key(old)))
             if new.state == core.QUEUED != old.state:
                 ops.append(c.transactions.put(self._queue_key(new), new.uuid))
+                ops.append(c.transactions.put(self._by_user_key(new), new.uuid))
             if old.state == core.WARNED != new.state:
                 ops.append(c.transactions.delete(self._warned_key(old.uuid)))
             if new.state == core.WARNED != old.state:
@@ -191,49 +369,71 @@ class Store:
     def _key(self, kind, name=""):
         return f"{self.prefix}/{kind}/{name}" if kind != "prime" else f"{self.prefix}/prime"
 
-    def grant(self, ttl):
-        """A new lease of ttl seconds; its id."""
-        return self._call(lambda c: c.lease(ttl).id)
+    def grant(self, ttl, timeout=None):
+        """A new lease of ttl seconds; its id. timeout: seconds per endpoint tried."""
+        return self._call(lambda c: c.lease(ttl).id, timeout)
 
-    def renew(self, lease):
-        """Keep the lease alive; False if etcd says it has expired already."""
+    def renew(self, lease, timeout=None):
+        """Keep the lease alive; False if etcd says it has expired already.
+        timeout: seconds per endpoint tried (the heartbeat's budget divided
+        among them); the endpoint that answers is tried first next time."""
         def keepalive(c):
             return any(r.TTL > 0 for r in c.refresh_lease(lease))
-        return self._call(keepalive)
+        return self._call(keepalive, timeout)
 
-    def revoke(self, lease):
-        self._call(lambda c: c.revoke_lease(lease))
+    def revoke(self, lease, timeout=None):
+        self._call(lambda c: c.revoke_lease(lease), timeout)
 
-    def register(self, info, lease):
-        """Announce this node (info: a dict with at least "name") under lease,
-        as a member, and no longer failed: one transaction."""
+    def register(self, info, lease, timeout=None):
+        """Announce this node (info: a dict with at least "name"; "machine",
+        the /etc/machine-id, names the machine) under lease, as a member, and
+        no longer failed: one transaction. A live registration of the name
+        by another machine (both have a "machine" and they differ) raises
+        NameTaken; one of this machine (a restart) is taken over."""
         name, value = info["name"], json.dumps(info, separators=(",", ":"))
+        key = self._key("nodes", name)
+        ops = [_put(key, value, lease), _put(self._key("members", name), value),
+               _delete(self._key("failed_nodes", name))]
         def write(c):
-            c.transaction(compare=[], success=[
-                c.transactions.put(self._key("nodes", name), value, lease=lease),
-                c.transactions.put(self._key("members", name), value),
-                c.transactions.delete(self._key("failed_nodes", name))], failure=[])
-        self._call(write)
+            guard = _version(key, 0)
+            for _ in range(10):  # the holder's registration may change under us
+                answer = _txn(c, [guard], ops, [_get(key)])
+                if answer.succeeded:
+                    return
+                kvs = answer.responses[0].response_range.kvs
+                if not kvs:
+                    guard = _version(key, 0)
+                    continue
+                holder = _loads(kvs[0].value)
+                theirs, ours = holder.get("machine"), info.get("machine")
+                if kvs[0].lease != lease and theirs and ours and theirs != ours:
+                    raise NameTaken(name, holder.get("address"))
+                guard = _mod(key, kvs[0].mod_revision)
+            raise Unavailable(f"the registration of {name} kept changing while we registered")
+        self._call(write, timeout)
 
-    def update_registration(self, info, lease):
-        """Refresh the live registration (free slots, running jobs)."""
-        self._call(lambda c: c.put(self._key("nodes", info["name"]),
-                                   json.dumps(info, separators=(",", ":")), lease=lease))
+    def update_registration(self, info, lease, timeout=None):
+        """Refresh the live registration (free slots, running jobs), only while
+        it is still ours (under lease). True if written; False if the
+        registration is gone or another's (register afresh)."""
+        key = self._key("nodes", info["name"])
+        value = json.dumps(info, separators=(",", ":"))
+        return self._call(lambda c: _txn(c, [_lease_is(key, lease)], [_put(key, value, lease)],
+                                         []).succeeded, timeout)
 
     def cluster(self):
         """(live, members, failed, prime): {name: dict} three times and the
-        primed node's name (or None), read in one transaction."""
+        primed node's name (or None), read page by page at one revision."""
         def read(c):
-            _, ranges = c.transaction(compare=[], success=[
-                c.transactions.get(self._key(kind), range_end=_end(self._key(kind)))
-                for kind in ("nodes", "members", "failed_nodes")] + [
-                c.transactions.get(self._key("prime"))], failure=[])
-            return ranges
-        ranges = self._call(read)
-        maps = [{m.key.decode().rsplit("/", 1)[1]: json.loads(v) for v, m in kvs}
-                for kvs in ranges[:3]]
-        prime = ranges[3][0][0].decode() if ranges[3] else None
-        return (*maps, prime)
+            live, revision = _scan(c, self._key("nodes"))
+            members, _ = _scan(c, self._key("members"), revision=revision)
+            failed, _ = _scan(c, self._key("failed_nodes"), revision=revision)
+            prime = _range(c, self._key("prime"), revision=revision).kvs
+            return live, members, failed, prime
+        *ranges, prime = self._call(self._consistent(read))
+        maps = [{kv.key.decode().rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}
+                for kvs in ranges]
+        return (*maps, prime[0].value.decode() if prime else None)
 
     def record_failed(self, name, at):
         """Record a member as failed unless it is (alive, or recorded) meanwhile."""
@@ -278,8 +478,8 @@ class Store:
 
     def warned(self):
         """{uuid: node} of the warned jobs."""
-        return self._call(lambda c: {m.key.decode().rsplit("/", 1)[1]: v.decode() for v, m in
-                                     c.get_prefix(f"{self.prefix}/warned_jobs/")})
+        kvs = self._call(self._consistent(lambda c: _scan(c, f"{self.prefix}/warned_jobs/")[0]))
+        return {kv.key.decode().rsplit("/", 1)[1]: kv.value.decode() for kv in kvs}
 
     def lock(self, name, holder, ttl):
         """Take PREFIX/locks/<name> for ttl seconds (a lease), if nobody else
@@ -297,20 +497,237 @@ class Store:
             return False
         return self._call(take)
 
+    # -- maintenance: etcd's history and space -----------------------------------
+
+    def compact(self, margin=COMPACT_MARGIN):
+        """Compact etcd's history (the whole keyspace, all members) to the
+        current revision minus margin. Returns the revision compacted to, or
+        None when there was nothing new to compact."""
+        def run(c):
+            revision = _range(c, f"{self.prefix}/ping", count_only=True).header.revision
+            target = revision - margin
+            with self._lock:
+                if target <= self._compacted:
+                    return None
+            try:
+                c.kvstub.Compact(etcdrpc.CompactionRequest(revision=target), c.timeout,
+                                 credentials=c.call_credentials, metadata=c.metadata)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+                target = None  # someone compacted as far already
+            with self._lock:
+                self._compacted = max(self._compacted, target or revision - margin)
+            return target
+        return self._call(run)
+
+    def space(self):
+        """{"db_size": bytes of the member that answers, "quota": its
+        --quota-backend-bytes (None if it cannot be read), "nospace": True
+        while etcd's NOSPACE alarm is raised}."""
+        def read(c):
+            status = c.status()
+            alarms = list(c.list_alarms())
+            return status.db_size, any(a.alarm_type == etcdrpc.NOSPACE for a in alarms)
+        size, nospace = self._call(read)
+        return {"db_size": size, "quota": self._read_quota(), "nospace": nospace}
+
+    def recover_space(self):
+        """What an admin does after NOSPACE: compact all history, defragment
+        every member it can reach (one after the other: it blocks each for a
+        moment) and disarm the NOSPACE alarm. Returns space()."""
+        self.compact(margin=0)
+        for index in range(len(self.endpoints)):
+            conn = self._acquire(index)
+            client = copy.copy(conn.client)
+            client.timeout = MAINTENANCE_TIMEOUT
+            failed = False
+            try:
+                client.defragment()
+            except Exception as e:  # noqa: BLE001 -- an unreachable member is skipped
+                if _kind(e) != "unreachable":
+                    raise
+                failed = True
+            finally:
+                self._release(conn, failed)
+        self._call(lambda c: c.disarm_alarm())
+        return self.space()
+
+    def _read_quota(self):
+        """etcd's quota, from its /metrics (etcd has no RPC that says it); cached."""
+        with self._lock:
+            if self._quota is not None:
+                return self._quota
+        context = None
+        if self.tls.get("ca_cert"):
+            context = ssl.create_default_context(cafile=self.tls["ca_cert"])
+            if self.tls.get("cert_cert"):
+                context.load_cert_chain(self.tls["cert_cert"], self.tls.get("cert_key"))
+        for endpoint in self.endpoints:
+            try:
+                with urllib.request.urlopen(endpoint.rstrip("/") + "/metrics", timeout=1,
+                                            context=context) as answer:
+                    text = answer.read(4 << 20).decode("utf-8", "replace")
+            except (OSError, ValueError):
+                continue
+            found = re.search(r"^etcd_server_quota_backend_bytes\s+(\S+)$", text, re.M)
+            if found:
+                with self._lock:
+                    self._quota = int(float(found.group(1)))
+                return self._quota
+        return None
+
+    def _nospace_message(self, error):
+        quota = self._read_quota()
+        return (f"etcd is out of space (quota {quota if quota else 'unknown'} bytes): "
+                f"{_describe(error)}; fix: delete old records (a lower max_finished_jobs), then "
+                "'etcdctl compact <current revision>', 'etcdctl defrag' on every member and "
+                "'etcdctl alarm disarm' (lclusterd's prune pass does this), or raise etcd's "
+                "--quota-backend-bytes")
+
+
+# -- requests built by hand (python3-etcd3 0.12 drops limit=, revision=,
+#    count_only=, nested transactions and lease compares) --------------------------
+
+def _b(value):
+    return etcd3.utils.to_bytes(value)
+
 
 def _end(prefix):
-    return etcd3.utils.increment_last_byte(etcd3.utils.to_bytes(prefix))
+    return etcd3.utils.increment_last_byte(_b(prefix))
 
 
-def _range(c, prefix, limit):
-    """The first limit keys under prefix, in key order. (python3-etcd3 0.12
-    accepts limit= but never puts it into the request.)"""
-    request = c._build_get_range_request(
-        prefix, range_end=etcd3.utils.increment_last_byte(etcd3.utils.to_bytes(prefix)),
-        sort_order="ascend", sort_target="key")
-    request.limit = limit
-    return c.kvstub.Range(request, c.timeout, credentials=c.call_credentials,
-                          metadata=c.metadata).kvs
+def _put(key, value, lease=0):
+    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=_b(key), value=_b(value),
+                                                            lease=lease or 0))
+
+
+def _delete(key):
+    return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=_b(key)))
+
+
+def _get(key):
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=_b(key)))
+
+
+def _version(key, version):
+    return etcdrpc.Compare(key=_b(key), target=etcdrpc.Compare.VERSION,
+                           result=etcdrpc.Compare.EQUAL, version=version)
+
+
+def _mod(key, revision):
+    return etcdrpc.Compare(key=_b(key), target=etcdrpc.Compare.MOD,
+                           result=etcdrpc.Compare.EQUAL, mod_revision=revision)
+
+
+def _lease_is(key, lease):
+    return etcdrpc.Compare(key=_b(key), target=etcdrpc.Compare.LEASE,
+                           result=etcdrpc.Compare.EQUAL, lease=lease)
+
+
+def _txn(c, compare, success, failure=()):
+    request = etcdrpc.TxnRequest(compare=compare, success=success, failure=list(failure))
+    return c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+
+
+def _nested(ops, compares):
+    """ops as one transaction's success list within etcd's --max-txn-ops:
+    more than it takes go into nested transactions (etcd checks each nested
+    list against what the outer lists leave of the limit)."""
+    if len(ops) <= MAX_TXN_OPS:
+        return ops
+    size = MAX_TXN_OPS - compares
+    while max(compares, -(-len(ops) // size)) + size > MAX_TXN_OPS:
+        size -= 1
+    return [etcdrpc.RequestOp(request_txn=etcdrpc.TxnRequest(success=ops[i:i + size]))
+            for i in range(0, len(ops), size)]
+
+
+def _range(c, key, end=b"", limit=0, revision=0, keys_only=False, count_only=False):
+    request = etcdrpc.RangeRequest(key=_b(key), range_end=_b(end), limit=limit, revision=revision,
+                                   keys_only=keys_only, count_only=count_only)
+    try:
+        return c.kvstub.Range(request, c.timeout, credentials=c.call_credentials,
+                              metadata=c.metadata)
+    except grpc.RpcError as e:
+        if revision and e.code() == grpc.StatusCode.OUT_OF_RANGE:
+            raise _Compacted() from None
+        raise
+
+
+def _too_big(error):
+    """gRPC refused an answer over its receive limit (4 MiB)."""
+    return (isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "larger than max" in (error.details() or ""))
+
+
+def _next_size(kvs, most):
+    """How many of such records make about PAGE_BYTES."""
+    size = sum(len(kv.key) + len(kv.value) for kv in kvs)
+    return max(1, min(most, PAGE_BYTES * len(kvs) // max(1, size)))
+
+
+def _scan(c, prefix, keys_only=False, revision=0):
+    """Every key under prefix, in key order, a page at a time, all at one
+    revision: ([KeyValue], revision)."""
+    start, end, limit, kvs = _b(prefix), _end(prefix), PAGE_KEYS, []
+    while True:
+        try:
+            # No sort order: etcd returns keys in order anyway, and a sorted
+            # range would make it read the whole prefix for every page.
+            answer = _range(c, start, end, limit=limit, revision=revision, keys_only=keys_only)
+        except grpc.RpcError as e:
+            if _too_big(e) and limit > 1:
+                limit = max(1, limit // 4)
+                continue
+            raise
+        revision = revision or answer.header.revision
+        kvs.extend(answer.kvs)
+        if not answer.more or not answer.kvs:
+            return kvs, revision
+        start = answer.kvs[-1].key + b"\0"
+        limit = _next_size(answer.kvs, PAGE_KEYS)
+
+
+def _get_many(c, keys):
+    """The records at keys (those that exist), in order, a few transactions
+    of gets each bounded by etcd's --max-txn-ops and by bytes."""
+    found, i, step = [], 0, 32
+    while i < len(keys):
+        batch = keys[i:i + step]
+        try:
+            answer = _txn(c, [], [_get(key) for key in batch])
+        except grpc.RpcError as e:
+            if _too_big(e) and step > 1:
+                step = max(1, step // 4)
+                continue
+            raise
+        kvs = [kv for r in answer.responses for kv in r.response_range.kvs]
+        found += kvs
+        i += len(batch)
+        if kvs:
+            step = _next_size(kvs, MAX_TXN_OPS)
+    return found
+
+
+def _kind(error):
+    """What a failed call means: "unreachable", "nospace", "toolarge" or None (a bug)."""
+    if isinstance(error, (etcd3.exceptions.ConnectionFailedError,
+                          etcd3.exceptions.ConnectionTimeoutError)):
+        return "unreachable"
+    if isinstance(error, etcd3.exceptions.Etcd3Exception) and isinstance(error.__context__, grpc.RpcError):
+        error = error.__context__  # python3-etcd3 translated it
+    if not isinstance(error, grpc.RpcError) or not hasattr(error, "code"):
+        return None
+    details = error.details() or ""
+    if "database space exceeded" in details:
+        return "nospace"
+    if "request is too large" in details or (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                             and "larger than max" in details):
+        return "toolarge"
+    if error.code() in _UNREACHABLE:
+        return "unreachable"
+    return None
 
 
 def _encode(job):
@@ -321,7 +738,17 @@ def _decode(value):
     return core.Job.from_dict(json.loads(value))
 
 
+def _loads(value):
+    try:
+        found = json.loads(value)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _describe(error):
+    if isinstance(error, etcd3.exceptions.Etcd3Exception) and isinstance(error.__context__, grpc.RpcError):
+        error = error.__context__
     if isinstance(error, grpc.RpcError) and hasattr(error, "details"):
         return error.details() or str(error.code())
     return str(error) or type(error).__name__
