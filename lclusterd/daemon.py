@@ -9,6 +9,7 @@ their own, so stopping or killing the daemon stops no job.
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -19,23 +20,103 @@ from aiohttp import web
 from systemd import daemon as sd
 
 from lclusterd import (__version__, api, config as configuration, core, journal, netns, peers,
-                       rootfs as rootfs_builder, sandbox)
+                       rootfs as rootfs_builder, sandbox, store as etcd)
 from lclusterd.node import Node
 from lclusterd.store import Store
 from lclusterd.units import Units
 
 log = logging.getLogger("lclusterd")
+# store.NameTaken(name, address): contract C2 (H2); a stand-in until it lands.
+NameTaken = getattr(etcd, "NameTaken", type("NameTaken", (Exception,), {}))
 
 EX_CONFIG = 78  # sysexits' "configuration error": lclusterd.service does not restart on it
+EX_CRASHED = 1  # a task of ours died: Restart=on-failure starts us again
 REPORT_EVERY = 1  # seconds between looks at STATUS= (and watchdog pets)
 # What SIGHUP can change: the limits and networks apply to jobs submitted after it.
+# Keep units/lclusterd.conf's header in step.
 RELOADABLE = ("slots", "stop_timeout", "poll_interval", "job_networks", "retention",
-              "max_finished_jobs",
+              "max_finished_jobs", "max_queued_per_user", "job_tmp_size",
               *(f"{kind}_{name}" for name, _, _ in core.LIMITS for kind in ("default", "max")))
+# The loops that must go round for the watchdog to be petted (Node.progress).
+LOOPS = {"schedule": "the scheduling loop", "heartbeat": "the heartbeat"}
+# Fault injection for tests/system/test_daemon.py only: "crash:TASK" or
+# "stall:TASK" (TASK of serve's supervised tasks) in the service's environment.
+FAULT_ENV = "LCLUSTERD_TEST_FAULT"
 
 
 class StartupError(Exception):
     pass
+
+
+class TaskEnded(Exception):
+    """A long-lived task ended while the daemon was not stopping."""
+
+    def __init__(self, name, error):
+        super().__init__(f"task {name} ended: {error!r}" if error else f"task {name} returned")
+        self.name, self.error = name, error
+
+
+async def supervise(coroutines, stopping):
+    """Run {name: coroutine} until stopping is set. A task that ends before
+    then, by an exception or by returning, ends them all: TaskEnded, so the
+    daemon exits non-zero and systemd (Restart=on-failure) starts it afresh
+    rather than living on with a dead heartbeat or scheduler."""
+    tasks = {asyncio.create_task(coro, name=name): name for name, coro in coroutines.items()}
+    stop = asyncio.create_task(stopping.wait())
+    try:
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop and not stopping.is_set():
+                error = None if task.cancelled() else task.exception()
+                raise TaskEnded(tasks[task], error) from error
+    finally:
+        stop.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(stop, *tasks, return_exceptions=True)
+
+
+def inject_fault(coroutines, fault):
+    """Replace one task by one that crashes after a second or that hangs:
+    what supervision and the watchdog are there for."""
+    kind, _, name = fault.partition(":")
+    if kind not in ("crash", "stall") or name not in coroutines:
+        for coro in coroutines.values():
+            coro.close()
+        raise StartupError(f"{FAULT_ENV}={fault}: want crash:TASK or stall:TASK, "
+                           f"TASK one of {', '.join(coroutines)}")
+    log.warning("%s=%s: the %s task will %s (a test)", FAULT_ENV, fault, name, kind)
+    coroutines[name].close()
+
+    async def crash():
+        await asyncio.sleep(1)
+        raise RuntimeError(f"crash injected by {FAULT_ENV}")
+    coroutines[name] = crash() if kind == "crash" else asyncio.Event().wait()
+    return coroutines
+
+
+def stalled(progress, now, limit, started):
+    """{name: seconds} of the LOOPS that have not gone round for more than
+    limit seconds (a loop not yet started counts from started)."""
+    ages = {name: now - progress.get(name, started) for name in LOOPS}
+    return {name: age for name, age in ages.items() if age > limit}
+
+
+def stall_limit(config, watchdog_usec):
+    """How long a loop may go without a round before we stop petting the
+    watchdog: half its period, but never less than a few of the loops' own
+    waits (a slow etcd or a big sweep is not a hang)."""
+    period = int(watchdog_usec) / 1e6 if str(watchdog_usec or "").isdigit() else 0
+    return max(period / 2, 4 * config.poll_interval, config.lease_ttl)
+
+
+def raise_fd_limit():
+    """Soft RLIMIT_NOFILE up to the hard one (LimitNOFILE= in the unit): every
+    API connection is a descriptor, and 1024 is a flood's worth."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def listening_sockets(path):
@@ -95,28 +176,77 @@ def tcp_socket(host, port):
     return sock
 
 
-def status(node):
+def status(node, warnings=(), stuck=None):
+    if stuck:
+        said = "; ".join(f"{LOOPS[name]} has made no progress for {age:.0f} s"
+                         for name, age in stuck.items())
+        return f"{said} (watchdog not petted)"
     if not node.units.connected:
-        return "waiting for the system bus (D-Bus)"
-    if node.etcd_error:
-        return f"waiting for etcd: {node.etcd_error}"
-    if node.lease is None:
-        return "registering in the cluster"
-    return f"running {len(node.mine)} job(s) of {node.config.slots} slot(s); etcd ok"
+        state = "waiting for the system bus (D-Bus)"
+    elif node.etcd_error:
+        state = f"waiting for etcd: {node.etcd_error}"
+    elif node.lease is None:
+        state = "registering in the cluster"
+    else:
+        state = f"running {len(node.mine)} job(s) of {node.config.slots} slot(s); etcd ok"
+    return "; ".join((state, *warnings))
 
 
-async def report(node, stopping):
-    """STATUS= for `systemctl status` when it changes, and the watchdog: only
-    a live event loop pets it."""
-    said = None
+async def report(node, stopping, warnings, limit):
+    """STATUS= for `systemctl status` when it changes, and the watchdog:
+    petted only while the scheduling loop and the heartbeat both go round
+    (Node.progress), so a hung or dead loop gets the daemon restarted."""
+    loop = asyncio.get_running_loop()
+    said, was_stuck, started = None, set(), loop.time()
     while not stopping.is_set():
-        now = status(node)
-        sd.notify(f"WATCHDOG=1\nSTATUS={now}" if now != said else "WATCHDOG=1")
+        stuck = stalled(node.progress, loop.time(), limit, started)
+        now = status(node, warnings, stuck)
+        if set(stuck) - was_stuck:
+            log.error("%s", now)
+        was_stuck = set(stuck)
+        message = [] if stuck else ["WATCHDOG=1"]
+        if now != said:
+            message.append(f"STATUS={now}")
+        if message:
+            sd.notify("\n".join(message))
         said = now
         try:
             await asyncio.wait_for(stopping.wait(), REPORT_EVERY)
         except asyncio.TimeoutError:
             pass
+
+
+def open_etcd_probe(config, tls):
+    """Settings for a store that connects to the same etcd as we do but with
+    no client certificate: plain text, and for https the CA alone."""
+    yield "without TLS", [e.replace("https://", "http://", 1) for e in config.etcd_endpoints], None
+    if tls.get("ca_cert"):
+        yield "with TLS but no client certificate", list(config.etcd_endpoints), \
+            {"ca_cert": tls["ca_cert"]}
+
+
+async def check_etcd_open(node, tls, warnings, store_class=Store):
+    """Issue 10: warn when the etcd we use takes writes from anyone who can
+    connect (no client certificate, no password). Tried once we are
+    registered (so etcd answers us): a 1-second lock key under our prefix,
+    which expires by itself."""
+    config, loop = node.config, asyncio.get_running_loop()
+    while node.lease is None:
+        await asyncio.sleep(REPORT_EVERY)
+    for how, endpoints, probe_tls in open_etcd_probe(config, tls):
+        probe = store_class(endpoints, config.prefix, tls=probe_tls)
+        try:
+            await loop.run_in_executor(None, probe.lock, "unauthenticated-write-probe",
+                                       config.node_name, 1)
+        except Exception:  # refused, unreachable, or not speaking this: not open that way
+            continue
+        finally:
+            probe.close()
+        warning = (f"etcd at {', '.join(endpoints)} accepts writes from anyone {how}: "
+                   "every local user can change job records (README: Security model)")
+        log.warning("%s", warning)
+        warnings.append(warning)
+        return
 
 
 def reload(node, config_path):
@@ -133,20 +263,35 @@ def reload(node, config_path):
     node.wake()
 
 
+def signing_key(token):
+    """The key job records are signed with (contract C3), or None without a token."""
+    return core.signing_key(token) if token is not None else None
+
+
 async def serve(config, config_path=None):
+    warnings = []  # said in STATUS= after the state, and once in the journal
+    fds = raise_fd_limit()
     sd.notify("STATUS=adopting sockets")
     sockets = listening_sockets(config.socket)
     inherited_tcp = any(s.family != socket.AF_UNIX for s in sockets)
     token = read_token(config.token_file, required=bool(config.listen))
     if inherited_tcp and token is None:
         log.warning("a TCP socket was passed but %s is missing: TCP callers get 401", config.token_file)
+    if token is None:
+        warnings.append(f"no token file {config.token_file}: job records are not signed")
+        log.warning("%s; anyone who can write to etcd can have jobs run here", warnings[-1])
     if config.listen:
         sockets.append(tcp_socket(*config.listen))
-    store = Store(config.etcd_endpoints, config.prefix,
-                  tls={"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert,
-                       "cert_key": config.etcd_key})
+    enforced = sandbox.node_enforces()
+    said = sandbox.describe_enforced(enforced)
+    log.info("this node %s", said)
+    if enforced != frozenset(sandbox.CONTROLLERS):
+        warnings.append(f"this node {said}: such jobs are refused")
+    tls = {"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert, "cert_key": config.etcd_key}
+    store = Store(config.etcd_endpoints, config.prefix, tls=tls)
     units = Units()
-    node = Node(config, store, units, journal.JobLog, peers.Peers(token))
+    node = Node(config, store, units, journal.JobLog, peers.Peers(token),
+                signing_key=signing_key(token), enforceable=enforced)
     units.on_change = node.unit_changed
 
     runner = web.AppRunner(api.make_app(node, token), access_log=None)
@@ -161,20 +306,30 @@ async def serve(config, config_path=None):
     loop.add_signal_handler(signal.SIGHUP, reload, node, config_path)
 
     sd.notify("READY=1\nSTATUS=connecting to the system bus and etcd")
-    log.info("lclusterd %s serving on %s as node %s", __version__,
-             ", ".join(str(s.getsockname()) for s in sockets), config.node_name)
-    tasks = [asyncio.create_task(node.run(stopping)), asyncio.create_task(report(node, stopping)),
-             asyncio.create_task(node.keep_lease(stopping))]
+    log.info("lclusterd %s serving on %s as node %s (up to %d file descriptors)", __version__,
+             ", ".join(str(s.getsockname()) for s in sockets), config.node_name, fds)
+    probe = asyncio.create_task(check_etcd_open(node, tls, warnings))
+    limit = stall_limit(config, os.environ.get("WATCHDOG_USEC"))
     try:
-        await stopping.wait()
+        tasks = {"scheduler": node.run(stopping), "heartbeat": node.keep_lease(stopping),
+                 "reporter": report(node, stopping, warnings, limit)}
+        if os.environ.get(FAULT_ENV):
+            tasks = inject_fault(tasks, os.environ[FAULT_ENV])
+        await supervise(tasks, stopping)
     finally:
         sd.notify("STOPPING=1\nSTATUS=stopping (jobs keep running)")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        probe.cancel()
+        await asyncio.gather(probe, return_exceptions=True)
         await runner.cleanup()
         units.close()
         store.close()
+
+
+def name_taken(error, config_path):
+    name, address = (list(error.args) + ["?", "?"])[:2]
+    name, address = getattr(error, "name", name), getattr(error, "address", address)
+    return (f"node name {name} is held by a live node on another machine, at {address}: "
+            f"set another node_name in {config_path or configuration.DEFAULT_PATH}")
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -186,7 +341,7 @@ async def serve(config, config_path=None):
 @click.option("--socket", "socket_path", metavar="PATH",
               help="Unix socket to bind when not socket-activated.")
 @click.option("--etcd", "etcd_endpoints", metavar="URLS",
-              help="etcd endpoints, comma-separated (default http://127.0.0.1:2379).")
+              help="etcd endpoints, comma-separated (default: the local etcd).")
 @click.version_option(__version__, prog_name="lclusterd")
 @click.pass_context
 def main(ctx, config_path, rootfs, namespace, socket_path, etcd_endpoints):
@@ -209,8 +364,37 @@ def main(ctx, config_path, rootfs, namespace, socket_path, etcd_endpoints):
         sd.notify(f"STATUS=refused to start: {e}")
         click.echo(f"lclusterd: {e}", err=True)
         sys.exit(EX_CONFIG)
+    except TaskEnded as e:
+        if isinstance(e.error, NameTaken):  # contract C2: restarting would not help
+            said = name_taken(e.error, config_path)
+            sd.notify(f"STATUS=refused to start: {said}")
+            click.echo(f"lclusterd: {said}", err=True)
+            sys.exit(EX_CONFIG)
+        sd.notify(f"STATUS=failed: {e}")
+        log.critical("%s; exiting for systemd to restart us", e, exc_info=e.error)
+        sys.exit(EX_CRASHED)
     except KeyboardInterrupt:
         pass
+
+
+@main.command("check-config")
+@click.option("--config", "config_path", metavar="FILE",
+              help=f"Config file (default {configuration.DEFAULT_PATH}).")
+@click.pass_context
+def check_config(ctx, config_path):
+    """Check the config file: silent and 0 when the daemon would take it,
+    else one line and exit 78. lclusterd.service's ExecReload= runs it
+    before SIGHUP, so `systemctl reload` fails visibly on a bad file."""
+    config_path = config_path or ctx.parent.params.get("config_path")
+    try:
+        config = configuration.load(config_path)
+        if config.rootfs:
+            sandbox.check_rootfs(config.rootfs)
+        if config.namespace and not core.NAMESPACE_NAME.match(config.namespace):
+            raise sandbox.SandboxError(f"'{config.namespace}' is not a valid network namespace name")
+    except (configuration.ConfigError, sandbox.SandboxError) as e:
+        click.echo(f"lclusterd: {config_path or configuration.DEFAULT_PATH}: {e}", err=True)
+        sys.exit(EX_CONFIG)
 
 
 @main.command()
