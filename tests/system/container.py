@@ -38,6 +38,8 @@ TEST_PACKAGES = [
     "python3-click", "python3-aiohttp", "etcd-server",
     # etcdctl, to look at etcd from the tests
     "etcd-client",
+    # the .deb Depends on it: its postinst makes the local etcd's TLS certificates
+    "openssl",
     # ps, ip, and adduser/useradd to add a non-root test user
     "procps", "iproute2", "adduser", "passwd",
 ]
