@@ -1,11 +1,12 @@
 """lclusterd/config.py: defaults, the config file, the command line's overrides."""
 
+import dataclasses
 import os
 import socket
 
 import pytest
 
-from lclusterd import config
+from lclusterd import config, daemon
 from lclusterd.config import ConfigError
 
 
@@ -233,3 +234,52 @@ def test_bad_etcd_settings(values, present, message):
     with pytest.raises(ConfigError, match=message) as e:
         config.from_mapping(values, exists=packaged(present))
     assert "\n" not in str(e.value)
+
+
+# -- the shipped conffile documents every setting, and says reload or restart ----
+
+CONFFILE = os.path.join(os.path.dirname(__file__), "..", "..", "units", "lclusterd.conf")
+
+
+def conffile_blocks():
+    """[(keys, markers)] per paragraph of the shipped conffile."""
+    with open(CONFFILE, encoding="utf-8") as f:
+        paragraphs = f.read().split("\n\n")
+    blocks = []
+    for paragraph in paragraphs:
+        keys = [line[1:].split("=")[0].strip() for line in paragraph.splitlines()
+                if line.startswith("#") and not line.startswith("# ") and "=" in line]
+        markers = {m for m in ("[reload]", "[restart]") if m in paragraph}
+        if keys:
+            blocks.append((keys, markers))
+    return blocks
+
+
+def test_conffile_documents_every_setting_once():
+    keys = [key for keys, _ in conffile_blocks() for key in keys]
+    assert sorted(keys) == sorted(f.name for f in dataclasses.fields(config.Config))
+
+
+def test_conffile_says_which_settings_reload_applies():
+    for keys, markers in conffile_blocks():
+        assert len(markers) == 1, f"{keys}: say [reload] or [restart]"
+        for key in keys:
+            assert (key in daemon.RELOADABLE) == (markers == {"[reload]"}), key
+
+
+def test_conffile_defaults_parse(tmp_path):
+    with open(CONFFILE, encoding="utf-8") as f:
+        text = f.read()
+    uncommented = "\n".join(line[1:] if line.startswith("#") and not line.startswith("# ") else line
+                            for line in text.splitlines())
+    values = dict(configparser_section(uncommented))
+    present = {values["etcd_ca"], values["etcd_cert"], values["etcd_key"]}
+    c = config.from_mapping(values, exists=lambda path: path in present)
+    assert c.etcd_endpoints == ("https://127.0.0.1:2379",)
+
+
+def configparser_section(text):
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    return parser[config.SECTION].items()
