@@ -9,12 +9,14 @@ how it recovers after a restart, a missed signal or an etcd outage.
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
+import os
 import pwd
 import time
 from dataclasses import dataclass, replace
 
-from lclusterd import core, netns
+from lclusterd import core, netns, store as etcd_store
 from lclusterd.peers import Unreachable as PeerUnreachable
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Refused, Unavailable as UnitsUnavailable
@@ -29,12 +31,56 @@ MAX_CHANGE_ATTEMPTS = 5  # re-reads of a record whose revision moved under us
 LATE_OUTPUT = 10.0
 QUIET = 1.0
 MAX_PRUNE_EVERY = 300.0  # seconds; shorter retentions are pruned every retention/10
-# The lease (TTL = config.lease_ttl), as fractions of the TTL:
-HEARTBEAT = 0.25  # renew this often (and give each renewal this long)
-FENCE_AFTER = 0.5  # unrenewed this long: stop our jobs, so they are stopped here
-                   # before the lease expires and other nodes requeue them
+# The lease (TTL = config.lease_ttl), as fractions of the TTL. The fencing
+# margin is designed (README, "Fencing"): a node stops its jobs by
+#     D = (send time of its last confirmed renewal) + FENCE_AFTER x TTL
+# (itself, or lclusterd-fence.service when the daemon is not running, reading
+# D from FENCE_FILE); etcd keeps the lease until at least that send time +
+# TTL (a renewal restarts the TTL when etcd gets it; a new etcd leader
+# restarts every TTL in full), and the other nodes requeue its jobs only
+# REQUEUE_GUARD x TTL after they first see the lease gone. So a job stops on
+# its node at least (1 - FENCE_AFTER + REQUEUE_GUARD) x TTL before it can
+# start elsewhere: 6 s at TTL 8, 7.5 s at the default 10, less the fence's
+# 0.2 s poll; clocks are never compared across machines.
+HEARTBEAT = 0.125  # renew this often: an etcd election (1-3 s) costs a few
+                   # renewals, not the FENCE_AFTER budget
+RENEW_WAIT = 0.125  # each renewal, sent to every etcd endpoint at once, may take this long
+FENCE_AFTER = 0.5  # unrenewed this long: stop our jobs
+REQUEUE_GUARD = 0.25  # a dead node's lease gone this long: requeue its jobs
 CLAIM_POLL = 0.5  # seconds between looks at the prime and the queue while we have room
 FENCE_STOP_WAIT = 5  # seconds to wait for a killed unit to go
+RUN_DIR = "/run/lclusterd"  # FENCE_FILE and FENCED_DIR live here (contract C1)
+FENCE_FILE = "fence.json"  # {"node", "deadline" (CLOCK_MONOTONIC s), "others_live", "pid"}
+FENCED_DIR = "fenced"  # <uuid>: an empty file per unit killed by a fence; its job is lost
+MACHINE_ID = "/etc/machine-id"
+# What a job asks for -> (the controller that enforces it, its addjob option)
+LIMIT_CONTROLLERS = {"memory": ("memory", "--memory"), "cpus": ("cpu", "--cpus"),
+                     "tasks": ("pids", "--tasks")}
+# store.NameTaken (contract C2) ends the heartbeat: the daemon exits 78.
+# (An empty tuple catches nothing while store.py has no such class.)
+NAME_TAKEN = getattr(etcd_store, "NameTaken", ())
+
+
+def machine_id(path=MACHINE_ID):
+    """This machine's id (systemd's /etc/machine-id), or None."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def endpoint_stores(store):
+    """One store per etcd endpoint, for the heartbeat to ask them all at
+    once (a member that is down or has no leader must not use up the
+    fencing budget before the next one is asked); [store] if it has one."""
+    endpoints = list(getattr(store, "endpoints", None) or [])
+    if len(endpoints) < 2:
+        return [store]
+    try:
+        return [type(store)([e], store.prefix, tls=getattr(store, "tls", None)) for e in endpoints]
+    except TypeError:  # a store of another shape: the one we have
+        return [store]
 
 
 class Conflict(Exception):
@@ -49,6 +95,10 @@ class Elsewhere(Exception):
     """The job ran on another node, whose output we cannot fetch."""
 
 
+class _NotStarted(Exception):
+    """A job this node will not start; the message is the record's reason."""
+
+
 @dataclass(frozen=True)
 class Caller:
     uid: int
@@ -58,8 +108,15 @@ class Caller:
 
 class Node:
     def __init__(self, config, store, units, job_log=None, peers=None, clock=time.time,
-                 signing_key=None, enforceable=frozenset(("memory", "cpu", "pids"))):
+                 signing_key=None, enforceable=frozenset(("memory", "cpu", "pids")),
+                 run_dir=RUN_DIR, machine=None, lease_stores=None):
+        """run_dir: where FENCE_FILE and FENCED_DIR are; machine: this
+        machine's id (default /etc/machine-id); lease_stores: the stores the
+        heartbeat renews through (default one per etcd endpoint)."""
         self.config = config
+        self.run_dir = run_dir
+        self.machine = machine if machine is not None else machine_id()
+        self._lease_stores = lease_stores or endpoint_stores(store)
         self.signing_key = signing_key  # core.signing_key(token), None: records unsigned (contract C3)
         self.enforceable = frozenset(enforceable)  # limits this node can enforce (contract C4)
         # Loop time each long-lived loop last went round ("schedule", "heartbeat"):
@@ -87,9 +144,21 @@ class Node:
         self._published = None  # the registration last written
         self._judged = set()  # lease-less members whose jobs we have looked for
         self._others_live = False  # did another node hold a lease when we last looked?
+        self._missing_since = {}  # member name -> loop time we first saw it without a lease
+        self._fence_file_error = None  # why FENCE_FILE cannot be written, said once
         # The heartbeat's etcd calls get threads of their own: slow calls of
         # the API or the scheduler must not delay a renewal into a fence.
-        self._beat = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lease")
+        # Enough for a renewal per endpoint every HEARTBEAT while dead members
+        # hold theirs for the store's call timeout.
+        self._beat = concurrent.futures.ThreadPoolExecutor(
+            4 + 4 * len(self._lease_stores), thread_name_prefix="lease")
+
+    def close(self):
+        """Close the heartbeat's own stores (the daemon closes self.store)."""
+        for s in self._lease_stores:
+            if s is not self.store:
+                s.close()
+        self._beat.shutdown(wait=False)
 
     # -- helpers --------------------------------------------------------------
 
@@ -141,10 +210,12 @@ class Node:
     async def ping(self):
         await self._store(self.store.ping)
 
-    async def submit(self, command, caller, request=None, count=None):
+    async def submit(self, command, caller, request=None, count=None, idempotency_key=None):
         """Queue command; request: what the job asks for (core.job_spec's
         fields, and user: whom to run as). count: queue that many copies, all
-        or none, and return them as a list (a batch)."""
+        or none, and return them as a list (a batch). idempotency_key: the
+        client's key for this request; a repeated key queues nothing and
+        returns the jobs the first one queued."""
         request = request or {}
         spec = core.job_spec(request, self.config)
         uid, gid, user = caller.uid, caller.gid, caller.user
@@ -156,12 +227,44 @@ class Node:
                 raise core.InvalidInput(f"no such user '{name}' on this node") from None
             uid, gid, user = entry.pw_uid, entry.pw_gid, entry.pw_name
         copies = 1 if count is None else core.validate_count(count, core.validate_command(command))
+        self._check_enforceable(spec)
+        await self._check_quota(caller, copies)
         now = self.clock()
         jobs = [core.new_job(command, uid, gid, user, now, submitter=caller.user,
                              submitter_uid=caller.uid, **spec) for _ in range(copies)]
-        await self._store(self.store.submit_many, jobs)
+        if self.signing_key is not None:
+            jobs = [core.sign(job, self.signing_key) for job in jobs]
+        if idempotency_key is None:
+            existing = await self._store(self.store.submit_many, jobs)
+        else:
+            existing = await self._store(functools.partial(
+                self.store.submit_many, jobs, idempotency_key=idempotency_key))
+        if existing is not None:  # this key queued these before: answer with them
+            jobs = [await self.find(u) for u in existing]
         self.wake()
         return jobs[0] if count is None else jobs
+
+    def _check_enforceable(self, spec):
+        """A limit this node cannot enforce would silently not hold: refuse it."""
+        for name, (controller, option) in LIMIT_CONTROLLERS.items():
+            if spec.get(name) is not None and controller not in self.enforceable:
+                raise core.InvalidInput(f"this node cannot enforce {option} "
+                                        f"(no writable {controller} cgroup controller)")
+
+    def _can_enforce(self, job):
+        return all(getattr(job, name) is None or controller in self.enforceable
+                   for name, (controller, _) in LIMIT_CONTROLLERS.items())
+
+    async def _check_quota(self, caller, copies):
+        """At most max_queued_per_user queued jobs per submitter (so one user
+        cannot fill etcd)."""
+        limit = getattr(self.config, "max_queued_per_user", None)
+        if not limit or not hasattr(self.store, "queued_count"):
+            return
+        queued = await self._store(self.store.queued_count, caller.uid)
+        if queued + copies > limit:
+            raise core.QuotaExceeded(f"{caller.user} has {queued} job(s) queued; at most {limit} "
+                                "per user (max_queued_per_user)")
 
     async def find(self, ref):
         ref = core.validate_ref(ref)
@@ -282,6 +385,8 @@ class Node:
         if not await self._store(self.store.lock, "prune", self.config.node_name,
                                  self.prune_every()):
             return 0
+        if hasattr(self.store, "compact"):  # etcd's history of revisions nobody reads (C7)
+            await self._store(self.store.compact)
         records = await self._store(self.store.all_jobs)
         doomed = set(core.expired([job for job, _ in records], self.clock(),
                                   self.config.retention, self.config.max_finished_jobs))
@@ -342,25 +447,37 @@ class Node:
                        if job.node == self.config.node_name and not job.terminal}
         else:
             records = {}
+        gone = set()  # units whose record is not there any more
         for job_uuid in (self.mine | set(units)) - set(records):
             found = await self._store(self.store.get, job_uuid)
             if found is not None:
                 records[job_uuid] = found
+            else:
+                gone.add(job_uuid)
         self._recovered = True
         jobs = {u: job for u, (job, _) in records.items()}
         settled = set()
         plan = core.reconcile(jobs, units, self.in_flight, self.config.node_name, self.clock(),
-                              self.config.stop_timeout)
+                              self.config.stop_timeout, gone)
         for action, job_uuid in plan:
             log.info("reconcile: %s %s", action, job_uuid)
-            await self._apply(action, records[job_uuid], units.get(job_uuid))
+            if action == core.RELEASE_ORPHAN:
+                log.warning("job %s: its record is gone from etcd; stopping its unit %s",
+                            job_uuid, core.unit_name(job_uuid))
+                await self.units.release(job_uuid)
+                self._forget_fenced(job_uuid)
+            else:
+                await self._apply(action, records[job_uuid], units.get(job_uuid))
             # A job holds its slot until its unit is gone: running, stopping or warned.
             if action == core.RECORD_RUNNING or action == core.WARN or (
-                    action == core.RELEASE_UNIT and not units[job_uuid].finished):
+                    action in (core.RELEASE_UNIT, core.RELEASE_ORPHAN)
+                    and not units[job_uuid].finished):
                 continue
             settled.add(job_uuid)
-        live = {u for u, job in jobs.items() if not job.terminal}
-        self.mine = ((live | set(units)) - settled) | self.in_flight
+        # A record gone (and nothing loaded) holds no slot either.
+        settled |= gone - set(units)
+        self.mine = core.slot_holders(jobs, units, settled, self.config.node_name) | self.in_flight
+        self._sweep_fence_markers(units)
 
     async def _apply(self, action, known, status):
         job_uuid = known[0].uuid
@@ -390,7 +507,43 @@ class Node:
             # Its unit is gone (the machine rebooted, or we were fenced): it
             # did not end, its node lost it.
             await self._change(job_uuid, self._lose_mine, known)
-            self.fenced.discard(job_uuid)
+            self._forget_fenced(job_uuid)
+
+    # -- fence markers (contract C1): a unit killed by a fence ended no job --
+
+    def _marker(self, job_uuid):
+        return os.path.join(self.run_dir, FENCED_DIR, job_uuid)
+
+    def _was_fenced(self, job_uuid):
+        return job_uuid in self.fenced or os.path.exists(self._marker(job_uuid))
+
+    def _mark_fenced(self, job_uuid):
+        self.fenced.add(job_uuid)
+        try:  # so that a restart of ours still knows (lclusterd-fence writes these too)
+            os.makedirs(os.path.join(self.run_dir, FENCED_DIR), mode=0o755, exist_ok=True)
+            open(self._marker(job_uuid), "w").close()
+        except OSError as e:
+            log.warning("cannot write the fence marker of job %s: %s", job_uuid, e)
+
+    def _forget_fenced(self, job_uuid):
+        """Once its record says what happened, the marker is done with."""
+        self.fenced.discard(job_uuid)
+        try:
+            os.unlink(self._marker(job_uuid))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove the fence marker of job %s: %s", job_uuid, e)
+
+    def _sweep_fence_markers(self, units):
+        """Markers of units that are gone and of jobs no longer ours: nothing left to record."""
+        try:
+            names = os.listdir(os.path.join(self.run_dir, FENCED_DIR))
+        except OSError:
+            return
+        for job_uuid in names:
+            if job_uuid not in units and job_uuid not in self.mine and job_uuid not in self.in_flight:
+                self._forget_fenced(job_uuid)
 
     def _ours(self, job, *states):
         """Is the record a live job of this node (in one of states, if given)?
@@ -404,13 +557,13 @@ class Node:
         return None
 
     async def _record_end(self, job_uuid, status, known=None):
-        if job_uuid in self.fenced:  # we killed it: it did not end, it was lost
+        if self._was_fenced(job_uuid):  # a fence killed it: it did not end, it was lost
             decide = self._lose_mine
         else:
             decide = lambda j: (core.settle(j, status, self.clock())  # noqa: E731
                                 if self._ours(j, core.STARTING, core.RUNNING, core.WARNED) else None)
         job = await self._change(job_uuid, decide, known)
-        self.fenced.discard(job_uuid)
+        self._forget_fenced(job_uuid)
         self.mine.discard(job_uuid)
         if job is None:
             return  # no record of ours (another daemon's prefix): not ours to release
@@ -452,7 +605,8 @@ class Node:
             self.primed = False
         if not self.primed:
             return
-        heads = await self._store(self.store.queued, free)
+        heads = [(job, rev) for job, rev in await self._store(self.store.queued, free)
+                 if self._can_enforce(job)]  # others wait for a node that can
         results = await asyncio.gather(*(self._claim_and_start(job, rev) for job, rev in heads),
                                        return_exceptions=True)  # let every start finish
         if not core.free_slots(self.config.slots, len(self.mine)):
@@ -471,19 +625,31 @@ class Node:
         self.in_flight.add(job.uuid)
         try:
             try:
+                if self.signing_key is not None and not core.verify(job, self.signing_key):
+                    raise _NotStarted(core.UNSIGNED)
                 if job.network and job.network.startswith("ns:"):
                     try:
                         await asyncio.to_thread(netns.ensure, job.network[3:])
                     except OSError as e:
-                        raise Refused(f"cannot make network namespace {job.network[3:]}: {e}")
+                        raise _NotStarted(f"cannot make network namespace {job.network[3:]}: {e}")
                 await self.units.start(job, self.unit_properties(job))
-            except Refused as e:  # the job cannot run here
-                # (Losing the bus instead leaves it starting: the sweep after
-                # reconnecting finds its unit, or requeues it.)
-                log.warning("job %s: start failed: %s", job.uuid, e)
+            except UnitsUnavailable:
+                # Losing the bus is not the job's fault: it stays starting, and
+                # the sweep after reconnecting finds its unit, or requeues it.
+                raise
+            except Exception as e:  # noqa: BLE001  whatever it is, this attempt is over
+                # (A requeue would claim it again and fail again, forever.)
+                if isinstance(e, _NotStarted):
+                    reason = str(e)
+                elif isinstance(e, Refused):
+                    reason = f"systemd refused to start it: {e}"
+                else:
+                    reason = f"its unit could not be started: {type(e).__name__}: {e}"
+                reason = " ".join(reason.split())  # one line
+                log.warning("job %s: start failed: %s", job.uuid, reason)
                 self.mine.discard(job.uuid)
                 await self._change(job.uuid, lambda j: core.transition(
-                    j, core.FAILED, ended_at=self.clock(), reason=f"systemd refused to start it: {e}")
+                    j, core.FAILED, ended_at=self.clock(), reason=reason)
                     if self._ours(j, core.STARTING) else None)
                 return
             await self._change(job.uuid, lambda j: core.transition(
@@ -498,7 +664,9 @@ class Node:
     def registration(self):
         free = core.free_slots(self.config.slots, len(self.mine))
         return {"name": self.config.node_name, "address": self.config.address,
-                "slots": self.config.slots, "free": free, "running": len(self.mine)}
+                "slots": self.config.slots, "free": free, "running": len(self.mine),
+                "machine": self.machine,  # tells a restart of ours from a namesake (C2)
+                "enforces": sorted(self.enforceable)}
 
     async def publish(self):
         """Keep our registration's free slots and running jobs current."""
@@ -509,17 +677,23 @@ class Node:
 
     async def keep_lease(self, stopping):
         """Hold our lease: register under a fresh one, renew it every
-        HEARTBEAT × TTL, and fence ourselves as soon as it has gone
-        unrenewed for FENCE_AFTER × TTL (or etcd says it expired)."""
+        HEARTBEAT × TTL through every etcd endpoint at once, and fence
+        ourselves at the deadline (FENCE_AFTER × TTL after the send time of
+        the last confirmed renewal), or as soon as etcd says it expired.
+        After registering and after every confirmed renewal, FENCE_FILE
+        tells lclusterd-fence the deadline, for when we are not running."""
         ttl = self.config.lease_ttl
         loop = asyncio.get_running_loop()
         renewed = next_beat = loop.time()
         beat = functools.partial(self._store, executor=self._beat)
 
+        def deadline():
+            return renewed + ttl * FENCE_AFTER
+
         def budget(limit):  # no etcd call may carry us past the fencing deadline
             if self.lease is None:
                 return limit
-            return max(0.05, min(limit, renewed + ttl * FENCE_AFTER - loop.time()))
+            return max(0.05, min(limit, deadline() - loop.time()))
 
         while not stopping.is_set():
             self.progress["heartbeat"] = loop.time()
@@ -529,29 +703,86 @@ class Node:
                 next_beat = sent + ttl * HEARTBEAT
                 try:
                     if self.lease is None:
-                        lease = await asyncio.wait_for(beat(self.store.grant, ttl), ttl * HEARTBEAT)
+                        wait = ttl * FENCE_AFTER / 2
+                        lease = await asyncio.wait_for(beat(self.store.grant, ttl), wait)
                         info = self.registration()
-                        await asyncio.wait_for(beat(self.store.register, info, lease), ttl * HEARTBEAT)
+                        await asyncio.wait_for(beat(self.store.register, info, lease), wait)
                         self.lease, self._published, renewed = lease, info, sent
                         self._recovered = False  # look at our records afresh
                         log.info("registered as node %s (lease %x, TTL %g s)",
                                  self.config.node_name, lease, ttl)
+                        await self._look_for_others(beat, wait)
+                        self._write_fence_file(deadline())
                         self.wake()
-                    elif await asyncio.wait_for(beat(self.store.renew, self.lease),
-                                                budget(ttl * HEARTBEAT)):
+                    elif await self._renew(self.lease, budget(ttl * RENEW_WAIT)):
                         renewed = sent
+                        self._write_fence_file(deadline())
                     else:
                         await self.fence("etcd says our lease expired")
+                except NAME_TAKEN:
+                    raise  # another machine's node has our name: the daemon says so and exits
                 except (StoreUnavailable, asyncio.TimeoutError):
                     pass  # etcd_error says why; the deadline below decides what it costs
                 except Exception:
                     log.exception("heartbeat failed; retrying")
-            if self.lease is not None and loop.time() - renewed >= ttl * FENCE_AFTER:
+            if self.lease is not None and loop.time() >= deadline():
                 await self.fence(f"could not renew our lease for {loop.time() - renewed:.1f} s")
             try:
                 await asyncio.wait_for(stopping.wait(), budget(max(0.05, next_beat - loop.time())))
             except asyncio.TimeoutError:
                 pass
+
+    async def _renew(self, lease, timeout):
+        """Renew through every etcd endpoint at once; the first answer counts.
+        True: renewed; False: etcd says it expired; asyncio.TimeoutError (or
+        the last error) if no member answered within timeout."""
+        loop = asyncio.get_running_loop()
+        pending = {loop.run_in_executor(self._beat, s.renew, lease) for s in self._lease_stores}
+        for f in pending:  # the slow ones finish unwatched: retrieve their errors
+            f.add_done_callback(lambda f: f.cancelled() or f.exception())
+        end = loop.time() + timeout
+        expired, error = False, None
+        while pending and loop.time() < end:
+            done, pending = await asyncio.wait(pending, timeout=end - loop.time(),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                if f.exception() is not None:
+                    error = f.exception()
+                elif f.result():
+                    self.etcd_error = None
+                    return True
+                else:
+                    expired = True  # the leader says so; another member may still say otherwise
+        if expired:
+            return False
+        if isinstance(error, StoreUnavailable) and not pending:
+            self.etcd_error = str(error)
+        raise error if error is not None and not pending else asyncio.TimeoutError()
+
+    async def _look_for_others(self, beat, wait):
+        """Is another node live? (FENCE_FILE's others_live, from the start.)"""
+        try:
+            live, *_ = await asyncio.wait_for(beat(self.store.cluster), wait)
+        except (StoreUnavailable, asyncio.TimeoutError):
+            return  # the last answer stands until the next sweep looks
+        self._others_live = bool(set(live) - {self.config.node_name})
+
+    def _write_fence_file(self, deadline):
+        """FENCE_FILE, replaced atomically (contract C1)."""
+        path = os.path.join(self.run_dir, FENCE_FILE)
+        info = {"node": self.config.node_name, "deadline": deadline,
+                "others_live": self._others_live, "pid": os.getpid()}
+        try:
+            os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+            with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+                json.dump(info, f)
+            os.replace(f"{path}.tmp", path)
+            self._fence_file_error = None
+        except OSError as e:
+            if str(e) != self._fence_file_error:
+                log.warning("cannot write %s: %s (lclusterd-fence cannot stop our jobs "
+                            "while the daemon is not running)", path, e)
+            self._fence_file_error = str(e)
 
     async def fence(self, why):
         """We may be declared failed: stop every job of ours now (SIGKILL),
@@ -565,7 +796,8 @@ class Node:
         log.warning("fencing: %s; stopping this node's jobs", why)
         try:
             units = await self.units.list()
-            self.fenced |= set(units)
+            for job_uuid in units:
+                self._mark_fenced(job_uuid)
             for job_uuid in units:
                 await self.units.kill(job_uuid)
             for job_uuid in units:
@@ -575,8 +807,10 @@ class Node:
 
     async def watch_cluster(self):
         """Record members whose lease expired as failed, and lose (requeue or
-        fail) the jobs they were running. Every registered node does this;
-        the guarded transactions make doing it twice harmless."""
+        fail) the jobs they were running, once REQUEUE_GUARD × TTL has passed
+        since we first saw the lease gone (the fencing margin). Every
+        registered node does this; the guarded transactions make doing it
+        twice harmless."""
         if self.lease is None:
             return  # we may be the one cut off: judge nobody
         live, members, failed, _ = await self._store(self.store.cluster)
@@ -586,16 +820,21 @@ class Node:
             if await self._store(self.store.record_failed, name, now):
                 log.warning("node %s failed: its lease expired", name)
         missing = set(members) - set(live)
-        self._judged &= missing  # a node back with a new lease may fail again
-        if not missing - self._judged:
+        seen = asyncio.get_running_loop().time()
+        self._missing_since = {n: self._missing_since.get(n, seen) for n in missing}
+        due = {n for n in missing
+               if seen - self._missing_since[n] >= REQUEUE_GUARD * self.config.lease_ttl}
+        self._judged &= due  # a node back with a new lease may fail again
+        if not due - self._judged:
             return  # a dead node claims nothing: one look for its jobs is enough
+        judged_live = set(live) | (missing - due)  # not yet past the guard: theirs still
         jobs = [job for job, _ in await self._store(self.store.all_jobs)]
-        for job_uuid in core.lost_jobs(jobs, live):
+        for job_uuid in core.lost_jobs(jobs, judged_live):
             job = await self._change(job_uuid, lambda j: core.lose(j, j.node, self.clock())
-                                     if j.uuid in core.lost_jobs([j], live) else None)
+                                     if j.uuid in core.lost_jobs([j], judged_live) else None)
             if job is not None:
                 log.warning("job %s lost with its node: %s", job_uuid, job.state)
-        self._judged |= missing
+        self._judged |= due
 
     async def nodes(self):
         live, members, failed, prime = await self._store(self.store.cluster)

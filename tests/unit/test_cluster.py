@@ -110,7 +110,8 @@ from lclusterd import config  # noqa: E402
 
 def test_cluster_settings_parse():
     c = config.from_mapping({"listen": "0.0.0.0:7800", "node_name": "n1", "lease_ttl": "4",
-                             "etcd_ca": "/ca.pem", "etcd_cert": "/c.pem", "etcd_key": "/c.key"})
+                             "etcd_ca": "/ca.pem", "etcd_cert": "/c.pem", "etcd_key": "/c.key"},
+                            exists=lambda path: True)
     assert c.listen == ("0.0.0.0", 7800) and c.lease_ttl == 4
     assert c.address == "http://n1:7800"  # from listen's port and the node's name
     assert config.from_mapping({"listen": "10.0.0.5:99"}).address == "http://10.0.0.5:99"
@@ -158,3 +159,459 @@ def test_token_file_must_be_root_only(tmp_path):
     token.write_text("short\n")
     with pytest.raises(daemon.StartupError, match="too short"):
         daemon.read_token(str(token), required=True)
+
+
+# --- the node against fakes of etcd and systemd -----------------------------------
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from lclusterd import node as node_module  # noqa: E402
+from lclusterd.node import Caller, Node  # noqa: E402
+from lclusterd.store import Unavailable  # noqa: E402
+
+ACTIVE = core.UnitStatus("active", "running", "success", 0, 0)
+KILLED = core.UnitStatus("failed", "failed", "signal", core.CLD_KILLED, 9)
+ROOT = Caller(0, 0, "root")
+
+
+class FakeStore:
+    """etcd as a dict: records guarded by revisions, like store.Store."""
+
+    def __init__(self):
+        self.jobs, self.rev = {}, 0
+        self.live, self.members, self.failed = {}, {}, {}
+        self.prime, self.renewals, self.submitted = None, 0, []
+        self.existing = None  # what submit_many answers (contract C5)
+
+    def _bump(self):
+        self.rev += 1
+        return self.rev
+
+    def get(self, u):
+        return self.jobs.get(u)
+
+    def all_jobs(self):
+        return list(self.jobs.values())
+
+    def queued(self, limit):
+        return sorted((r for r in self.jobs.values() if r[0].state == QUEUED),
+                      key=lambda r: core.queue_rank(r[0]))[:limit]
+
+    def submit_many(self, jobs, idempotency_key=None):
+        self.submitted.append((jobs, idempotency_key))
+        if self.existing is not None:
+            return self.existing
+        for j in jobs:
+            self.jobs[j.uuid] = (j, self._bump())
+        return None
+
+    def update(self, old, new, revision, prime=None):
+        if self.jobs.get(new.uuid, (None, None))[1] != revision:
+            return False
+        self.jobs[new.uuid] = (new, self._bump())
+        return self.rev
+
+    def put(self, job):
+        self.jobs[job.uuid] = (job, self._bump())
+
+    def grant(self, ttl):
+        return 77
+
+    def renew(self, lease):
+        self.renewals += 1
+        return True
+
+    def register(self, info, lease):
+        self.live[info["name"]] = self.members[info["name"]] = info
+
+    def update_registration(self, info, lease):
+        self.live[info["name"]] = info
+
+    def cluster(self):
+        return dict(self.live), dict(self.members), dict(self.failed), self.prime
+
+    def record_failed(self, name, at):
+        self.failed[name] = {"name": name, "at": at}
+        return True
+
+    def campaign(self, name, lease):
+        self.prime = self.prime or name
+        return self.prime == name
+
+    def resign(self, name):
+        if self.prime == name:
+            self.prime = None
+
+    def lock(self, name, holder, ttl):
+        return True
+
+    def delete(self, records):
+        return 0
+
+
+class FakeUnits:
+    """systemd's job units as a dict."""
+
+    connected = True
+
+    def __init__(self):
+        self.loaded, self.started, self.released, self.killed = {}, [], [], []
+        self.start_error = None
+
+    async def connect(self):
+        pass
+
+    async def list(self):
+        return dict(self.loaded)
+
+    async def status(self, u):
+        return self.loaded.get(u)
+
+    async def start(self, job, properties):
+        if self.start_error is not None:
+            raise self.start_error
+        self.started.append(job.uuid)
+        self.loaded[job.uuid] = ACTIVE
+
+    async def release(self, u, status=None):
+        self.released.append(u)
+        self.loaded.pop(u, None)
+
+    async def kill(self, u):
+        self.killed.append(u)
+
+    async def stop_and_wait(self, u, timeout):
+        self.loaded.pop(u, None)
+        return True
+
+
+def make_node(tmp_path, store=None, units=None, **kw):
+    cfg = config.from_mapping({"node_name": "me", "slots": "2", "lease_ttl": "8"},
+                              exists=lambda path: False)
+    return Node(cfg, store or FakeStore(), units or FakeUnits(), run_dir=str(tmp_path),
+                machine="machine-of-me", **kw)
+
+
+def on(node_name, state=RUNNING, job_uuid=U1, **changes):
+    j = core.transition(job(job_uuid=job_uuid), STARTING, now=1.0, node=node_name)
+    return j if state == STARTING else core.transition(j, RUNNING, started_at=1.1, **changes)
+
+
+def test_a_lost_job_gives_its_slot_back(tmp_path):
+    """Issue 9 item 7: fenced here, requeued and now running elsewhere, the
+    job no longer holds a slot of ours (nor shows in our registration)."""
+    n = make_node(tmp_path)
+    n.store.put(on("other"))  # taken over by another node while we were cut off
+    n.mine = {U1}  # what we held before the fence
+    asyncio.run(n.sweep())
+    assert n.mine == set() and n.registration()["running"] == 0
+    assert n.registration()["free"] == 2
+
+
+def test_a_unit_whose_record_is_gone_is_stopped_and_released(tmp_path, caplog):
+    """Issue 10 item 10: it would hold its slot for ever."""
+    n = make_node(tmp_path)
+    n.units.loaded[U1] = ACTIVE  # a job unit; its record deleted (etcdctl del)
+    n.mine = {U1}
+    asyncio.run(n.sweep())
+    assert n.units.released == [U1] and f"job {U1}: its record is gone from etcd" in caplog.text
+    asyncio.run(n.sweep())  # its slot is free once the unit is gone
+    assert n.mine == set()
+
+
+def test_reconcile_releases_units_of_records_looked_for_and_gone():
+    assert core.reconcile({}, {U1: ACTIVE}, gone={U1}) == [(core.RELEASE_ORPHAN, U1)]
+    assert core.reconcile({}, {U1: ACTIVE}, in_flight={U1}, gone={U1}) == []
+    assert core.reconcile({}, {}, gone={U1}) == []
+
+
+@pytest.mark.parametrize("error", [UnicodeEncodeError("utf-8", "\udc80", 0, 1, "surrogates not allowed"),
+                                   RuntimeError("boom"), ValueError("bad\nvalue")])
+def test_any_failure_to_start_a_unit_fails_the_attempt_for_good(tmp_path, error):
+    """Issue 10 item 7: never a requeue loop, whatever the exception."""
+    n = make_node(tmp_path)
+    n.units.start_error = error
+    n.lease = 77
+    queued = job(job_uuid=U1)
+    n.store.put(queued)
+    asyncio.run(n.fill_slots())
+    failed = n.store.get(U1)[0]
+    assert failed.state == FAILED and "could not be started" in failed.reason
+    assert type(error).__name__ in failed.reason and "\n" not in failed.reason
+    assert n.mine == set() and n.store.queued(10) == []
+    asyncio.run(n.fill_slots())  # nothing claimed again
+    assert n.store.get(U1)[0].state == FAILED and len(n.store.get(U1)[0].attempts) == 1
+
+
+def test_systemd_refusing_says_so(tmp_path):
+    from lclusterd.units import Refused
+    n = make_node(tmp_path)
+    n.units.start_error = Refused("Unit lcluster-job@x.service already exists.")
+    n.lease = 77
+    n.store.put(job(job_uuid=U1))
+    asyncio.run(n.fill_slots())
+    assert n.store.get(U1)[0].reason == "systemd refused to start it: Unit lcluster-job@x.service already exists."
+
+
+KEY = core.signing_key("a-cluster-token-of-some-length")
+
+
+def test_submit_signs_and_a_record_that_does_not_verify_never_runs(tmp_path, caplog):
+    """Contract C3: a record written by someone with etcd access but no token."""
+    n = make_node(tmp_path, signing_key=KEY)
+    mine = asyncio.run(n.submit("echo hi", Caller(1000, 1000, "alice")))
+    assert core.verify(n.store.get(mine.uuid)[0], KEY)
+    forged = job(job_uuid=U2, submitted_at=0.0)  # uid 0: "run me as root"
+    n.store.put(forged)
+    n.lease = 77
+    asyncio.run(n.fill_slots())
+    assert n.units.started == [mine.uuid]
+    record = n.store.get(U2)[0]
+    assert record.state == FAILED and record.reason == core.UNSIGNED
+    assert core.UNSIGNED in caplog.text
+
+
+def test_submit_refuses_a_limit_this_node_cannot_enforce(tmp_path):
+    """Contract C4 (issue 9 item 17)."""
+    n = make_node(tmp_path, enforceable=frozenset({"cpu", "pids"}))
+    with pytest.raises(core.InvalidInput, match=r"^this node cannot enforce --memory "
+                                                r"\(no writable memory cgroup controller\)$"):
+        asyncio.run(n.submit("true", ROOT, {"memory": "64M"}))
+    assert n.store.jobs == {}
+    asyncio.run(n.submit("true", ROOT, {"cpus": "0.5", "tasks": "10"}))
+    assert n.registration()["enforces"] == ["cpu", "pids"]
+    # Queued at a node that can: this one leaves it for such a node.
+    n.store.put(job(job_uuid=U2, submitted_at=0.0, memory=64 * 2 ** 20))
+    n.lease = 77
+    asyncio.run(n.fill_slots())
+    assert n.store.get(U2)[0].state == QUEUED and len(n.units.started) == 1
+
+
+def test_submit_with_a_known_idempotency_key_returns_the_first_jobs(tmp_path):
+    """Contract C5: the store writes nothing and names what it queued first."""
+    n = make_node(tmp_path)
+    first = asyncio.run(n.submit("true", ROOT, count=2, idempotency_key="k1"))
+    assert n.store.submitted[-1][1] == "k1"
+    n.store.existing = [j.uuid for j in first]
+    again = asyncio.run(n.submit("true", ROOT, count=2, idempotency_key="k1"))
+    assert [j.uuid for j in again] == [j.uuid for j in first] and len(n.store.jobs) == 2
+    asyncio.run(n.submit("true", ROOT))
+    assert n.store.submitted[-1][1] is None
+
+
+def test_submit_past_the_users_quota_is_refused(tmp_path):
+    """Contract C6."""
+    n = make_node(tmp_path)
+    n.config.max_queued_per_user = 10
+    n.store.queued_count = lambda uid: 9
+    asyncio.run(n.submit("true", Caller(1000, 1000, "alice")))
+    with pytest.raises(core.QuotaExceeded, match="alice has 9 job.s. queued; at most 10"):
+        asyncio.run(n.submit("true", Caller(1000, 1000, "alice"), count=2))
+
+
+def test_registration_names_the_machine(tmp_path):
+    """Contract C2: a restart of this node is told from a namesake elsewhere."""
+    assert make_node(tmp_path).registration()["machine"] == "machine-of-me"
+    (tmp_path / "machine-id").write_text("0123abcd\n")
+    assert node_module.machine_id(str(tmp_path / "machine-id")) == "0123abcd"
+    assert node_module.machine_id(str(tmp_path / "nothing")) is None
+
+
+# --- the heartbeat: the fence file, the deadline, fast failover ------------------
+
+def run_heartbeat(n, seconds):
+    async def go():
+        stopping = asyncio.Event()
+        task = asyncio.create_task(n.keep_lease(stopping))
+        await asyncio.sleep(seconds)
+        stopping.set()
+        await task
+    asyncio.run(go())
+
+
+def test_fence_file_after_registration_and_each_renewal(tmp_path):
+    """Contract C1: the deadline is the last confirmed renewal's send time +
+    FENCE_AFTER x TTL, on CLOCK_MONOTONIC."""
+    n = make_node(tmp_path)
+    n.config.lease_ttl = 2  # a renewal every 0.25 s
+    n.store.live["other"] = {"name": "other"}
+    before = time.monotonic()
+    run_heartbeat(n, 0.7)
+    fence = json.loads((tmp_path / "fence.json").read_text())
+    assert fence["node"] == "me" and fence["pid"] == os.getpid() and fence["others_live"] is True
+    assert n.store.renewals >= 2
+    # The last renewal was sent within the last HEARTBEAT x TTL.
+    assert before + 0.25 < fence["deadline"] - 2 * node_module.FENCE_AFTER <= time.monotonic()
+    assert not (tmp_path / "fence.json.tmp").exists()
+
+
+def test_a_dead_etcd_member_does_not_delay_the_renewal(tmp_path):
+    """Issue 9 item 8: every endpoint is asked at once; a member that does not
+    answer (cut off, or without a leader) costs nothing."""
+    class Hanging(FakeStore):
+        def renew(self, lease):
+            time.sleep(1.5)
+            raise Unavailable("etcd is unreachable at http://10.0.0.1:2379 (timeout)")
+    alive = FakeStore()
+    n = make_node(tmp_path, lease_stores=[Hanging(), alive])
+
+    async def renew():
+        t = time.monotonic()
+        ok = await n._renew(77, 1.0)
+        return ok, time.monotonic() - t
+    ok, took = asyncio.run(renew())
+    assert ok and took < 0.5 and alive.renewals == 1
+    n2 = make_node(tmp_path, lease_stores=[Hanging()])
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(n2._renew(77, 0.2))
+
+
+def test_the_node_fences_at_its_deadline_and_marks_what_it_killed(tmp_path):
+    """Issue 9 item 9: stopped by the deadline from the last confirmed renewal;
+    a unit killed by a fence is lost, not failed (contract C1's markers)."""
+    class Silent(FakeStore):
+        def renew(self, lease):
+            raise Unavailable("etcd is unreachable")
+    store = Silent()
+    store.live["other"] = {"name": "other"}
+    n = make_node(tmp_path, store=store, lease_stores=[store])
+    n.config.lease_ttl = 2
+    n.units.loaded[U1] = ACTIVE
+    store.put(on("me"))
+    killed_at = []
+    n.units.kill = lambda u: killed_at.append((u, time.monotonic())) or asyncio.sleep(0)
+    t = time.monotonic()
+    run_heartbeat(n, 1.4)
+    # Registered at t, never renewed: killed FENCE_AFTER x TTL later (then registered afresh).
+    ((killed, at),) = killed_at
+    assert killed == U1 and 1.0 <= at - t <= 1.1
+    assert (tmp_path / "fenced" / U1).exists()
+    # The record: lost (requeued), never failed; the marker is then done with.
+    asyncio.run(n._record_end(U1, KILLED))
+    assert n.store.get(U1)[0].state == QUEUED and "lost" in n.store.get(U1)[0].reason
+    assert not (tmp_path / "fenced" / U1).exists()
+
+
+def test_a_unit_killed_by_lclusterd_fence_is_recorded_lost(tmp_path):
+    """Contract C1: the marker the fence writes while the daemon was down."""
+    n = make_node(tmp_path)
+    n.store.put(on("me"))
+    (tmp_path / "fenced").mkdir()
+    (tmp_path / "fenced" / U1).touch()
+    n.units.loaded[U1] = KILLED
+    asyncio.run(n.sweep())
+    record = n.store.get(U1)[0]
+    assert record.state == QUEUED and record.attempts[-1]["outcome"] == LOST
+    assert not (tmp_path / "fenced" / U1).exists() and n.mine == set()
+    # A stale marker (its unit gone, its job no longer ours) is removed.
+    (tmp_path / "fenced" / U2).touch()
+    asyncio.run(n.sweep())
+    assert not (tmp_path / "fenced" / U2).exists()
+
+
+def test_a_dead_nodes_jobs_are_requeued_only_after_the_guard(tmp_path):
+    """Issue 9 item 9: no earlier than the lease's expiry (seen: its
+    registration gone) plus REQUEUE_GUARD x TTL."""
+    n = make_node(tmp_path)
+    n.lease = 77
+    n.config.lease_ttl = 2  # guard 0.5 s
+    n.store.live["me"] = n.store.members["me"] = {"name": "me"}
+    n.store.members["dead"] = {"name": "dead"}
+    n.store.put(on("dead"))
+
+    async def watch():
+        await n.watch_cluster()
+        first = n.store.get(U1)[0].state
+        await asyncio.sleep(0.3)
+        await n.watch_cluster()
+        second = n.store.get(U1)[0].state
+        await asyncio.sleep(0.3)
+        await n.watch_cluster()
+        return first, second, n.store.get(U1)[0].state
+    assert asyncio.run(watch()) == (RUNNING, RUNNING, QUEUED)
+    assert "dead" in n.store.failed  # shown failed at once
+
+
+def test_the_designed_fencing_margin():
+    """README's figure: stopped here at least this long before it can start elsewhere."""
+    margin = (1 - node_module.FENCE_AFTER + node_module.REQUEUE_GUARD)
+    assert margin * 8 >= 2 + 0.2 + 1  # TTL 8 (the cluster tests): > 2 s + the fence's poll + slack
+    assert node_module.HEARTBEAT < node_module.FENCE_AFTER / 3  # an election costs renewals, not the budget
+
+
+# --- network namespaces ------------------------------------------------------------
+
+from lclusterd import netns  # noqa: E402
+
+
+class FakeNetns:
+    def __init__(self):
+        self.made, self.inside, self.most = set(), 0, 0
+        self.lock = threading.Lock()
+
+    def listnetns(self):
+        return list(self.made)
+
+    def create(self, name):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.05)
+        with self.lock:
+            self.inside -= 1
+        if name in self.made:
+            raise FileExistsError(17, "File exists")
+        self.made.add(name)
+
+
+class FakeNS:
+    def __init__(self, name):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def link_lookup(self, ifname):
+        return [1]
+
+    def link(self, *a, **kw):
+        pass
+
+
+def test_netns_ensure_makes_one_namespace_under_concurrent_asks(monkeypatch):
+    """Issue 9 item 14: two jobs asking for a new ns:X at once."""
+    fake = FakeNetns()
+    monkeypatch.setattr(netns, "netns", fake)
+    monkeypatch.setattr(netns, "NetNS", FakeNS)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(netns.ensure("x"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True] and fake.most == 1
+
+
+def test_netns_ensure_tolerates_eexist_and_translates_netlink_errors(monkeypatch):
+    from pyroute2 import NetlinkError
+    fake = FakeNetns()
+    monkeypatch.setattr(netns, "netns", fake)
+    monkeypatch.setattr(netns, "NetNS", FakeNS)
+    monkeypatch.setattr(fake, "listnetns", lambda: [])  # made by `ip netns add` meanwhile
+    fake.made.add("x")
+    assert netns.ensure("x") is False
+
+    class Broken(FakeNS):
+        def link(self, *a, **kw):
+            raise NetlinkError(1, "Operation not permitted")
+    monkeypatch.setattr(netns, "NetNS", Broken)
+    with pytest.raises(netns.Error, match="Operation not permitted") as e:
+        netns.ensure("y")
+    assert isinstance(e.value, OSError)
