@@ -4,31 +4,68 @@ Callers on the unix socket are known by its peer credentials (SO_PEERCRED).
 Callers over TCP must send the cluster's shared token (Authorization: Bearer
 TOKEN, compared in constant time) or get 401; with it they act as root,
 since the token file is readable by root only.
-Errors are answered as {"error": "one line"} with the status of the table below.
+
+Every error is answered as {"error": "one line"} with the status of the one
+table below (ERRORS), also aiohttp's own (malformed HTTP, a header too long):
+see Connection. Connections are bounded per caller and in all, and idle or
+slow ones are closed (Gate, Connection): one user cannot stop the node.
 """
 
+import asyncio
+import collections
 import contextlib
 import hmac
+import inspect
 import json
+import logging
+import math
 import pwd
+import re
 import socket
 import struct
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from dbus_next.errors import DBusError
 
-from lclusterd import __version__, core
-from lclusterd.node import Caller, Conflict, Elsewhere, PermissionDenied
+from lclusterd import __version__, core, store
+from lclusterd.node import Caller, Conflict, Elsewhere
 from lclusterd.store import Unavailable as StoreUnavailable
+from lclusterd.units import Unavailable as UnitsUnavailable
 
-# Which failure becomes which answer.
-STATUS_OF = (
-    (core.InvalidInput, 400),  # the request itself is wrong
-    (core.Forbidden, 403),  # only the submitter or root may do this; not allowed here
-    (core.AmbiguousRef, 409),  # a prefix names several jobs
-    (LookupError, 404),  # no such job
-    (Conflict, 409),  # a record kept changing under us: retry
-    (StoreUnavailable, 503),  # etcd is down: nothing was written
-    (Elsewhere, 502),  # the job's output is on a node we cannot reach
+log = logging.getLogger(__name__)
+
+
+def _store_error(name):
+    """store's class of that name; until the store has it, a class nothing
+    raises (contract C7: NoSpace, TooLarge)."""
+    return getattr(store, name, None) or type(name, (Exception,), {})
+
+
+StoreNoSpace = _store_error("NoSpace")
+StoreTooLarge = _store_error("TooLarge")
+INTERNAL = "internal error in lclusterd (its journal says more: journalctl -u lclusterd)"
+
+# Which failure becomes which answer: the one table, first match wins.
+# message None: the exception's own text (made one line); else this text.
+ERRORS = (
+    (core.TooLarge, 413, None),  # over a size bound: send less
+    (core.InvalidInput, 400, None),  # the request itself is wrong
+    (core.Forbidden, 403, None),  # only the submitter or root may do this; not allowed here
+    (core.QuotaExceeded, 429, None),  # the caller has as many jobs queued as allowed
+    (core.AmbiguousRef, 409, None),  # a prefix names several jobs
+    (KeyError, 500, INTERNAL),  # a LookupError, but a bug of ours, not "no such job"
+    (IndexError, 500, INTERNAL),
+    (LookupError, 404, None),  # no such job
+    (Conflict, 409, None),  # a record kept changing under us: retry
+    (core.IllegalTransition, 409, None),  # the job moved on meanwhile (it ended, say)
+    (StoreNoSpace, 507, None),  # etcd's quota is full: the message says the admin's fix
+    (StoreTooLarge, 413, None),  # etcd finds the request too large
+    (StoreUnavailable, 503, None),  # "etcd is unreachable at ...": nothing was written
+    (UnitsUnavailable, 503, "systemd is unreachable"),
+    (DBusError, 503, "systemd is unreachable"),
+    (Elsewhere, 502, None),  # the job's output is on a node we cannot reach
 )
 
 # command, and what the job asks for (core.job_spec, core.run_as).
@@ -36,6 +73,23 @@ SUBMIT_FIELDS = {"command", "count", "user", "memory", "cpus", "tasks", "timeout
                  "network", "max_attempts", "priority"}
 REMOTE = Caller(uid=0, gid=0, user="root")  # who a TCP caller with the token is
 MAX_BODY = 2 * core.MAX_COMMAND_BYTES  # JSON escaping can double a command
+MAX_DEPTH = 32  # JSON nesting a request may have (ours needs 2)
+MAX_MESSAGE = 300  # characters of an error message
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+HIDDEN = "<hidden>"  # an env value shown to whoever is not its submitter or root
+
+# Connections (issue 10 item 6). The limits are the config's
+# max_connections and max_connections_per_uid (read at each connection, so a
+# reload applies); root is bound only by the total plus ROOT_RESERVE, so the
+# admin always gets in.
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_PER_UID = 256
+ROOT_RESERVE = 64
+HEAD_TIMEOUT = 10.0  # seconds from connecting to a request's whole head
+KEEPALIVE = 15.0  # seconds an idle kept-alive connection stays open
+BODY_TIMEOUT = 10.0  # seconds to send a request's body
+REFUSED_LINGER = 2.0  # seconds a refused connection has to read its 503
+REFUSAL_LOG_EVERY = 60.0  # seconds between journal lines about one refused caller
 
 
 def make_app(node, token=None):
@@ -43,6 +97,8 @@ def make_app(node, token=None):
     app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
     app["node"] = node
     app["token"] = token
+    # Until node.submit takes idempotency_key= (contract C5), do not pass it.
+    app["idempotent"] = "idempotency_key" in inspect.signature(node.submit).parameters
     app.router.add_get("/v1/nodes", nodes)
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
@@ -54,23 +110,55 @@ def make_app(node, token=None):
     return app
 
 
+def runner(node, token=None):
+    """The daemon's web runner: make_app's routes, served by Connection."""
+    return Runner(make_app(node, token), Gate(node.config), access_log=None,
+                  keepalive_timeout=KEEPALIVE)
+
+
+# --- errors: one line of JSON ----------------------------------------------------
+
+def one_line(message):
+    """A message fit for an error answer: one line, control characters (and
+    lone surrogates) escaped, at most MAX_MESSAGE characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
+
+
 def _error(status, message):
-    return web.json_response({"error": message}, status=status)
+    return web.json_response({"error": one_line(message)}, status=status)
+
+
+def answer_for(error):
+    """(status, message) for an exception, by ERRORS; None if it is not there."""
+    for kind, status, message in ERRORS:
+        if isinstance(error, kind):
+            if message is None:
+                return status, (error.args[0] if error.args else str(error)) or type(error).__name__
+            detail = str(error) if status != 500 else ""
+            return status, f"{message}: {detail}" if detail else message
+    return None
 
 
 @web.middleware
 async def _errors(request, handler):
+    started = getattr(request.protocol, "request_started", None)
+    if started:
+        started()  # the head arrived in time (Connection's HEAD_TIMEOUT)
     try:
         return await handler(request)
     except web.HTTPException as e:
         if e.status >= 400:
             return _error(e.status, e.reason if e.status != 413 else "request body too large")
         raise
-    except Exception as e:
-        for kind, status in STATUS_OF:
-            if isinstance(e, kind):
-                return _error(status, e.args[0] if e.args else str(e))
+    except asyncio.CancelledError:
         raise
+    except Exception as e:
+        found = answer_for(e)
+        if found is None or found[0] == 500:
+            log.exception("internal error answering %s %s", request.method, one_line(request.path))
+            return _error(500, INTERNAL)
+        return _error(*found)
 
 
 def _is_unix(request):
@@ -90,14 +178,18 @@ async def _token(request, handler):
     return await handler(request)
 
 
+def peer_uid(sock):
+    """The uid at the other end of a unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
 def caller_of(request):
     """The peer's uid/gid from the unix socket; a TCP caller (the token was
     checked) is root."""
     if not _is_unix(request):
         return REMOTE
-    sock = request.transport.get_extra_info("socket")
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, gid = struct.unpack("3i", creds)
+    _, uid, gid = peer_uid(request.transport.get_extra_info("socket"))
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -105,47 +197,132 @@ def caller_of(request):
     return Caller(uid=uid, gid=gid, user=user)
 
 
+# --- what a caller may see ---------------------------------------------------------
+
+def shown(job, caller):
+    """The job's record for this caller: env values only for its submitter
+    and root (issue 10 item 2); others see the keys."""
+    record = job.to_dict()
+    if caller.uid != 0 and caller.uid != job.owner_uid:
+        record["env"] = [entry.partition("=")[0] + "=" + HIDDEN for entry in job.env]
+    return record
+
+
+def shown_properties(properties, job, caller):
+    """unit-properties for this caller: Environment= as shown() does."""
+    if caller.uid == 0 or caller.uid == job.owner_uid:
+        return properties
+    return [[name, [entry.partition("=")[0] + "=" + HIDDEN for entry in value]]
+            if name == "Environment" and isinstance(value, (list, tuple)) else [name, value]
+            for name, value in properties]
+
+
+# --- requests ---------------------------------------------------------------------
+
+def _finite(text):
+    number = float(text)
+    if not math.isfinite(number):  # nan, inf: no time, no count
+        raise ValueError(text)
+    return number
+
+
+def _depth(value, limit):
+    """Refuse JSON nested deeper than limit (json.loads itself goes to 1,000s)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            raise core.InvalidInput(f"request body is nested deeper than {limit} levels")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _body(request, allowed):
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise core.InvalidInput("request body is not valid JSON")
+        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(reason=f"the request body took longer than {BODY_TIMEOUT:g} s") \
+            from None
+    except (RequestPayloadError, HttpProcessingError, ValueError):  # garbage under gzip/deflate
+        request.content.feed_eof()  # nothing more to read: aiohttp must not linger on it
+        raise core.InvalidInput("request body cannot be read (its Content-Encoding does not "
+                                "decode)") from None
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)  # NaN, Infinity: not JSON
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise core.InvalidInput("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise core.InvalidInput("request body must be a JSON object")
+    _depth(body, MAX_DEPTH)
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise core.InvalidInput(f"unknown field(s): {', '.join(unknown)}")
+        raise core.InvalidInput(f"unknown field(s): {', '.join(map(str, unknown))}")
     return body
+
+
+def _encodable(body):
+    """Refuse at submission what could never be sent on to etcd or systemd
+    (issue 10 item 7): lone surrogates, keys with newlines. A batch is bounded
+    by bytes, not only by count."""
+    command = core.validate_command(body.get("command"))
+    env = core.validate_env(body["env"]) if body.get("env") is not None else ()
+    workdir = core.validate_workdir(body["workdir"]) if body.get("workdir") is not None else None
+    if body.get("network") is not None:
+        core.validate_network(body["network"])
+    if isinstance(body.get("user"), str):
+        core.utf8(body["user"], "user")
+    if body.get("count") is not None:
+        core.validate_count(body["count"], command)
+        core.validate_batch_bytes(body["count"], command, env, workdir)
+
+
+def _idempotency_key(request):
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise core.InvalidInput("Idempotency-Key must be 1 to 128 letters, digits or _.:-")
+    return key
 
 
 async def submit(request):
     body = await _body(request, SUBMIT_FIELDS)
     if "command" not in body:
         raise core.InvalidInput("missing field: command")
+    _encodable(body)
+    key = _idempotency_key(request)
+    caller = caller_of(request)
     count = body.pop("count", None)  # a batch: count copies, all queued or none
-    job = await request.app["node"].submit(body.pop("command"), caller_of(request), body, count)
+    extra = {"idempotency_key": key} if key and request.app["idempotent"] else {}
+    job = await request.app["node"].submit(body.pop("command"), caller, body, count, **extra)
     if count is not None:
-        return web.json_response({"jobs": [j.to_dict() for j in job]}, status=201)
-    return web.json_response({"job": job.to_dict()}, status=201)
+        return web.json_response({"jobs": [shown(j, caller) for j in job]}, status=201)
+    return web.json_response({"job": shown(job, caller)}, status=201)
 
 
 async def check(request):
     job = await request.app["node"].find(request.match_info["ref"])
-    return web.json_response({"job": job.to_dict()})
+    return web.json_response({"job": shown(job, caller_of(request))})
 
 
 async def unit_properties(request):
     node = request.app["node"]
     job = await node.find(request.match_info["ref"])
-    return web.json_response({"properties": node.unit_properties(job)})
+    properties = shown_properties(node.unit_properties(job), job, caller_of(request))
+    return web.json_response({"properties": properties})
 
 
 async def remove(request):
-    job = await request.app["node"].remove(request.match_info["ref"], caller_of(request))
-    return web.json_response({"job": job.to_dict()})
+    caller = caller_of(request)
+    job = await request.app["node"].remove(request.match_info["ref"], caller)
+    return web.json_response({"job": shown(job, caller)})
 
 
-def _number(request, name, kind=float, default=None):
+def _number(request, name, kind=_finite, default=None):
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -164,7 +341,8 @@ async def list_jobs(request):
         limit=max(0, limit), state=state, node=request.query.get("node"),
         user=request.query.get("user"), since=_number(request, "since"),
         until=_number(request, "until"))
-    return web.json_response({"jobs": [job.to_dict() for job in jobs]})
+    caller = caller_of(request)
+    return web.json_response({"jobs": [shown(job, caller) for job in jobs]})
 
 
 async def logs(request):
@@ -173,10 +351,11 @@ async def logs(request):
     tail = _number(request, "tail", int)
     if tail is not None and tail < 0:
         raise core.InvalidInput("tail must be 0 or more")
+    since = _number(request, "since")
     follow = request.query.get("follow", "0") not in ("0", "false", "")
     node = request.app["node"]
     job = await node.find(request.match_info["ref"])
-    chunks = node.output(job, caller_of(request), follow, tail, _number(request, "since"))
+    chunks = node.output(job, caller_of(request), follow, tail, since)
     async with contextlib.aclosing(chunks):
         first = await anext(chunks, b"")  # errors (403, 502) before the answer starts
         answer = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
@@ -193,9 +372,153 @@ async def health(request):
     try:
         await node.ping()
     except StoreUnavailable as e:
-        return _error(503, str(e))
+        return _error(*answer_for(e))
     return web.json_response({"node": node.config.node_name, "version": __version__, "etcd": "ok"})
 
 
 async def nodes(request):
     return web.json_response({"nodes": await request.app["node"].nodes()})
+
+
+# --- connections: bounded, timed, JSON even for aiohttp's own errors ---------------------
+
+class Gate:
+    """Open connections by peer (a unix caller's uid, a TCP peer's address),
+    within the config's bounds."""
+
+    def __init__(self, config):
+        self.config = config
+        self.open = collections.Counter()
+        self.total = 0
+        self._told = {}  # peer: loop time of the last journal line about refusing it
+
+    def admit(self, peer):
+        """None if peer may open one more connection (counted), else why not."""
+        most = getattr(self.config, "max_connections", DEFAULT_MAX_CONNECTIONS)
+        per_peer = getattr(self.config, "max_connections_per_uid", DEFAULT_MAX_PER_UID)
+        if peer == 0:
+            if self.total >= most + ROOT_RESERVE:
+                return f"lclusterd has {self.total} connections open, its most; try again later"
+        elif self.total >= most:
+            return f"lclusterd has {self.total} connections open, its most; try again later"
+        elif self.open[peer] >= per_peer:
+            who = f"uid {peer}" if isinstance(peer, int) else f"{peer[1]}"
+            return (f"too many connections from {who} ({per_peer} open at most); "
+                    "close some and try again")
+        self.open[peer] += 1
+        self.total += 1
+        return None
+
+    def release(self, peer):
+        self.open[peer] -= 1
+        if self.open[peer] <= 0:
+            del self.open[peer]
+        self.total -= 1
+
+    def tell(self, peer, why, now):
+        """One journal line per refused peer a minute, not one per connection."""
+        if now - self._told.get(peer, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            self._told[peer] = now
+            log.warning("refusing connections: %s", why)
+
+
+def _raw_answer(status, reason, message):
+    body = json.dumps({"error": one_line(message)}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class Connection(RequestHandler):
+    """aiohttp's connection handler, with: a bound per peer and in all (over
+    it: 503 and closed), a deadline for the first request's head (idle and
+    slowloris connections; aiohttp's keepalive_timeout covers the later
+    ones), and aiohttp's own errors (malformed HTTP, a line too long) as one
+    JSON line, logged as one line."""
+
+    def connection_made(self, transport):
+        sock = transport.get_extra_info("socket")
+        self.peer = self._peer(sock)
+        self.refused = self.gate.admit(self.peer)
+        loop = asyncio.get_running_loop()
+        if self.refused:
+            self.gate.tell(self.peer, self.refused, loop.time())
+            self.transport = transport
+            transport.write(_raw_answer(503, "Service Unavailable", self.refused))
+            # Let the client send its request and read the answer, then close.
+            self._closer = loop.call_later(REFUSED_LINGER, transport.close)
+            return
+        self._head = loop.call_later(HEAD_TIMEOUT, self._head_late)
+        super().connection_made(transport)
+
+    @staticmethod
+    def _peer(sock):
+        if sock is not None and sock.family == socket.AF_UNIX:
+            try:
+                return peer_uid(sock)[1]
+            except OSError:
+                return "unknown"
+        try:
+            return ("tcp", sock.getpeername()[0])
+        except (OSError, AttributeError, IndexError):
+            return ("tcp", "unknown")
+
+    def request_started(self):
+        if self._head is not None:
+            self._head.cancel()
+            self._head = None
+
+    def _head_late(self):
+        self._head = None
+        self.force_close()  # no whole request within HEAD_TIMEOUT of connecting
+
+    def data_received(self, data):
+        if self.refused:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc):
+        if self.refused:
+            self._closer.cancel()
+            self.transport = None
+            return
+        self.request_started()
+        self.gate.release(self.peer)
+        super().connection_lost(exc)
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if status >= 500:
+            log.error("internal error serving a connection: %s", one_line(exc or message),
+                      exc_info=exc)
+            message = INTERNAL
+        else:  # the request itself is broken: one line, no traceback
+            message = one_line(getattr(exc, "message", None) or message or exc
+                               or "malformed HTTP request")
+            log.info("malformed HTTP request: %s", message)
+        if request.writer.output_size > 0:  # the answer has begun: only closing is left
+            raise ConnectionError("cannot answer an error after the answer began")
+        answer = web.json_response({"error": message}, status=status)
+        answer.force_close()
+        return answer
+
+
+class Server(web.Server):
+    def __call__(self):
+        connection = Connection(self, loop=self._loop, **self._kwargs)
+        connection.gate, connection.refused, connection._head = self.gate, None, None
+        return connection
+
+
+class Runner(web.AppRunner):
+    """An AppRunner whose connections are Connection (bounded by gate)."""
+
+    def __init__(self, app, gate, **kwargs):
+        super().__init__(app, **kwargs)
+        self.gate = gate
+
+    async def _make_server(self):
+        server = await super()._make_server()
+        server.__class__ = Server  # aiohttp builds it; only __call__ differs
+        server.gate = self.gate
+        return server

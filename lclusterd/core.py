@@ -612,24 +612,44 @@ class UnitStatus:
     oom_killed: bool = False  # OOM_CHECK saw the kernel OOM-kill in its cgroup
     stopped_at: Optional[float] = None  # when it left "active" (a stop began, or it ended)
     processes: int = 0  # processes left in its cgroup, counted once it is no longer active
+    pending: bool = False  # a job of systemd's is queued for it (a start not yet run)
+    oom_kills: int = 0  # the kernel's count of OOM kills in its memory cgroup (0: none or unknown)
 
     @property
     def finished(self) -> bool:
         # With RemainAfterExit=yes a finished job's unit stays "active (exited)"
         # or "failed" until we have recorded it and unloaded it. Processes left
         # behind (systemd gave up killing them) mean it has not finished.
-        return self.processes == 0 and (
-            self.active_state == "failed"
-            or (self.active_state == "active" and self.sub_state == "exited")
-            or self.active_state == "inactive")
+        # A unit is read with several calls (units.py), not atomically: only a
+        # main process with an exit code has ended. Under load systemd runs
+        # its queue of start jobs last, so a unit just started can read
+        # "inactive" with its start still pending (the ExecMain* values all
+        # zero): that is not an end, and neither is an "inactive" read whose
+        # main process started after the state was read.
+        if self.processes:
+            return False
+        if self.active_state == "failed":
+            return True  # also without an exit code: its start failed in systemd
+        if self.active_state == "active" and self.sub_state == "exited":
+            return self.exit_code != 0
+        if self.active_state == "inactive":
+            # Never started and nothing pending: its start was cancelled.
+            return self.exit_code != 0 or (not self.pending and self.started_at is None)
+        return False
+
+    @property
+    def oom(self) -> bool:
+        return self.oom_killed or self.oom_kills > 0
 
 
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
 
 def result_of(status: UnitStatus) -> str:
-    """systemd's Result, or oom-kill where only OOM_CHECK saw it (cgroup v1)."""
-    if status.oom_killed and status.result in ("exit-code", "signal", "core-dump"):
+    """systemd's Result, or oom-kill where the kernel OOM-killed in the unit
+    but systemd did not say so (cgroup v1; or the job survived the kill:
+    on cgroup v2 systemd's OOMPolicy=stop would have ended it oom-kill)."""
+    if status.oom and status.result in ("success", "exit-code", "signal", "core-dump"):
         return "oom-kill"
     return status.result
 
@@ -646,7 +666,12 @@ def outcome(status: UnitStatus):
     else:
         exit_status = None
         reason = f"its unit did not run (systemd result: {result})"
-    if result not in ("success", "exit-code", "signal", "core-dump"):
+    if result == "oom-kill" and status.oom_kills:
+        kills = "1 OOM kill" if status.oom_kills == 1 else f"{status.oom_kills} OOM kills"
+        if status.oom_kills >= OOM_KILLS_MAX:
+            kills = f"{OOM_KILLS_MAX} or more OOM kills"
+        reason = f"{reason} (oom-kill: {kills} in its memory cgroup)"
+    elif result not in ("success", "exit-code", "signal", "core-dump"):
         reason = f"{reason} ({result})"  # which limit it hit: timeout, oom-kill, ...
     ok = result == "success" and exit_status == 0
     return (SUCCEEDED if ok else FAILED), exit_status, reason
@@ -779,33 +804,72 @@ JOB_SLICE = "lcluster.slice"
 
 # The sandbox every job gets, whatever it asks. Each line says why.
 SANDBOX = (
-    ("PrivateTmp", True),  # its own /tmp and /var/tmp, removed with the unit
     ("NoNewPrivileges", True),  # setuid binaries cannot raise its privileges
     ("ProtectSystem", "strict"),  # the whole file system read-only but /dev, /proc, /sys, its /tmp
     ("ProtectHome", "yes"),  # no /home, /root, /run/user
     ("PrivateDevices", True),  # a /dev with only null, zero, random, tty...: no disks
+    ("PrivateIPC", True),  # SysV IPC and POSIX queues of its own, gone with its last process
     ("ProtectKernelTunables", True),  # /proc/sys, /sys read-only
     ("ProtectKernelModules", True),  # no module loading
     ("ProtectKernelLogs", True),  # no kernel log (/dev/kmsg, syslog(2))
     ("ProtectControlGroups", True),  # /sys/fs/cgroup read-only: cannot lift its limits
+    ("ProtectClock", True),  # cannot set the node's clock
+    ("ProtectHostname", True),  # cannot rename the node
     ("ProtectProc", "invisible"),  # other users' processes are not in its /proc
     ("RestrictSUIDSGID", True),  # cannot make setuid/setgid files
     ("LockPersonality", True),  # cannot change its execution domain
+    ("RestrictRealtime", True),  # no realtime scheduling: it cannot starve the node
+    ("RestrictNamespaces", 0),  # no namespace of its own making (user namespaces included)
+    # Sockets: local and IP only (no raw packets, netlink, bluetooth, ...).
+    ("RestrictAddressFamilies", (True, ["AF_UNIX", "AF_INET", "AF_INET6"])),
+    ("SystemCallArchitectures", ["native"]),  # no 32-bit syscall ABI to slip past filters
 )
+
+# Each job's /tmp, /var/tmp and /dev/shm are tmpfs of their own of this many
+# bytes (config job_tmp_size sets it), gone with the job; their pages count
+# against the job's memory limit too. (/dev/shm would otherwise be the
+# host's: shared by every job and kept after them.)
+DEFAULT_JOB_TMP_SIZE = 256 << 20
+
+
+def dynamic_user(job: Job) -> Optional[str]:
+    """The user a job for nobody runs as: a dynamic user of its own (systemd
+    allocates its uid while the job runs), so that no two such jobs share a
+    uid (they could read each other's /proc/PID/environ and kill each
+    other). The name is unique per job and valid for systemd (31 chars at most)."""
+    return f"lcj-{job.uuid.replace('-', '')[:27]}" if job.user == NOBODY else None
+
+
+def exec_arg(text: str) -> str:
+    """An ExecStart=/ExecStopPost= argument as systemd must get it to pass it
+    on unchanged: at exec time systemd substitutes ${NAME} and $NAME with the
+    unit's environment and $$ with $, also in transient units set over D-Bus
+    (seen: `echo "${X} $$"` printed " $"). $$ is its escape for one $; '%'
+    specifiers are not expanded over D-Bus."""
+    return text.replace("$", "$$")
+
 
 # systemd 252 reads the kernel's count of OOM kills only on cgroup v2, where
 # it makes Result=oom-kill. On cgroup v1 (hybrid hosts) this failure-ignoring
 # ExecStopPost reads the count from the job's memory cgroup while it still
-# exists, and exits OOM_SEEN if the kernel OOM-killed in it; units.py reads
-# that exit status back (UnitStatus.oom_killed). It runs in the job's sandbox
-# (a privileged one would be chrooted into a rootfs without its /proc), with
-# shell builtins only; the job can fake nothing but its own OOM.
-OOM_SEEN = 99
-OOM_CHECK = (
-    "while read -r l; do case $l in *:memory:*) cg=${l#*:memory:};; esac; done </proc/self/cgroup; "
-    "[ -n \"$cg\" ] || exit 0; "
-    "while read -r k v; do [ \"$k\" = oom_kill ] && [ \"$v\" -gt 0 ] && exit %d; done "
-    "2>/dev/null </sys/fs/cgroup/memory$cg/memory.oom_control; exit 0" % OOM_SEEN)
+# exists (memory.oom_control on v1, memory.events on v2), and exits
+# OOM_SEEN + the count (at most OOM_KILLS_MAX) if the kernel OOM-killed in
+# it; units.py reads that exit status back (UnitStatus.oom_kills). It runs in
+# the job's sandbox (a privileged one would be chrooted into a rootfs without
+# its /proc), with shell builtins only; the job can fake nothing but its own
+# OOM. It runs only when the unit stops: a job whose main process exited 0
+# (the OOM killer took a child) stays "active (exited)", so units.py also
+# reads the same count itself while the unit keeps its cgroup.
+OOM_SEEN = 100
+OOM_KILLS_MAX = 155  # OOM_SEEN + this = 255, the highest exit status
+OOM_CHECK = exec_arg(
+    "cg=; v2=; while read -r l; do case $l in *:memory:*) cg=memory${l#*:memory:};; "
+    "0::*) v2=${l#0::};; esac; done </proc/self/cgroup; "
+    "if [ -n \"$cg\" ]; then f=/sys/fs/cgroup/$cg/memory.oom_control; "
+    "elif [ -n \"$v2\" ]; then f=/sys/fs/cgroup$v2/memory.events; else exit 0; fi; "
+    "while read -r k v; do [ \"$k\" = oom_kill ] && [ \"$v\" -gt 0 ] && "
+    "{ [ \"$v\" -lt %d ] || v=%d; exit $((%d + v)); }; done 2>/dev/null <\"$f\"; exit 0"
+    % (OOM_KILLS_MAX, OOM_KILLS_MAX, OOM_SEEN))
 
 
 # journald's default rate limit (10,000 lines per 30 s, scaled by free space)
@@ -819,13 +883,15 @@ JOB_LOG_RATE_LIMIT = (
 
 
 def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
-                    namespace: Optional[str] = None):
+                    namespace: Optional[str] = None, tmp_size: int = DEFAULT_JOB_TMP_SIZE):
     """The systemd properties of a job's transient service, as (name, value).
     rootfs: the job's / (else the host's, read-only); namespace: the node's
-    network namespace for jobs that ask for none (else a private one)."""
+    network namespace for jobs that ask for none (else a private one);
+    tmp_size: bytes of each of its private /tmp, /var/tmp and /dev/shm."""
+    dynamic = dynamic_user(job)
     props = [
         ("Description", f"lcluster job {job.uuid}"),
-        ("ExecStart", [("/bin/sh", ["/bin/sh", "-c", job.command], False)]),
+        ("ExecStart", [("/bin/sh", ["/bin/sh", "-c", exec_arg(job.command)], False)]),
         # Keep the unit, and with it the exit status, after the job exits,
         # until the daemon has recorded it (even across a daemon restart).
         ("RemainAfterExit", True),
@@ -836,6 +902,16 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
         *JOB_LOG_RATE_LIMIT,
         *SANDBOX,
     ]
+    tmpfs = f"size={int(tmp_size)},mode=1777,nosuid,nodev"
+    if dynamic:
+        # DynamicUser= always gives /tmp and /var/tmp of systemd's PrivateTmp=
+        # (which takes precedence over a tmpfs there): only /dev/shm is ours.
+        props += [("DynamicUser", True), ("User", dynamic),
+                  ("TemporaryFileSystem", [("/dev/shm", tmpfs + ",noexec")])]
+    else:
+        props += [("PrivateTmp", False),  # the tmpfs below instead: bounded
+                  ("TemporaryFileSystem", [("/dev/shm", tmpfs + ",noexec"), ("/tmp", tmpfs),
+                                           ("/var/tmp", tmpfs)])]
     network = job.network or (f"ns:{namespace}" if namespace else "none")
     if network == "none":
         props.append(("PrivateNetwork", True))  # its own namespace with only loopback
@@ -846,8 +922,9 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
     if job.workdir:
         props.append(("WorkingDirectory", job.workdir))
     if job.uid != 0:
-        props += [("User", str(job.uid)), ("Group", str(job.gid)),
-                  ("CapabilityBoundingSet", 0)]  # no capability, even through a setuid binary
+        if not dynamic:
+            props += [("User", str(job.uid)), ("Group", str(job.gid))]
+        props.append(("CapabilityBoundingSet", 0))  # no capability, even through a setuid binary
     if job.memory is not None:
         props += [("MemoryMax", job.memory), ("MemorySwapMax", 0),  # no swapping past it
                   ("ExecStopPostEx", [("/bin/sh", ["/bin/sh", "-c", OOM_CHECK],

@@ -1,0 +1,473 @@
+"""The HTTP API (lclusterd/api.py) served for real, by its own Runner on a unix
+socket in tmp_path, in front of a fake node: the error table, hostile input,
+what callers see of others' jobs, the connection bounds."""
+
+import asyncio
+import errno
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+import zlib
+from types import SimpleNamespace
+
+import pytest
+from aiohttp import web
+from dbus_next.errors import DBusError
+
+from lclusterd import api, core
+from lclusterd.client import UnixHTTPConnection
+from lclusterd.node import Caller, Conflict, Elsewhere
+from lclusterd.store import Unavailable as StoreUnavailable
+from lclusterd.units import Unavailable as UnitsUnavailable
+
+ALICE, BOB = 1000, 1001
+
+
+def job(uid=ALICE, **changes):
+    made = core.new_job("echo hi", uid, uid, f"user{uid}", 1764431000.0, submitter=f"user{uid}",
+                        submitter_uid=uid, env=("TOKEN=s3cret", "MODE=fast"))
+    return core.Job.from_dict({**made.to_dict(), **changes})
+
+
+class FakeNode:
+    """What api.py calls of lclusterd.node.Node."""
+
+    def __init__(self):
+        self.config = SimpleNamespace(node_name="node1", max_connections=40,
+                                      max_connections_per_uid=8)
+        self.jobs = {}
+        self.fail = None  # an exception every verb raises
+        self.calls = []  # (verb, args) in order
+
+    def _maybe_fail(self, verb, *args):
+        self.calls.append((verb, args))
+        if self.fail is not None:
+            raise self.fail
+
+    def add(self, j):
+        self.jobs[j.uuid] = j
+        return j
+
+    async def submit(self, command, caller, request=None, count=None, idempotency_key=None):
+        self._maybe_fail("submit", command, caller, request, count, idempotency_key)
+        made = [self.add(core.new_job(command, caller.uid, caller.gid, caller.user, time.time(),
+                                      submitter=caller.user, submitter_uid=caller.uid,
+                                      env=tuple(request.get("env") or ())))
+                for _ in range(count or 1)]
+        return made if count is not None else made[0]
+
+    async def find(self, ref):
+        self._maybe_fail("find", ref)
+        matches = [j for u, j in self.jobs.items() if u.startswith(core.validate_ref(ref))]
+        if not matches:
+            raise LookupError(f"no job matches '{ref}'")
+        return matches[0]
+
+    def unit_properties(self, j):
+        return core.unit_properties(j, 10.0)
+
+    async def list(self, limit=50, **filters):
+        self._maybe_fail("list", limit, filters)
+        return list(self.jobs.values())[:limit]
+
+    async def remove(self, ref, caller):
+        self._maybe_fail("remove", ref, caller)
+        return await self.find(ref)
+
+    async def output(self, j, caller, follow=False, tail=None, since=None):
+        self._maybe_fail("output", since)
+        yield b"out\n"
+
+    async def ping(self):
+        self._maybe_fail("ping")
+
+    async def nodes(self):
+        self._maybe_fail("nodes")
+        return []
+
+
+class Served:
+    """api.runner(node) on a unix socket, its loop in a thread."""
+
+    def __init__(self, path, node):
+        self.path, self.node = str(path), node
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def _serve(self, started):
+        asyncio.set_event_loop(self.loop)
+        self.runner = api.runner(self.node)
+        self.loop.run_until_complete(self.runner.setup())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        self.loop.run_until_complete(web.SockSite(self.runner, sock, backlog=2048).start())
+        started.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def call(self, method, path, body=None, headers=None, raw=None):
+        conn = UnixHTTPConnection(self.path, timeout=10)
+        try:
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            conn.request(method, path, body=data, headers=headers or {})
+            answer = conn.getresponse()
+            payload = answer.read()
+        finally:
+            conn.close()
+        return answer.status, answer.getheader("Content-Type"), json.loads(payload)
+
+    def raw(self, data, timeout=5):
+        """Bytes sent as they are; the answer's status line and JSON body."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(self.path)
+            s.sendall(data)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), head.decode(), body
+
+
+@pytest.fixture
+def node():
+    return FakeNode()
+
+
+@pytest.fixture
+def served(tmp_path, node):
+    s = Served(tmp_path / "api.sock", node)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def as_uid(monkeypatch):
+    """Make every caller on the socket look like uid."""
+    def become(uid):
+        monkeypatch.setattr(api, "peer_uid", lambda sock: (1, uid, uid))
+    return become
+
+
+def assert_one_line_json(status_type_payload, status):
+    code, ctype, payload = status_type_payload
+    assert code == status, payload
+    assert ctype.startswith("application/json")
+    assert set(payload) == {"error"} and "\n" not in payload["error"] and payload["error"]
+    return payload["error"]
+
+
+# --- issue 9 item 15 and 11: one table, JSON always -----------------------------------
+
+@pytest.mark.parametrize("error, status, words", [
+    (UnitsUnavailable("lost the system bus: EOF"), 503, "systemd is unreachable"),
+    (DBusError("org.freedesktop.DBus.Error.NoReply", "no reply"), 503, "systemd is unreachable"),
+    (StoreUnavailable("etcd is unreachable at 127.0.0.1:2379 (Channel closed!)"), 503,
+     "etcd is unreachable"),
+    (api.StoreNoSpace("etcd is out of space (quota 2147483648 bytes): fix: compact, defrag"), 507,
+     "etcd is out of space"),
+    (api.StoreTooLarge("etcd refused the request as too large"), 413, "too large"),
+    (core.IllegalTransition("job x cannot go from succeeded to cancelled"), 409, "cannot go"),
+    (Conflict("job x kept changing; try again"), 409, "kept changing"),
+    (core.QuotaExceeded("alice has 10000 jobs queued, the most per user"), 429, "10000 jobs"),
+    (Elsewhere("node2 is not reachable"), 502, "node2"),
+    (core.Forbidden("permission denied: job x belongs to bob"), 403, "belongs to bob"),
+    (LookupError("no job matches 'abcd'"), 404, "no job matches"),
+    (core.InvalidInput("bad\nthing"), 400, "bad\\nthing"),
+])
+def test_every_failure_has_its_status_and_one_line(served, node, error, status, words):
+    node.fail = error
+    for method, path in (("GET", "/v1/nodes"), ("DELETE", "/v1/jobs/abcd1234"), ("GET", "/v1/jobs")):
+        message = assert_one_line_json(served.call(method, path), status)
+        assert words in message
+
+
+@pytest.mark.parametrize("error", [RuntimeError("etcd3 said\nsomething odd"), KeyError("uuid"),
+                                   TypeError("a bug")])
+def test_anything_else_is_a_json_500_and_one_traceback_in_the_journal(served, node, caplog, error):
+    node.fail = error
+    with caplog.at_level(logging.ERROR):
+        message = assert_one_line_json(served.call("GET", "/v1/jobs"), 500)
+    assert "internal error" in message and "journalctl -u lclusterd" in message
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and tracebacks[0].exc_info[1] is error
+
+
+def test_health_says_etcd_is_unreachable_as_503(served, node):
+    node.fail = StoreUnavailable("etcd is unreachable at 127.0.0.1:2379 (DEADLINE_EXCEEDED)")
+    assert "etcd is unreachable" in assert_one_line_json(served.call("GET", "/v1/health"), 503)
+
+
+def test_unknown_route_and_method_are_json(served):
+    assert assert_one_line_json(served.call("GET", "/v2/nothing"), 404) == "Not Found"
+    assert assert_one_line_json(served.call("PUT", "/v1/jobs"), 405) == "Method Not Allowed"
+
+
+# --- issue 10 item 11: hostile input, one JSON line each --------------------------------
+
+def test_json_nested_1000_deep_is_400(served, node):
+    raw = ('{"command": "true", "env": ' + "[" * 1000 + "]" * 1000 + "}").encode()
+    assert "not valid JSON" in assert_one_line_json(served.call("POST", "/v1/jobs", raw=raw), 400) \
+        or "nested" in assert_one_line_json(served.call("POST", "/v1/jobs", raw=raw), 400)
+    raw = ('{"command": "true", "env": ' + "[" * 40 + "]" * 40 + "}").encode()
+    assert "nested deeper" in assert_one_line_json(served.call("POST", "/v1/jobs", raw=raw), 400)
+    assert not [c for c in node.calls if c[0] == "submit"]
+
+
+@pytest.mark.parametrize("since", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_logs_since_must_be_a_finite_number(served, node, since):
+    node.add(job())
+    uuid = next(iter(node.jobs))
+    assert "since must be a number" in assert_one_line_json(
+        served.call("GET", f"/v1/jobs/{uuid}/logs?since={since}"), 400)
+    assert not [c for c in node.calls if c[0] == "output"]
+
+
+@pytest.mark.parametrize("encoding", ["deflate", "gzip"])
+def test_garbage_under_content_encoding_is_400(served, node, encoding):
+    message = assert_one_line_json(served.call(
+        "POST", "/v1/jobs", raw=b"\x00garbage, not " + encoding.encode(),
+        headers={"Content-Encoding": encoding, "Content-Type": "application/json"}), 400)
+    assert "body" in message
+    body = zlib.compress(b'{"command": "true"}')  # well-formed deflate still works
+    code, _, payload = served.call("POST", "/v1/jobs", raw=body, headers={"Content-Encoding": "deflate"})
+    assert code == 201, payload
+
+
+@pytest.mark.parametrize("field", ["cpus", "memory", "tasks", "timeout", "priority", "max_attempts",
+                                   "count"])
+def test_a_400_digit_integer_is_400(field, node):
+    # The fake node does not parse limits: check api's part, then the core's.
+    with pytest.raises(core.InvalidInput):
+        body = {"command": "true", field: 10 ** 400}
+        api._encodable(body)
+        core.job_spec(body, SimpleNamespace(
+            job_networks=(), **{f"{k}_{n}": None for k in ("default", "max")
+                                for n in ("memory", "cpus", "tasks", "timeout")}))
+        core.validate_priority(body.get("priority", 0))
+        core.validate_attempts(body.get("max_attempts", 1))
+
+
+def test_nan_and_infinity_are_not_json(served):
+    for raw in (b'{"command": "true", "cpus": NaN}', b'{"command": "true", "cpus": Infinity}'):
+        assert "not valid JSON" in assert_one_line_json(served.call("POST", "/v1/jobs", raw=raw), 400)
+
+
+def test_a_batch_too_large_for_one_etcd_request_is_413(served, node):
+    env = [f"K{i}=" + "x" * 480 for i in range(64)]  # ~31 KB of env per copy
+    message = assert_one_line_json(
+        served.call("POST", "/v1/jobs", {"command": "true", "count": 64, "env": env}), 413)
+    assert "batch must stay under" in message
+    assert not [c for c in node.calls if c[0] == "submit"]
+    code, _, payload = served.call("POST", "/v1/jobs", {"command": "true", "count": 2, "env": env})
+    assert code == 201 and len(payload["jobs"]) == 2
+
+
+def test_a_body_over_the_limit_is_413(served):
+    message = assert_one_line_json(
+        served.call("POST", "/v1/jobs", raw=b'{"command": "' + b"x" * (api.MAX_BODY + 1) + b'"}'), 413)
+    assert message == "request body too large"
+
+
+# issue 10 item 7: what cannot be encoded is refused at submission
+@pytest.mark.parametrize("body, words", [
+    ({"command": "echo x", "count": 2, "priority": 100, "env": ["A=\udc80"]}, "not valid UTF-8"),
+    ({"command": "echo x", "workdir": "/tmp/\udc80"}, "workdir is not valid UTF-8"),
+    ({"command": "echo \udc80"}, "command is not valid UTF-8"),
+    ({"command": "echo x", "env": ["KEY\n=v"]}, "is not KEY=VALUE"),
+    ({"command": "echo x", "env": ["KEY\u2028=v"]}, "is not KEY=VALUE"),
+    ({"command": "echo x", "network": "ns:x\n"}, "network must be"),
+])
+def test_what_cannot_be_encoded_is_400_at_submission(served, node, body, words):
+    message = assert_one_line_json(served.call("POST", "/v1/jobs", body), 400)
+    assert words in message
+    assert not [c for c in node.calls if c[0] == "submit"]
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "8190"),  # URL too long
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n", "8190"),  # header
+    (b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n", ""),  # bad method
+    (b"this is not HTTP\r\n\r\n", ""),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", ""),
+])
+def test_aiohttps_own_errors_are_one_line_of_json_and_one_log_line(served, caplog, data, words):
+    with caplog.at_level(logging.INFO):
+        status, head, body = served.raw(data)
+    assert status == 400, head
+    assert "application/json" in head
+    message = json.loads(body)["error"]
+    assert words in message and "\n" not in message and len(message) <= api.MAX_MESSAGE
+    logged = [r for r in caplog.records if "malformed HTTP" in r.getMessage()]
+    assert len(logged) == 1 and not logged[0].exc_info and "\n" not in logged[0].getMessage()
+
+
+def test_error_messages_never_echo_raw_newlines():
+    assert api.one_line("no such user 'alice\nroot'") == "no such user 'alice\\nroot'"
+    assert api.one_line("x\udc80\x1b[31m") == "x\\udc80\\x1b[31m"
+    assert len(api.one_line("y" * 10000)) == api.MAX_MESSAGE
+
+
+# --- issue 10 item 2: env values for the submitter and root only -------------------------
+
+def test_others_see_env_keys_only(served, node, as_uid):
+    mine = node.add(job(uid=ALICE))
+    as_uid(BOB)
+    _, _, payload = served.call("GET", f"/v1/jobs/{mine.uuid}")
+    assert payload["job"]["env"] == ["TOKEN=<hidden>", "MODE=<hidden>"]
+    _, _, payload = served.call("GET", "/v1/jobs")
+    assert payload["jobs"][0]["env"] == ["TOKEN=<hidden>", "MODE=<hidden>"]
+    _, _, payload = served.call("GET", f"/v1/jobs/{mine.uuid}/unit-properties")
+    environment = dict(payload["properties"])["Environment"]
+    assert "TOKEN=<hidden>" in environment and not any("s3cret" in e for e in environment)
+    assert "s3cret" not in json.dumps(payload)
+
+
+@pytest.mark.parametrize("uid", [ALICE, 0])
+def test_the_submitter_and_root_see_env_values(served, node, as_uid, uid):
+    mine = node.add(job(uid=ALICE))
+    as_uid(uid)
+    _, _, payload = served.call("GET", f"/v1/jobs/{mine.uuid}")
+    assert payload["job"]["env"] == ["TOKEN=s3cret", "MODE=fast"]
+    _, _, payload = served.call("GET", "/v1/jobs")
+    assert payload["jobs"][0]["env"] == ["TOKEN=s3cret", "MODE=fast"]
+    _, _, payload = served.call("GET", f"/v1/jobs/{mine.uuid}/unit-properties")
+    assert "TOKEN=s3cret" in dict(payload["properties"])["Environment"]
+
+
+def test_a_job_run_as_another_user_is_its_submitters():
+    root_for_alice = job(uid=ALICE, submitter="root", submitter_uid=0)
+    assert api.shown(root_for_alice, Caller(ALICE, ALICE, "alice"))["env"][0] == "TOKEN=<hidden>"
+    assert api.shown(root_for_alice, Caller(0, 0, "root"))["env"][0] == "TOKEN=s3cret"
+
+
+# --- contract C5: the idempotency key reaches node.submit --------------------------------
+
+def test_the_idempotency_key_is_passed_to_submit(served, node):
+    code, _, _ = served.call("POST", "/v1/jobs", {"command": "true"},
+                             headers={"Idempotency-Key": "7d1c2c4e-1b8e-4f57-9a36-0c1f3d1a2b3c"})
+    assert code == 201
+    assert node.calls[-1][1][4] == "7d1c2c4e-1b8e-4f57-9a36-0c1f3d1a2b3c"
+    served.call("POST", "/v1/jobs", {"command": "true"})
+    assert node.calls[-1][1][4] is None
+    message = assert_one_line_json(served.call("POST", "/v1/jobs", {"command": "true"},
+                                               headers={"Idempotency-Key": "a b"}), 400)
+    assert "Idempotency-Key" in message
+
+
+def test_a_node_without_idempotency_gets_no_key(tmp_path):
+    class Older(FakeNode):
+        async def submit(self, command, caller, request=None, count=None):
+            return await super().submit(command, caller, request, count)
+    s = Served(tmp_path / "old.sock", Older())
+    try:
+        code, _, _ = s.call("POST", "/v1/jobs", {"command": "true"}, headers={"Idempotency-Key": "k1"})
+        assert code == 201
+    finally:
+        s.stop()
+
+
+# --- issue 10 item 6: connections bounded per uid and in all, idle ones closed ------------
+
+def _connect(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(path)
+    return s
+
+
+def _status_of(s):
+    """One request on an open connection; its status and whole answer."""
+    s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += s.recv(65536)
+    return int(head.split()[1]), head + body
+
+
+def test_a_flooding_uid_is_refused_while_others_are_served(served, node, as_uid):
+    as_uid(ALICE)
+    held = [_connect(served.path) for _ in range(20)]  # over her 8
+    try:
+        statuses = []
+        for s in held:
+            statuses.append(_status_of(s)[0])
+        assert statuses.count(200) == 8 and statuses.count(503) == 12
+        status, answer = _status_of(_connect(served.path))
+        assert status == 503 and b"too many connections from uid 1000" in answer
+        as_uid(BOB)
+        code, _, payload = served.call("GET", "/v1/health")
+        assert code == 200 and payload["etcd"] == "ok"
+        as_uid(0)
+        assert served.call("GET", "/v1/health")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_root_gets_in_past_the_total(served, node, as_uid, monkeypatch):
+    node.config.max_connections_per_uid = 40
+    as_uid(BOB)
+    held = [_connect(served.path) for _ in range(45)]
+    try:
+        time.sleep(0.2)
+        assert served.call("GET", "/v1/health")[0] == 503  # bob: the total is reached
+        as_uid(0)
+        assert served.call("GET", "/v1/health")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_connections_come_back_when_closed(served, node, as_uid):
+    as_uid(ALICE)
+    for _ in range(3):
+        held = [_connect(served.path) for _ in range(8)]
+        assert all(_status_of(s)[0] == 200 for s in held)
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+    assert served.call("GET", "/v1/health")[0] == 200
+
+
+def test_idle_and_slow_connections_are_closed(served, monkeypatch):
+    monkeypatch.setattr(api, "HEAD_TIMEOUT", 0.3)
+    idle = _connect(served.path)
+    slow = _connect(served.path)
+    slow.sendall(b"GET /v1/health HTTP/1.1\r\n")  # and never the rest
+    time.sleep(0.8)
+    for s in (idle, slow):
+        assert s.recv(100) == b""  # closed by the daemon
+        s.close()
+    fresh = _connect(served.path)
+    assert _status_of(fresh)[0] == 200  # a prompt request is answered
+    time.sleep(0.5)
+    assert _status_of(fresh)[0] == 200  # and its connection is kept alive past HEAD_TIMEOUT
+    fresh.close()
+
+
+def test_the_gate_counts():
+    gate = api.Gate(SimpleNamespace(max_connections=3, max_connections_per_uid=2))
+    assert gate.admit(ALICE) is None and gate.admit(ALICE) is None
+    assert "uid 1000" in gate.admit(ALICE)
+    assert gate.admit(("tcp", "10.0.0.2")) is None
+    assert "connections open" in gate.admit(BOB)
+    assert gate.admit(0) is None  # root: the reserve
+    gate.release(ALICE)
+    gate.release(0)
+    assert gate.admit(BOB) is None
+    assert gate.total == 3 and dict(gate.open) == {ALICE: 1, ("tcp", "10.0.0.2"): 1, BOB: 1}
