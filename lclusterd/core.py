@@ -51,7 +51,7 @@ def utf8(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidInput(f"{what} is not valid UTF-8 (a lone surrogate)") from None
+        raise InvalidInput(f"{what} is not valid UTF-8") from None
     return text
 
 

@@ -277,7 +277,7 @@ class Node:
     def unit_properties(self, job):
         """The systemd properties this node gives the job's unit."""
         return core.unit_properties(job, self.config.stop_timeout, self.config.rootfs,
-                                    self.config.namespace)
+                                    self.config.namespace, self.config.job_tmp_size)
 
     async def list(self, limit=50, **filters):
         """Jobs matching filters (core.select's), live ones first."""

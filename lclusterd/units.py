@@ -40,6 +40,10 @@ SIGNATURES = {
     "CPUQuotaPerSecUSec": "t", "TasksMax": "t", "RuntimeMaxUSec": "t",
     "ExecStopPostEx": "a(sasas)",
     "LogRateLimitIntervalUSec": "t", "LogRateLimitBurst": "u",
+    # the job sandbox of issue 10 (H6): systemd 252 and 257 take these as such
+    "PrivateIPC": "b", "ProtectClock": "b", "ProtectHostname": "b", "RestrictRealtime": "b",
+    "RestrictNamespaces": "t", "RestrictAddressFamilies": "(bas)",
+    "SystemCallArchitectures": "as", "DynamicUser": "b", "TemporaryFileSystem": "a(ss)",
 }
 
 # What status() reads, per interface. Only these, with one Get each: a GetAll

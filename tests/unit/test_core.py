@@ -378,7 +378,7 @@ def props(j, **kwargs):
 
 def test_unit_properties_default_sandbox():
     p = props(job(uid=1000))
-    assert p["PrivateNetwork"] is True and p["PrivateTmp"] is True
+    assert p["PrivateNetwork"] is True and p["PrivateTmp"] is False  # a bounded tmpfs instead
     assert p["NoNewPrivileges"] is True
     assert p["ProtectSystem"] == "strict" and p["ProtectHome"] == "yes"
     assert p["ExecStart"] == [("/bin/sh", ["/bin/sh", "-c", "echo hello"], False)]
@@ -418,7 +418,6 @@ def test_unit_properties_namespace_replaces_private_network():
     p = props(job(), namespace="lcluster")
     assert "PrivateNetwork" not in p
     assert p["NetworkNamespacePath"] == "/run/netns/lcluster"
-    assert p["PrivateTmp"] is True
 
 
 # --- records -------------------------------------------------------------------
@@ -673,3 +672,51 @@ def test_a_record_no_node_would_write_does_not_verify_and_does_not_raise():
     j = core.sign(job(), KEY)
     assert not core.verify(dataclasses.replace(j, cpus="fast"), KEY)
     assert not core.verify(dataclasses.replace(j, env=(object(),)), KEY)
+
+
+# --- the sandbox: issue 10 items 3, 4, 5 ---------------------------------------
+
+def as_user(j, user):
+    return dataclasses.replace(j, user=user)
+
+
+def test_every_job_gets_namespaces_and_address_families_restricted():
+    for j in (job(), as_user(job(uid=0, gid=0), "root"), as_user(job(uid=65534, gid=65534), "nobody")):
+        p = props(j)
+        assert p["RestrictNamespaces"] == 0  # none allowed: no user namespace either
+        assert p["RestrictAddressFamilies"] == (True, ["AF_UNIX", "AF_INET", "AF_INET6"])
+        assert p["SystemCallArchitectures"] == ["native"]
+        assert p["PrivateIPC"] is True and p["RestrictRealtime"] is True
+        assert p["ProtectClock"] is True and p["ProtectHostname"] is True
+
+
+def test_tmp_var_tmp_and_dev_shm_are_bounded_tmpfs_of_the_job():
+    p = props(job(), tmp_size=64 << 20)
+    assert p["PrivateTmp"] is False  # it would take precedence over the tmpfs
+    options = "size=67108864,mode=1777,nosuid,nodev"
+    assert p["TemporaryFileSystem"] == [("/dev/shm", options + ",noexec"), ("/tmp", options),
+                                        ("/var/tmp", options)]
+    assert dict(props(job()))["TemporaryFileSystem"][1] == (
+        "/tmp", f"size={core.DEFAULT_JOB_TMP_SIZE},mode=1777,nosuid,nodev")
+
+
+def test_a_job_for_nobody_gets_a_dynamic_user_of_its_own():
+    a = as_user(job(uid=65534, gid=65534), "nobody")
+    b = as_user(job(uid=65534, gid=65534, job_uuid="1b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"), "nobody")
+    pa, pb = props(a), props(b)
+    assert pa["DynamicUser"] is True and "Group" not in pa
+    assert pa["User"] == "lcj-0b5e8c1e3c1f4a439d591d1c1f0" and pb["User"] != pa["User"]
+    assert len(pa["User"]) <= 31  # systemd's longest user name
+    assert pa["CapabilityBoundingSet"] == 0
+    # systemd gives a dynamic user its PrivateTmp=; /dev/shm is still ours
+    assert "PrivateTmp" not in pa and [m for m, _ in pa["TemporaryFileSystem"]] == ["/dev/shm"]
+    for j in (job(), as_user(job(uid=0, gid=0), "root")):
+        assert "DynamicUser" not in props(j) and core.dynamic_user(j) is None
+
+
+def test_every_new_sandbox_property_has_a_dbus_signature():
+    from lclusterd import units
+    jobs = (job(memory=1 << 20, cpus=1.0, tasks=5, timeout=5.0, workdir="/srv"),
+            as_user(job(uid=65534, gid=65534), "nobody"), as_user(job(uid=0, gid=0), "root"))
+    names = {n for j in jobs for n, _ in core.unit_properties(j, 1, rootfs="/r", namespace="n")}
+    assert names <= set(units.SIGNATURES), names - set(units.SIGNATURES)

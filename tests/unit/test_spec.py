@@ -129,7 +129,7 @@ def test_config_refuses_default_over_maximum_and_bad_limits():
 
 # --- the unit ----------------------------------------------------------------
 
-HARDENING = {"PrivateTmp": True, "NoNewPrivileges": True, "ProtectSystem": "strict",
+HARDENING = {"PrivateIPC": True, "NoNewPrivileges": True, "ProtectSystem": "strict",
              "ProtectHome": "yes", "PrivateDevices": True, "ProtectKernelTunables": True,
              "ProtectKernelModules": True, "ProtectKernelLogs": True,
              "ProtectControlGroups": True, "ProtectProc": "invisible", "RestrictSUIDSGID": True,
