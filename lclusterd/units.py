@@ -5,6 +5,7 @@ it, and reports changes of lcluster-job units as they happen.
 """
 
 import asyncio
+import dataclasses
 import logging
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -23,8 +24,14 @@ SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
-# dbus-next 0.2.3 breaks with ~200 calls in flight on one connection.
-MAX_IN_FLIGHT = 16
+# dbus-next 0.2.3 breaks with ~200 calls in flight on one connection: at
+# most this many messages wait for their answer (a status read is 12 of them).
+MAX_IN_FLIGHT = 64
+# Seconds a call waits for systemd's answer. Past it the bus is closed (every
+# call then fails Unavailable) and Node.run reconnects: a systemd that stops
+# answering must not stall the node while its watchdog is petted. (sd-bus's
+# own default is 25 s; under a 1,000-job load answers took well under 1 s.)
+CALL_TIMEOUT = 15.0
 
 # D-Bus signatures of the properties core.unit_properties() may set.
 SIGNATURES = {
@@ -49,11 +56,19 @@ SIGNATURES = {
 # What status() reads, per interface. Only these, with one Get each: a GetAll
 # of a service unmarshals ~250 properties, which was most of the daemon's CPU
 # under load (make bench, py-spy).
+# They are sent in this order on one connection and systemd answers them in
+# order, but not atomically (it may handle the unit's SIGCHLD, or run its
+# start, between two of them): the state comes first, so that what is read
+# after it is at least as new (core.UnitStatus.finished relies on that).
 STATUS_PROPERTIES = (
-    (UNIT, ("LoadState", "ActiveState", "SubState", "ActiveExitTimestamp")),
-    (SERVICE, ("Result", "ExecMainCode", "ExecMainStatus", "ExecMainStartTimestamp",
-               "ExecMainExitTimestamp", "ExecStopPost")),
+    (UNIT, ("LoadState", "ActiveState", "SubState", "Job", "ActiveExitTimestamp")),
+    (SERVICE, ("ExecMainStartTimestamp", "ExecMainCode", "ExecMainStatus", "Result",
+               "ExecMainExitTimestamp", "ExecStopPost", "ControlGroup")),
 )
+# Where a unit's memory cgroup keeps the kernel's count of OOM kills in it
+# ("oom_kill N"), on cgroup v1 and v2; CGROUP_ROOT + ControlGroup + this.
+CGROUP_ROOT = "/sys/fs/cgroup"
+OOM_COUNTERS = ("/memory{cg}/memory.oom_control", "{cg}/memory.events")
 
 # Errors that mean "no such unit (any more)".
 GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed",
@@ -89,11 +104,15 @@ class Units:
         self.on_change = on_change  # called with a job uuid when its unit changes
         self._bus = None
         self._watched = set()  # uuids whose unit has a match rule on this connection
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._in_flight = 0  # messages sent and not answered yet
+        self._room = asyncio.Condition()
 
     async def connect(self):
         try:
-            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+            bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(),
+                                         CALL_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"the system bus did not answer within {CALL_TIMEOUT:.0f} s")
         except (OSError, EOFError) as e:
             raise Unavailable(f"cannot reach the system bus: {e}")
         bus.add_message_handler(self._on_message)
@@ -121,19 +140,66 @@ class Units:
         return None  # never consume: dbus-next routes the message on
 
     async def _call(self, destination, path, interface, member, signature, body):
+        (answer,) = await self._calls([Message(
+            destination=destination, path=path, interface=interface,
+            member=member, signature=signature, body=body)])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def _calls(self, messages):
+        """Send messages in this order, all before the first answer; each
+        answer's body or its DBusError, in order. Every wait is bounded by
+        CALL_TIMEOUT: then the bus is closed and Unavailable raised."""
         if not self.connected:
             raise Unavailable("not connected to the system bus")
-        async with self._slots:
+        n = len(messages)
+        async with self._room:
+            await self._room.wait_for(lambda: self._in_flight + n <= MAX_IN_FLIGHT)
+            self._in_flight += n
+        bus = self._bus
+        try:
+            if bus is not self._bus or not bus.connected:
+                raise Unavailable("lost the system bus")
+            # Tasks run in the order made, and each sends at once: in order.
+            calls = [asyncio.ensure_future(bus.call(m)) for m in messages]
             try:
-                reply = await self._bus.call(Message(
-                    destination=destination, path=path, interface=interface,
-                    member=member, signature=signature, body=body))
-            except (OSError, EOFError) as e:
-                self.close()
-                raise Unavailable(f"lost the system bus: {e}")
-        if reply.message_type == MessageType.ERROR:
-            raise DBusError(reply.error_name, reply.body[0] if reply.body else "", reply)
-        return reply.body
+                done, _ = await asyncio.wait(calls, timeout=CALL_TIMEOUT)
+            except BaseException:
+                for c in calls:
+                    c.cancel()
+                raise
+            if len(done) < n:
+                for c in calls:
+                    c.cancel()
+                self._lose(bus)
+                raise Unavailable(f"systemd did not answer within {CALL_TIMEOUT:.0f} s; "
+                                  "reconnecting to the system bus")
+            answers = []
+            for c in calls:
+                try:
+                    reply = c.result()
+                except (OSError, EOFError) as e:
+                    self._lose(bus)
+                    raise Unavailable(f"lost the system bus: {e}")
+                if reply is None:  # dbus-next answers None when the bus went away
+                    self._lose(bus)
+                    raise Unavailable("lost the system bus")
+                if reply.message_type == MessageType.ERROR:
+                    answers.append(DBusError(reply.error_name,
+                                             reply.body[0] if reply.body else "", reply))
+                else:
+                    answers.append(reply.body)
+            return answers
+        finally:
+            async with self._room:
+                self._in_flight -= n
+                self._room.notify_all()
+
+    def _lose(self, bus):
+        """Close bus if it is still ours (Node.run then reconnects)."""
+        if bus is self._bus:
+            self.close()
 
     async def _bus_match(self, member, job_uuid):
         # One rule per job unit, only for its Unit interface: a rule for all
@@ -179,11 +245,11 @@ class Units:
         """core.UnitStatus of the job's unit, or None if it is not loaded."""
         path = unit_path(core.unit_name(job_uuid))
         wanted = [(iface, name) for iface, names in STATUS_PROPERTIES for name in names]
-        # All at once: one round trip's wait, not ten. Any error of a unit
-        # that is not loaded means only that.
-        answers = await asyncio.gather(*(
-            self._call(SYSTEMD, path, PROPERTIES, "Get", "ss", [iface, name])
-            for iface, name in wanted), return_exceptions=True)
+        # All at once, in order: one round trip's wait, not twelve. Any error
+        # of a unit that is not loaded means only that.
+        answers = await self._calls([Message(
+            destination=SYSTEMD, path=path, interface=PROPERTIES, member="Get",
+            signature="ss", body=[iface, name]) for iface, name in wanted])
         load_state = answers[0]
         if (isinstance(load_state, DBusError) and load_state.type in GONE
                 or not isinstance(load_state, BaseException) and load_state[0].value != "loaded"):
@@ -191,9 +257,9 @@ class Units:
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
-        p = {name: answer[0].value for (_, name), answer in zip(wanted, answers)}
-        exec_stop_post = answers[[name for _, name in wanted].index("ExecStopPost")][0]
-        active = p["ActiveState"]
+        p = {name: answer[0] for (_, name), answer in zip(wanted, answers)}
+        v = {name: variant.value for name, variant in p.items()}
+        active = v["ActiveState"]
         try:
             # Once it is no longer active, are processes left that systemd could not kill?
             processes = 0 if active == "active" else len((await self._manager(
@@ -202,13 +268,20 @@ class Units:
             if e.type in GONE:
                 return None
             raise
-        return core.UnitStatus(
-            active_state=active, sub_state=p["SubState"],
-            result=p["Result"], exit_code=p["ExecMainCode"], exit_status=p["ExecMainStatus"],
-            started_at=_seconds(p["ExecMainStartTimestamp"]),
-            ended_at=_seconds(p["ExecMainExitTimestamp"]),
-            stopped_at=_seconds(p["ActiveExitTimestamp"]), processes=processes,
-            oom_killed=_oom_seen(exec_stop_post))
+        status = core.UnitStatus(
+            active_state=active, sub_state=v["SubState"],
+            result=v["Result"], exit_code=v["ExecMainCode"], exit_status=v["ExecMainStatus"],
+            started_at=_seconds(v["ExecMainStartTimestamp"]),
+            ended_at=_seconds(v["ExecMainExitTimestamp"]),
+            stopped_at=_seconds(v["ActiveExitTimestamp"]), processes=processes,
+            pending=_job_pending(v["Job"]), oom_kills=_oom_seen(p["ExecStopPost"]))
+        if status.finished and not status.oom_kills:
+            # A main process that exited leaves the unit "active (exited)"
+            # with its cgroup, and OOM_CHECK has not run: read the count here.
+            kills = oom_kills(v["ControlGroup"])  # a sysfs read: no thread needed
+            if kills:
+                status = dataclasses.replace(status, oom_kills=kills)
+        return status
 
     async def list(self):
         """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
@@ -296,10 +369,42 @@ def _uuid_of_path(path):
 
 
 def _oom_seen(exec_stop_post):
-    """Did core.OOM_CHECK, the job's ExecStopPost, exit OOM_SEEN? Each entry is
-    (path, argv, ignore, start, start_mono, exit, exit_mono, pid, code, status)."""
+    """The OOM kills core.OOM_CHECK, the job's ExecStopPost, found (its exit
+    status less OOM_SEEN), else 0. Each entry is (path, argv, ignore, start,
+    start_mono, exit, exit_mono, pid, code, status)."""
     entries = exec_stop_post.value if exec_stop_post is not None else []
-    return any(e[8] == core.CLD_EXITED and e[9] == core.OOM_SEEN for e in entries)
+    return max([e[9] - core.OOM_SEEN for e in entries
+                if e[8] == core.CLD_EXITED and core.OOM_SEEN < e[9] <= core.OOM_SEEN + core.OOM_KILLS_MAX]
+               or [0])
+
+
+def _job_pending(job):
+    """The unit's Job property (id, path): id 0 means no job queued."""
+    return bool(job and job[0])
+
+
+def oom_kills(control_group, root=CGROUP_ROOT):
+    """The kernel's count of OOM kills in a unit's memory cgroup (cgroup v1's
+    memory.oom_control or v2's memory.events), 0 when there is none to read."""
+    if not control_group:
+        return 0
+    for counter in OOM_COUNTERS:
+        try:
+            with open(root + counter.format(cg=control_group)) as f:
+                text = f.read()
+        except OSError:
+            continue
+        return parse_oom_kills(text)
+    return 0
+
+
+def parse_oom_kills(text):
+    """The "oom_kill N" line of a memory.oom_control or memory.events."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _seconds(usec):
