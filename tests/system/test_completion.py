@@ -20,7 +20,7 @@ from lclusterd.cli import lclusterc as CLI
 from tests.system.conftest import REPO
 
 COMPLETION = REPO / "debian/completion"
-BASH_FILE = COMPLETION / "lclusterc.bash"
+BASH_FILE = COMPLETION / "lclusterc"  # named as installed: dh_install does not rename
 INSTALLED = {  # each shell's standard directory on Debian
     "bash": "/usr/share/bash-completion/completions/lclusterc",
     "zsh": "/usr/share/zsh/vendor-completions/_lclusterc",
