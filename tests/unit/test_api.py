@@ -7,6 +7,7 @@ import errno
 import http.client
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -155,7 +156,12 @@ def served(tmp_path, node):
 def as_uid(monkeypatch):
     """Make every caller on the socket look like uid."""
     def become(uid):
-        monkeypatch.setattr(api, "peer_uid", lambda sock: (1, uid, uid))
+        def peer_uid(sock):
+            # A client socket bound to .../uid-N-... is uid N (see _connect_as).
+            name = sock.getpeername()
+            who = int(name.rsplit("/uid-", 1)[1].split("-")[0]) if "/uid-" in name else uid
+            return (1, who, who)
+        monkeypatch.setattr(api, "peer_uid", peer_uid)
     return become
 
 
@@ -379,9 +385,11 @@ def test_a_node_without_idempotency_gets_no_key(tmp_path):
 
 # --- issue 10 item 6: connections bounded per uid and in all, idle ones closed ------------
 
-def _connect(path):
+def _connect(path, uid=None, n=0):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(5)
+    if uid is not None:  # known as uid by as_uid's peer_uid, however late it is accepted
+        s.bind(f"{path}.d/uid-{uid}-{n}")
     s.connect(path)
     return s
 
@@ -471,3 +479,48 @@ def test_the_gate_counts():
     gate.release(0)
     assert gate.admit(BOB) is None
     assert gate.total == 3 and dict(gate.open) == {ALICE: 1, ("tcp", "10.0.0.2"): 1, BOB: 1}
+
+
+def test_1100_idle_connections_of_one_user_leave_the_node_serving(served, node, as_uid):
+    """issue 10 item 6's attack at the API's level: alice opens 1,100 idle
+    connections (the config's defaults bound her); root and bob are served at
+    once meanwhile, and the daemon holds no more than her bound for long."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    del node.config.max_connections, node.config.max_connections_per_uid  # the defaults
+    as_uid(BOB)
+    os.mkdir(served.path + ".d")
+    held = []
+    try:
+        for n in range(1100):
+            held.append(_connect(served.path, ALICE, n))
+        started = time.monotonic()
+        assert served.call("GET", "/v1/health")[0] == 200
+        as_uid(0)
+        assert served.call("GET", "/v1/health")[0] == 200
+        latency = time.monotonic() - started
+        assert latency < 1.0, latency
+        time.sleep(api.REFUSED_LINGER + 0.5)  # the refused ones are closed by now
+        gate = served.runner.server.gate
+        assert gate.open == {ALICE: api.DEFAULT_MAX_PER_UID}
+        closed = sum(1 for s in held if _closed(s))
+        assert closed == 1100 - api.DEFAULT_MAX_PER_UID
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    assert served.runner.server.gate.total == 0
+
+
+def _closed(s):
+    s.setblocking(False)
+    try:
+        data = s.recv(65536)  # the 503, then end of file
+        while data:
+            data = s.recv(65536)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        return e.errno in (errno.ECONNRESET, errno.EPIPE)
