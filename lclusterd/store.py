@@ -98,7 +98,9 @@ class Unavailable(Exception):
 
 
 class NoSpace(Unavailable):
-    """etcd raised its NOSPACE alarm: it takes reads and deletes, no writes."""
+    """etcd raised its NOSPACE alarm: it takes reads and deletes, no writes.
+    (The one write that crossed the quota was applied all the same: etcd
+    applies it, then raises the alarm.)"""
 
 
 class TooLarge(Exception):
@@ -550,7 +552,11 @@ class Store:
                 failed = True
             finally:
                 self._release(conn, failed)
-        self._call(lambda c: c.disarm_alarm())
+        def disarm(c):  # etcd disarms one member's alarm at a time
+            for alarm in list(c.list_alarms()):
+                if alarm.alarm_type == etcdrpc.NOSPACE:
+                    c.disarm_alarm(alarm.member_id)
+        self._call(disarm)
         return self.space()
 
     def _read_quota(self):

@@ -34,7 +34,8 @@ def free_port():
 class Etcd:
     """One etcd member, started and stopped by the test; its own PID only."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, extra_args=()):
+        self.extra_args = list(extra_args)  # e.g. a tiny --quota-backend-bytes
         self.client_port, self.peer_port = free_port(), free_port()
         self.endpoint = f"http://127.0.0.1:{self.client_port}"
         self.peer = f"http://127.0.0.1:{self.peer_port}"
@@ -62,7 +63,7 @@ class Etcd:
                  "--initial-cluster-state", "new",
                  "--initial-cluster-token", f"lclusterd-test-{uuid.uuid4()}",
                  "--listen-metrics-urls", "",
-                 "--logger", "zap", "--log-outputs", "stderr"],
+                 "--logger", "zap", "--log-outputs", "stderr", *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)  # a ^C in the terminal is ours to pass on
         finally:
@@ -134,6 +135,22 @@ def etcd_server(tmp_path_factory):
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd_factory(tmp_path):
+    """Start an etcd of the test's own (extra etcd flags as arguments); stopped after it."""
+    started = []
+
+    def start(*extra_args):
+        server = Etcd(str(tmp_path / f"etcd{len(started)}"), extra_args)
+        os.makedirs(tmp_path / f"etcd{len(started)}")
+        started.append(server)
+        server.start()
+        return server
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture
