@@ -24,9 +24,10 @@ EXIT_TABLE = (
     (1, "the job failed (addjob --wait: the job's own status), or a bad answer"),
     (2, "bad input or usage (HTTP 400)"),
     (3, "no such job, or ambiguous uuid prefix (HTTP 404, 409)"),
-    (4, "permission denied (HTTP 401, 403, the socket's file mode, the token file)"),
-    (5, "daemon unreachable (no socket, refused, no answer)"),
-    (6, "etcd unavailable (HTTP 503)"),
+    (4, "permission denied, or over a quota (HTTP 401, 403, 429, the socket's file mode, "
+        "the token file)"),
+    (5, "daemon unreachable (not running: no socket, refused, closed, no answer)"),
+    (6, "etcd or systemd unavailable, or etcd out of space (HTTP 503, 507)"),
     (130, "interrupted (Ctrl-C), or addjob --wait on a job that was cancelled"),
 )
 (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_JOB, EXIT_DENIED, EXIT_UNREACHABLE,
@@ -35,8 +36,8 @@ EXIT_TABLE = (
 # What a ClientError's cause (HTTP status or transport failure) exits with;
 # anything else (HTTP 500, a malformed answer) is EXIT_FAILED.
 EXIT_FOR_CAUSE = {
-    400: EXIT_USAGE, 401: EXIT_DENIED, 403: EXIT_DENIED, BAD_URL: EXIT_USAGE,
-    404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD,
+    400: EXIT_USAGE, 413: EXIT_USAGE, 401: EXIT_DENIED, 403: EXIT_DENIED, 429: EXIT_DENIED,
+    BAD_URL: EXIT_USAGE, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD, 507: EXIT_ETCD,
     DENIED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
 }
 
@@ -64,7 +65,13 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None):
-        click.echo(f"lclusterc: {self.format_message()}", err=True)
+        click.echo(f"lclusterc: {_text(self.format_message())}", err=True)
+
+
+def _usage_line(error):
+    """A click usage error as one line (click prints four: usage, try, blank, error)."""
+    where = error.ctx.command_path if error.ctx else "lclusterc"
+    return f"lclusterc: {_text(error.format_message())} (see '{where} --help')"
 
 
 # --- early checks (the daemon checks again) ----------------------------------
@@ -131,7 +138,7 @@ def _duration(job):
     started, ended = job.get("started_at"), job.get("ended_at")
     if not isinstance(started, (int, float)):
         return None
-    if isinstance(ended, (int, float)):
+    if isinstance(ended, (int, float)) and job.get("state") != "warned":
         return _span(ended - started)
     return _span(time.time() - started) + " so far"
 
@@ -149,7 +156,10 @@ def _describe(job, output=None):
         ("unit", job.get("unit")),
         ("submitted", _local_time(job.get("submitted_at"))),
         ("started", _local_time(job.get("started_at"))),
-        ("ended", _local_time(job.get("ended_at"))),
+        # A warned job has not ended: its processes live on. Its ended_at
+        # (removejob's time) is when its stop began; else its warning's time.
+        (("stop began", _local_time(job.get("ended_at") or warned)) if job.get("state") == "warned"
+         else ("ended", _local_time(job.get("ended_at")))),
         ("duration", _duration(job)),
         ("exit status", job.get("exit_status")),
         ("result", job.get("result")),
@@ -211,11 +221,13 @@ def _attempts(attempts):
 
 
 def _nodes_table(nodes):
-    rows = [("NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "WARNED", "FAILED AT")]
+    rows = [("NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "WARNED", "ENFORCES", "FAILED AT")]
     for n in nodes:
+        enforces = n.get("enforces")  # the limits it can enforce (older nodes do not say)
+        enforces = (",".join(map(str, enforces)) or "none") if isinstance(enforces, list) else None
         rows.append(tuple(_text(v) for v in (n.get("name"), n.get("address"), n.get("state"),
                                              n.get("running"), n.get("slots"),
-                                             len(n.get("warned") or ()),
+                                             len(n.get("warned") or ()), enforces,
                                              _local_time(n.get("failed_at")))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -268,6 +280,28 @@ def _wait_exit_code(job):
 class _Group(click.Group):
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, _rewrite_old_spellings(args))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, with every error one line on stderr (usage errors:
+        exit 2), Ctrl-C 130, and `| head` quiet; standalone_mode=False
+        returns the exit code instead of exiting."""
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            click.echo(_usage_line(e), err=True)
+            code = e.exit_code
+        except click.ClickException as e:  # our Failures
+            e.show()
+            code = e.exit_code
+        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            code = EXIT_INTERRUPTED
+        except BrokenPipeError:  # `lclusterc list | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = EXIT_FAILED
+        code = code if isinstance(code, int) else EXIT_OK
+        if not standalone_mode:
+            return code
+        sys.exit(code)
 
     def invoke(self, ctx):
         # The one place where a client failure becomes a message and an exit code.
@@ -458,12 +492,20 @@ def logs(client, ref, follow, tail, since):
     node that ran it). Only its submitter or root may read it."""
     ref = _checked(core.validate_ref, ref)
     out = click.get_binary_stream("stdout")
+    printed = False
     try:
         for chunk in client.logs(ref, follow=follow, tail=tail, since=_when(since)):
             out.write(chunk)
             out.flush()
+            printed = printed or bool(chunk)
     except KeyboardInterrupt:
         raise Failure("stopped following; the job goes on", EXIT_INTERRUPTED) from None
+    if not printed and not follow:
+        job = client.get_job(ref)
+        if not job.get("node"):  # no node ever took it: no output, and no error either
+            when = "has not started yet" if job["state"] not in TERMINAL else "never ran"
+            click.echo(f"lclusterc: job {job['uuid']} {when} ({_text(job['state'])}): no output",
+                       err=True)
     if follow:
         job = client.get_job(ref)
         if job["state"] not in TERMINAL:
@@ -513,19 +555,8 @@ def nodes(client, as_json):
 
 
 def main(argv=None):
-    """The `lclusterc` entry point: click without its standalone mode, so that
-    Ctrl-C exits 130 and every error is one line."""
-    try:
-        code = lclusterc.main(args=argv, prog_name="lclusterc", standalone_mode=False)
-    except click.ClickException as e:  # usage errors (2) and our Failures
-        e.show()
-        code = e.exit_code
-    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        code = EXIT_INTERRUPTED
-    except BrokenPipeError:  # `lclusterc list | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_FAILED
-    sys.exit(code or EXIT_OK)
+    """The `lclusterc` entry point (see _Group.main: every error is one line)."""
+    sys.exit(lclusterc.main(args=argv, prog_name="lclusterc", standalone_mode=False))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import contextlib
 import http.client
 import json
 import socket
+import time
 import urllib.parse
+import uuid
 
 DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"
 DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # the daemon's token_file
@@ -19,6 +21,11 @@ TIMEOUT = 30.0  # seconds per request: the daemon answers at once or not at all
 REMOVE_TIMEOUT = 120.0
 FOLLOW_TIMEOUT = 24 * 3600.0  # logs -f: a silent job is no failure
 CHUNK = 64 * 1024  # bytes of output read (and written) at a time
+# A submission whose answer was lost (the connection reset or closed, no
+# answer in time) is sent once more with the same Idempotency-Key, after this
+# pause: the daemon answers a key it has seen with the jobs it queued then.
+RETRY_PAUSE = 1.0
+STATUS_HINT = "systemctl status lclusterd"
 
 # Causes of a ClientError that are not HTTP statuses (those are ints).
 UNREACHABLE = "unreachable"  # no socket, nobody listening, connection lost, timeout
@@ -31,10 +38,11 @@ class ClientError(Exception):
     """One failure: `message` is one line for people; `cause` is the HTTP
     status (int) of an error answer, or UNREACHABLE, DENIED or BAD_ANSWER."""
 
-    def __init__(self, message, cause):
+    def __init__(self, message, cause, lost=False):
         super().__init__(message)
         self.message = message
         self.cause = cause
+        self.lost = lost  # the request may have reached the daemon, its answer did not reach us
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -85,12 +93,13 @@ class Client:
                                               timeout=timeout)
         return UnixHTTPConnection(self.socket_path, timeout)
 
-    def _unreachable(self, why):
+    def _unreachable(self, why, lost=False):
         if self.server:
-            return ClientError(f"lclusterd is not reachable at {self.where} ({why})", UNREACHABLE)
-        return ClientError(
-            f"lclusterd is not reachable at {self.socket_path} ({why}); start it with "
-            "'sudo systemctl start lclusterd.socket' (or lclusterd.service)", UNREACHABLE)
+            return ClientError(f"lclusterd is not reachable at {self.where} ({why})", UNREACHABLE, lost)
+        # Over the socket, whatever the way it failed, the daemon is not
+        # running (lclusterd.socket may have failed to start it): say where to look.
+        return ClientError(f"lclusterd is not running ({why}; see {STATUS_HINT}; start it with "
+                           "sudo systemctl start lclusterd.socket)", UNREACHABLE, lost)
 
     @contextlib.contextmanager
     def _transport(self, timeout):
@@ -98,21 +107,24 @@ class Client:
         try:
             yield
         except FileNotFoundError:
-            raise self._unreachable("no such socket") from None
+            raise self._unreachable(f"no socket {self.socket_path}") from None
         except ConnectionRefusedError:
-            raise self._unreachable("connection refused") from None
+            raise self._unreachable(f"nothing listens on {self.where}") from None
         except PermissionError:
             raise ClientError(f"permission denied on the socket {self.socket_path}", DENIED) from None
         except TimeoutError:
             raise ClientError(f"lclusterd at {self.where} did not answer within "
-                              f"{timeout:g} s", UNREACHABLE) from None
+                              f"{timeout:g} s", UNREACHABLE, lost=True) from None
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            # lclusterd.socket accepted, and the daemon died or never started
+            raise self._unreachable("it closed the connection without an answer", lost=True) from None
         except (OSError, http.client.HTTPException) as e:
             raise ClientError(f"lost the connection to lclusterd at {self.where}: "
-                              f"{e or type(e).__name__}", UNREACHABLE) from None
+                              f"{e or type(e).__name__}", UNREACHABLE, lost=True) from None
 
-    def _send(self, method, path, body=None, timeout=None):
+    def _send(self, method, path, body=None, timeout=None, extra_headers=None):
         """(connection, answer) with the answer's headers read; the caller closes."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **(extra_headers or {})}
         if self.server and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         data = None
@@ -143,8 +155,8 @@ class Client:
             error = f"lclusterd answered HTTP {answer.status} {answer.reason}"
         raise ClientError(" ".join(error.split()), answer.status)  # one line, always
 
-    def _request(self, method, path, body=None, timeout=None):
-        conn, answer = self._send(method, path, body, timeout)
+    def _request(self, method, path, body=None, timeout=None, extra_headers=None):
+        conn, answer = self._send(method, path, body, timeout, extra_headers)
         try:
             with self._transport(timeout or self.timeout):
                 raw = answer.read()
@@ -177,11 +189,23 @@ class Client:
     def _job_path(ref):
         return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
 
+    def _submit(self, body):
+        """POST /v1/jobs with an Idempotency-Key, sent once more with the same
+        key if the answer was lost: the jobs are queued once either way."""
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        try:
+            return self._request("POST", "/v1/jobs", body, extra_headers=key)
+        except ClientError as e:
+            if not e.lost:
+                raise
+        time.sleep(RETRY_PAUSE)
+        return self._request("POST", "/v1/jobs", body, extra_headers=key)
+
     def add_job(self, command, **spec):
         """spec: user, memory, cpus, tasks, timeout, env, workdir, network,
         max_attempts, priority (docs/api.md); None means 'not asked for'."""
         body = {"command": command, **{k: v for k, v in spec.items() if v is not None}}
-        return self._job(self._request("POST", "/v1/jobs", body))
+        return self._job(self._submit(body))
 
     def nodes(self):
         return self._field(self._request("GET", "/v1/nodes"), "nodes", list)
@@ -189,7 +213,7 @@ class Client:
     def add_jobs(self, command, count, **spec):
         """count copies of command in one request (core.MAX_BATCH at most); spec as add_job's."""
         body = {"command": command, "count": count, **{k: v for k, v in spec.items() if v is not None}}
-        jobs = self._field(self._request("POST", "/v1/jobs", body), "jobs", list)
+        jobs = self._field(self._submit(body), "jobs", list)
         return [self._job({"job": job}) for job in jobs]
 
     def get_job(self, ref):

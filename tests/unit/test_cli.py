@@ -40,6 +40,8 @@ class FakeDaemon:
         self.force = None  # (status, answer): every request gets this
         self.finish = None  # (state, exit_status): what a live job is on its next GET
         self.output = {}  # uuid: bytes, a job's output for GET .../logs
+        self.headers = []  # the headers of every request, in order
+        self.drop = 0  # this many requests are read, then the connection closed unanswered
 
     def add(self, job):
         self.jobs[job["uuid"]] = job
@@ -100,6 +102,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length)) if length else None
         fake.requests.append((self.command, self.path, body))
+        fake.headers.append(dict(self.headers))
+        if fake.drop:  # the answer is lost: the daemon died after reading the request
+            fake.drop -= 1
+            self.close_connection = True
+            return
         status, answer = fake.answer(self.command, self.path, body)
         data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
         self.send_response(status)
@@ -360,13 +367,26 @@ def test_the_largest_command_is_sent(fake):
     assert result.exit_code == 0 and len(fake.requests) == 1
 
 
-@pytest.mark.parametrize("args", [
-    ["addjob"], ["list", "--limit", "0"], ["list", "--state", "bogus"], ["nosuchcommand"], ["--bogus"],
+@pytest.mark.parametrize("args, words", [
+    (["addjob"], "Missing argument 'COMMAND'"), (["list", "--limit", "0"], "'--limit'"),
+    (["list", "--state", "bogus"], "'bogus' is not one of"), (["nosuchcommand"], "No such command"),
+    (["--bogus"], "No such option: --bogus"), (["logs", "--tail", "-1", JOB_A], "'--tail'"),
 ])
-def test_usage_errors_exit_2(fake, args):
+def test_usage_errors_are_one_line_exit_2(fake, args, words):
     result = run(fake, *args)
-    assert result.exit_code == 2 and "Error:" in result.stderr
-    assert fake.requests == []
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert words in line and line.endswith("--help')") and "Usage:" not in line
+    assert result.stdout == "" and fake.requests == []
+
+
+def test_usage_errors_of_main_are_one_line(fake, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--socket", fake.socket, "logs", "--tail", "-1", JOB_A])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lclusterc: Invalid value for '--tail'")
+    assert "(see 'lclusterc logs --help')" in err
 
 
 # --- failures from the daemon, or no daemon -------------------------------------------
@@ -376,7 +396,8 @@ def test_daemon_unreachable(tmp_path):
     result = run(path, "addjob", "true")
     assert result.exit_code == 5
     line = one_error_line(result)
-    assert f"not reachable at {path}" in line and "sudo systemctl start lclusterd.socket" in line
+    assert line.startswith(f"lclusterc: lclusterd is not running (no socket {path}; ")
+    assert "systemctl status lclusterd" in line and "sudo systemctl start lclusterd.socket" in line
 
 
 def test_socket_without_listener(tmp_path):
@@ -384,7 +405,46 @@ def test_socket_without_listener(tmp_path):
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(path)  # a socket file that nobody listens on: connection refused
         result = run(path, "list")
-    assert result.exit_code == 5 and "connection refused" in one_error_line(result)
+    assert result.exit_code == 5
+    line = one_error_line(result)
+    assert line.startswith(f"lclusterc: lclusterd is not running (nothing listens on {path}; ")
+    assert "systemctl status lclusterd" in line
+
+
+def _resetting_socket(path):
+    """What lclusterd.socket does when the daemon will not start (a bad token
+    file): it accepts, then the connection is closed or reset unanswered."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("args", [["list"], ["addjob", "true"], ["checkjob", JOB_A]])
+def test_a_daemon_that_closes_the_connection_is_not_running(tmp_path, monkeypatch, args):
+    monkeypatch.setattr(client, "RETRY_PAUSE", 0)
+    path = str(tmp_path / "reset.sock")
+    listener = _resetting_socket(path)
+    try:
+        result = run(path, *args)
+    finally:
+        listener.close()
+    assert result.exit_code == 5
+    line = one_error_line(result)
+    assert line.startswith("lclusterc: lclusterd is not running (it closed the connection without "
+                           "an answer; see systemctl status lclusterd")
+    assert "reset by peer" not in line
 
 
 def test_socket_from_the_environment(fake):
@@ -579,3 +639,84 @@ def test_checkjob_unit_properties(fake):
         "PrivateTmp=yes", "ProtectProc=invisible", "ExecStart=/bin/sh -c 'echo hi'",
         "Environment=LCLUSTER_JOB_ID=x 'A=b c'", "CapabilityBoundingSet=0"]
     assert fake.requests[-1][:2] == ("GET", "/v1/jobs/abcd/unit-properties")
+
+
+# --- contract C5: retry-safe submission (issue 10 item 12) ----------------------------------
+
+def test_every_submission_carries_an_idempotency_key(fake):
+    assert run(fake, "addjob", "true").exit_code == 0
+    assert run(fake, "addjob", "--count", "70", "true").exit_code == 0
+    keys = [h.get("Idempotency-Key") for h in fake.headers]
+    assert len(keys) == 3 and all(UUID.match(k or "") for k in keys) and len(set(keys)) == 3
+    assert run(fake, "list").exit_code == 0
+    assert "Idempotency-Key" not in fake.headers[-1]
+
+
+@pytest.mark.parametrize("args", [["addjob", "true"], ["addjob", "--count", "3", "true"]])
+def test_a_lost_answer_is_asked_again_once_with_the_same_key(fake, monkeypatch, args):
+    monkeypatch.setattr(client, "RETRY_PAUSE", 0)
+    fake.drop = 1
+    result = run(fake, *args)
+    assert result.exit_code == 0, result.stderr
+    assert [r[:2] for r in fake.requests] == [("POST", "/v1/jobs")] * 2
+    assert fake.headers[0]["Idempotency-Key"] == fake.headers[1]["Idempotency-Key"]
+    assert all(UUID.match(line) for line in result.stdout.split())
+
+
+def test_two_lost_answers_are_a_failure(fake, monkeypatch):
+    monkeypatch.setattr(client, "RETRY_PAUSE", 0)
+    fake.drop = 2
+    result = run(fake, "addjob", "true")
+    assert result.exit_code == 5 and "lclusterd is not running" in one_error_line(result)
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("status", [500, 503, 400])
+def test_an_answer_that_came_is_not_asked_again(fake, status):
+    fake.force = (status, {"error": "no"})
+    assert run(fake, "addjob", "true").exit_code != 0
+    assert len(fake.requests) == 1
+
+
+def test_exit_codes_of_the_new_statuses(fake):
+    for status, code in ((429, 4), (507, 6), (413, 2)):
+        fake.force = (status, {"error": f"status {status}"})
+        result = run(fake, "addjob", "true")
+        assert result.exit_code == code and one_error_line(result) == f"lclusterc: status {status}"
+
+
+# --- issue 9 item 21: logs of a job that never ran, checkjob of a warned job -------------------
+
+def test_logs_of_a_queued_job_says_it_has_not_started(fake):
+    fake.add(record(JOB_A, state="queued", node=None, started_at=None, ended_at=None))
+    result = run(fake, "logs", JOB_A)
+    assert result.exit_code == 0 and result.stdout == ""
+    assert one_error_line(result) == f"lclusterc: job {JOB_A} has not started yet (queued): no output"
+
+
+def test_logs_of_a_job_cancelled_in_the_queue_says_it_never_ran(fake):
+    fake.add(record(JOB_A, state="cancelled", node=None, started_at=None))
+    result = run(fake, "logs", JOB_A)
+    assert result.exit_code == 0
+    assert one_error_line(result) == f"lclusterc: job {JOB_A} never ran (cancelled): no output"
+
+
+def test_logs_of_a_silent_job_that_ran_says_nothing(fake):
+    fake.add(record(JOB_A))
+    result = run(fake, "logs", JOB_A)
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_checkjob_of_a_warned_job_shows_when_its_stop_began(fake):
+    fake.add(record(JOB_A, state="warned", ended_at=1764431001.0, warned_at=1764431016.0,
+                    warning="still has processes 15 s after removejob", warned_from="cancelled"))
+    out = run(fake, "checkjob", JOB_A).stdout
+    assert not re.search(r"^ended:", out, re.M)
+    began = datetime.datetime.fromtimestamp(1764431001.0).astimezone().isoformat(timespec="seconds")
+    assert re.search(rf"^stop began: +{re.escape(began)}$", out, re.M)
+    assert re.search(r"^duration: +.* so far$", out, re.M)
+    fake.add(record(JOB_B, state="warned", ended_at=None, warned_at=1764431016.0,
+                    warning="still has processes after its timeout", warned_from="running"))
+    out = run(fake, "checkjob", JOB_B).stdout
+    began = datetime.datetime.fromtimestamp(1764431016.0).astimezone().isoformat(timespec="seconds")
+    assert re.search(rf"^stop began: +{re.escape(began)}$", out, re.M) and "ended:" not in out

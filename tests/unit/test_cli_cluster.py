@@ -6,7 +6,8 @@ from lclusterd import cli
 from tests.unit.test_cli import JOB_A, fake, one_error_line, record, run  # noqa: F401  (fake: a fixture)
 
 NODES = [{"name": "n1", "address": "http://10.0.0.1:7800", "state": "primed", "slots": 2,
-          "running": 1, "failed_at": None, "warned": ["7f00aa11-0000-4000-8000-000000000001"]},
+          "running": 1, "failed_at": None, "warned": ["7f00aa11-0000-4000-8000-000000000001"],
+          "enforces": ["memory", "pids"]},
          {"name": "n2", "address": "http://10.0.0.2:7800", "state": "failed", "slots": 2,
           "running": 0, "failed_at": 1764431000.0}]
 
@@ -16,10 +17,12 @@ def test_nodes_table_and_json(fake):  # noqa: F811
     result = run(fake, "nodes")
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "WARNED", "FAILED",
-                                "AT"]
-    assert lines[1].split() == ["n1", "http://10.0.0.1:7800", "primed", "1", "2", "1", "-"]
+    assert lines[0].split() == ["NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "WARNED", "ENFORCES",
+                                "FAILED", "AT"]
+    assert lines[1].split() == ["n1", "http://10.0.0.1:7800", "primed", "1", "2", "1",
+                                "memory,pids", "-"]
     assert lines[2].split()[:3] == ["n2", "http://10.0.0.2:7800", "failed"]
+    assert lines[2].split()[6] == "-"  # an older node does not say what it enforces
     assert json.loads(run(fake, "nodes", "--json").stdout) == NODES
     assert fake.requests[-1][:2] == ("GET", "/v1/nodes")
 
