@@ -1,7 +1,16 @@
 """System-test fixtures: the built .deb, installed with apt into a Debian 12
-container booted with systemd as PID 1. Nothing here is faked."""
+(bookworm) and a Debian 13 (trixie) container booted with systemd as PID 1.
+Nothing here is faked.
+
+LCLUSTER_TEST_SUITES=bookworm,trixie (the default: every suite of
+container.SUITES) says which releases this session runs the system tests on;
+each test that boots a container runs once per suite, its id ending in
+[bookworm] or [trixie]. Tests outside tests/system (the cluster suite imports
+`rootfs`) get the default suite, bookworm.
+"""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +26,14 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 @pytest.fixture(scope="session")
 def deb_dir():
-    """dist/ with a freshly built lclusterd_<version>_all.deb."""
+    """dist/ with a freshly built lclusterd_<version>_all.deb; or, when
+    LCLUSTER_TEST_DEB_DIR names a directory, the .deb already there (built once
+    for several sessions, or by hand)."""
+    given = os.environ.get("LCLUSTER_TEST_DEB_DIR")
+    if given:
+        debs = sorted(Path(given).glob("lclusterd_*_all.deb"))
+        assert debs, f"LCLUSTER_TEST_DEB_DIR={given}: no lclusterd_*_all.deb there"
+        return Path(given).resolve()
     build = subprocess.run(["make", "-C", str(REPO), "deb"], capture_output=True, text=True)
     assert build.returncode == 0, f"make deb failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
     debs = sorted(DIST.glob("lclusterd_*_all.deb"))
@@ -25,10 +41,33 @@ def deb_dir():
     return DIST
 
 
+def suites():
+    """The suites this session tests on, from LCLUSTER_TEST_SUITES (or all)."""
+    raw = os.environ.get("LCLUSTER_TEST_SUITES", "").strip()
+    if not raw:
+        return list(ct.SUITES)
+    chosen = [s.strip() for s in raw.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in ct.SUITES]
+    if unknown or not chosen:
+        raise pytest.UsageError(f"LCLUSTER_TEST_SUITES={raw!r}: unknown suite "
+                                f"{', '.join(unknown) or '(none)'}; known: {','.join(ct.SUITES)}")
+    return list(dict.fromkeys(chosen))
+
+
+def pytest_generate_tests(metafunc):
+    """Run every test that uses this file's `rootfs` (through `box` or its own
+    fixture built on it) once per suite. Session-scoped parameters: pytest
+    groups the tests by suite, so each rootfs is built or found once."""
+    defs = getattr(metafunc, "_arg2fixturedefs", {}).get("rootfs")
+    if defs and defs[-1].func is rootfs.__wrapped__:
+        metafunc.parametrize("rootfs", suites(), indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def rootfs():
+def rootfs(request):
+    """The cached rootfs of this test's suite (bookworm where not parametrized)."""
     ct.check_host()
-    return ct.build_rootfs()
+    return ct.build_rootfs(suite=getattr(request, "param", ct.SUITE))
 
 
 class Box:
@@ -37,6 +76,14 @@ class Box:
 
     def __init__(self, container):
         self.c = container
+        self._suite = None
+
+    @property
+    def suite(self):
+        """The container's Debian release: "bookworm", "trixie"."""
+        if self._suite is None:
+            self._suite = self.sh(". /etc/os-release && echo $VERSION_CODENAME").stdout.strip()
+        return self._suite
 
     def sh(self, cmd, **kw):
         return self.c.run(cmd, **kw)

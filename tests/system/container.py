@@ -1,12 +1,13 @@
-"""System-test harness: a cached Debian 12 rootfs and systemd-nspawn containers
-booted with systemd as PID 1, on a host whose own PID 1 is not systemd.
+"""System-test harness: cached Debian 12 (bookworm) and 13 (trixie) rootfs trees
+and systemd-nspawn containers booted with systemd as PID 1, on a host whose own
+PID 1 is not systemd.
 
 The recipe is DESIGN.md's "Booting systemd on a machine whose PID 1 is not
 systemd". Stdlib only; usable from pytest and as a script:
 
-    python3 -m tests.system.container rootfs            # build/print the cached rootfs
-    python3 -m tests.system.container demo --deb-dir DIR
-    python3 -m tests.system.container shell
+    python3 -m tests.system.container rootfs [--suite trixie]   # build/print the cached rootfs
+    python3 -m tests.system.container demo --deb-dir DIR [--suite trixie]
+    python3 -m tests.system.container shell [--suite trixie]
 """
 import argparse
 import fcntl
@@ -22,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SUITE = "bookworm"
+SUITE = "bookworm"  # the default: what build_rootfs() and the cluster harness boot
+# The Debian releases the package is tested on (tests/system/conftest.py runs the
+# system suite on each of LCLUSTER_TEST_SUITES, default all of these).
+SUITES = ("bookworm", "trixie")
 CACHE_DIR = Path("/var/cache/lclusterd-tests")
 LOG_DIR = Path("/tmp/lclusterd-tests")
 # Bump when build_rootfs changes what it puts into a rootfs, so old caches are not reused.
@@ -42,6 +46,12 @@ TEST_PACKAGES = [
     "openssl",
     # ps, ip, and adduser/useradd to add a non-root test user
     "procps", "iproute2", "adduser", "passwd",
+    # what the .deb Recommends (else the offline install tries to fetch it)
+    "debootstrap",
+    # the shells lclusterc's completion is for (bash-completion loads it as a user's bash does)
+    "bash-completion", "zsh", "fish",
+    # the metrics endpoint's library (lclusterd/metrics.py)
+    "python3-prometheus-client",
 ]
 
 # A sane environment for commands run inside: nothing leaks in from the host
@@ -74,8 +84,8 @@ def check_host():
         raise ContainerError("cannot run system tests: " + "; ".join(problems))
 
 
-def apt_mirror():
-    """The Debian mirror this host's apt uses for SUITE (so debootstrap works on this network)."""
+def apt_mirror(suite=SUITE):
+    """The Debian mirror this host's apt uses for suite (so debootstrap works on this network)."""
     d = Path("/etc/apt/sources.list.d")
     files = [Path("/etc/apt/sources.list"), *sorted(d.glob("*.list")), *sorted(d.glob("*.sources"))]
     for f in files:
@@ -88,11 +98,11 @@ def apt_mirror():
                               re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", para, re.M))
                 if (fields.get("Enabled", "yes") != "no"
                         and "deb" in fields.get("Types", "").split()
-                        and SUITE in fields.get("Suites", "").split()):
+                        and suite in fields.get("Suites", "").split()):
                     return fields["URIs"].split()[0]
         else:
             for m in re.finditer(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
-                if m.group(2) == SUITE:
+                if m.group(2) == suite:
                     return m.group(1)
     return "http://deb.debian.org/debian"
 
@@ -111,14 +121,16 @@ def _remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def build_rootfs(extra_packages=TEST_PACKAGES):
-    """Return a Debian SUITE rootfs with BASE_PACKAGES + extra_packages, built once and cached.
+def build_rootfs(extra_packages=TEST_PACKAGES, suite=SUITE):
+    """Return a Debian rootfs of suite with BASE_PACKAGES + extra_packages, built once and cached.
 
     Built into a temp dir beside the cache and renamed into place, under a lock,
     so an interrupted build leaves no half cache and concurrent callers build once.
     """
+    if suite not in SUITES:
+        raise ContainerError(f"unknown Debian suite {suite!r} (known: {', '.join(SUITES)})")
     packages = sorted(set(BASE_PACKAGES) | set(extra_packages))
-    key = hashlib.sha256(f"{SUITE} {ROOTFS_RECIPE} {' '.join(packages)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{suite} {ROOTFS_RECIPE} {' '.join(packages)}".encode()).hexdigest()[:16]
     final = CACHE_DIR / f"rootfs-{key}"
     if final.is_dir():
         return final
@@ -136,11 +148,17 @@ def build_rootfs(extra_packages=TEST_PACKAGES):
             with open(log, "wb") as out:
                 r = subprocess.run(["debootstrap", "--variant=minbase",
                                     "--include=" + ",".join(packages),
-                                    SUITE, str(tmp), apt_mirror()],
+                                    suite, str(tmp), apt_mirror(suite)],
                                    stdout=out, stderr=subprocess.STDOUT)
-            if r.returncode:
+            # Seen on trixie: debootstrap fails configuring python3-grpcio (its
+            # resolver left out libre2) and stops there; apt can finish the job.
+            if r.returncode and "Failure while configuring base packages" not in log.read_text(
+                    errors="replace"):
                 raise ContainerError(f"debootstrap failed ({r.returncode}), see {log}:\n"
                                      + _tail(log))
+            _umount_under(tmp)
+            _finish_debootstrap(tmp)
+            _mend_packages(tmp, log)
             # A minbase rootfs has no /etc/hosts: Debian's etcd.service then cannot resolve localhost.
             (tmp / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
             # debootstrap copies the host's /etc/hostname: without one, nspawn's -M NAME
@@ -160,6 +178,48 @@ def build_rootfs(extra_packages=TEST_PACKAGES):
             _remove_tree(tmp)
             raise
     return final
+
+
+def _finish_debootstrap(root):
+    """What debootstrap does after configuring the base system, which it skips
+    when that fails: put the real start-stop-daemon back and remove its
+    policy-rc.d (exit 101, "start nothing": the package's postinst could not
+    start lclusterd.socket) and its work dir. A no-op after a good run."""
+    for d in ("sbin", "usr/sbin"):
+        real = root / d / "start-stop-daemon.REAL"
+        if real.exists() and not real.is_symlink():
+            os.replace(real, root / d / "start-stop-daemon")
+    (root / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
+    if (root / "debootstrap/debootstrap.log").is_file():
+        os.replace(root / "debootstrap/debootstrap.log", root / "var/log/bootstrap.log")
+    shutil.rmtree(root / "debootstrap", ignore_errors=True)
+
+
+def _mend_packages(root, log):
+    """Configure what debootstrap left half-installed, or fail naming the packages.
+
+    Seen on trixie: python3-grpcio unconfigured (libre2 missing); `apt-get
+    --fix-broken install` in a chroot mends it. Nothing to do after a good
+    run (bookworm): then this only checks."""
+    env = {"PATH": INNER_PATH, "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+    audit = subprocess.run(["chroot", str(root), "dpkg", "--audit"], capture_output=True,
+                           text=True, env=env)
+    if audit.stdout.strip() or audit.returncode:
+        subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+        try:
+            with open(log, "ab") as out:
+                for cmd in (["apt-get", "update", "-q"],
+                            ["apt-get", "--fix-broken", "install", "-y", "-q"],
+                            ["dpkg", "--configure", "-a"]):
+                    subprocess.run(["chroot", str(root), *cmd], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+        finally:
+            _umount_under(root)
+    audit = subprocess.run(["chroot", str(root), "dpkg", "--audit"], capture_output=True,
+                           text=True, env={"PATH": INNER_PATH, "LANG": "C.UTF-8"})
+    if audit.stdout.strip() or audit.returncode:
+        raise ContainerError(f"packages left broken in the rootfs (see {log}):\n"
+                             + audit.stdout[-2000:])
 
 
 def _tail(path, n=30):
@@ -382,7 +442,7 @@ def unique_name(prefix="lct"):
     return f"{prefix}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-def demo(deb_dir):
+def demo(deb_dir, suite=SUITE):
     """Install the built .deb in a throwaway container and queue a job, as a user would.
     Prints a transcript; returns the exit status."""
     debs = sorted(Path(deb_dir).glob("lclusterd_*_all.deb"))
@@ -407,7 +467,7 @@ def demo(deb_dir):
     name = unique_name("lcdemo")
     print(f"# booting container {name} (log: {LOG_DIR / (name + '.log')})", flush=True)
     try:
-        with Container(name, build_rootfs(),
+        with Container(name, build_rootfs(suite=suite),
                        binds_ro={str(Path(deb_dir).resolve()): "/mnt/debs"}) as c:
             step(c, f"apt-get install -y /mnt/debs/{deb}", timeout=300)
             out = step(c, "lclusterc addjob 'echo hello from $(hostname)'").stdout
@@ -436,9 +496,9 @@ def demo(deb_dir):
         return 1
 
 
-def shell():
+def shell(suite=SUITE):
     """Boot a container and wait, for poking around by hand; Ctrl-C stops it."""
-    with Container(unique_name("lcshell"), build_rootfs()) as c:
+    with Container(unique_name("lcshell"), build_rootfs(suite=suite)) as c:
         print(f"container {c.name} is up; enter it with:\n"
               f"  nsenter -t {c.init_pid} -a env -i {' '.join(INNER_ENV)} TERM=\"$TERM\" "
               f"HOME=/root bash\n"
@@ -455,21 +515,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python3 -m tests.system.container",
                                  description="lclusterd system-test containers")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("rootfs", help="build (or find) the cached test rootfs and print its path")
+    r = sub.add_parser("rootfs", help="build (or find) the cached test rootfs and print its path")
     d = sub.add_parser("demo", help="install the .deb in a container and run a job")
     d.add_argument("--deb-dir", required=True, help="directory holding lclusterd_*_all.deb")
-    sub.add_parser("shell", help="boot a container and print how to enter it")
+    s = sub.add_parser("shell", help="boot a container and print how to enter it")
+    for p in (r, d, s):
+        p.add_argument("--suite", choices=SUITES, default=SUITE, help="Debian release (%(default)s)")
     args = ap.parse_args(argv)
     try:
         check_host()
         if args.cmd == "rootfs":
             t = time.monotonic()
-            print(build_rootfs())
+            print(build_rootfs(suite=args.suite))
             print(f"# {time.monotonic() - t:.1f} s", file=sys.stderr)
             return 0
         if args.cmd == "demo":
-            return demo(args.deb_dir)
-        shell()
+            return demo(args.deb_dir, args.suite)
+        shell(args.suite)
         return 0
     except ContainerError as e:
         print(f"error: {e}", file=sys.stderr)
