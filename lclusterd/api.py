@@ -157,8 +157,14 @@ async def _errors(request, handler):
         found = answer_for(e)
         if found is None or found[0] == 500:
             log.exception("internal error answering %s %s", request.method, one_line(request.path))
-            return _error(500, INTERNAL)
-        return _error(*found)
+        if request.writer is not None and request.writer.output_size > 0:
+            # A stream (logs) had begun: no status can be sent now. Cut the
+            # connection, so that the client sees an incomplete answer, not an end.
+            if found is not None and found[0] != 500:
+                log.warning("cut the answer to %s %s: %s", request.method,
+                            one_line(request.path), one_line(found[1]))
+            raise ConnectionResetError("the answer had begun") from None
+        return _error(500, INTERNAL) if found is None or found[0] == 500 else _error(*found)
 
 
 def _is_unix(request):
@@ -488,6 +494,8 @@ class Connection(RequestHandler):
         super().connection_lost(exc)
 
     def handle_error(self, request, status=500, exc=None, message=None):
+        if request.writer.output_size > 0:  # the answer has begun: only closing is left
+            raise ConnectionError("cannot answer an error after the answer began")
         if status >= 500:
             log.error("internal error serving a connection: %s", one_line(exc or message),
                       exc_info=exc)
@@ -496,8 +504,6 @@ class Connection(RequestHandler):
             message = one_line(getattr(exc, "message", None) or message or exc
                                or "malformed HTTP request")
             log.info("malformed HTTP request: %s", message)
-        if request.writer.output_size > 0:  # the answer has begun: only closing is left
-            raise ConnectionError("cannot answer an error after the answer began")
         answer = web.json_response({"error": message}, status=status)
         answer.force_close()
         return answer

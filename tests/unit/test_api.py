@@ -43,6 +43,7 @@ class FakeNode:
                                       max_connections_per_uid=8)
         self.jobs = {}
         self.fail = None  # an exception every verb raises
+        self.fail_later = None  # an exception output raises after its first chunk
         self.calls = []  # (verb, args) in order
 
     def _maybe_fail(self, verb, *args):
@@ -86,6 +87,8 @@ class FakeNode:
     async def output(self, j, caller, follow=False, tail=None, since=None):
         self._maybe_fail("output", since)
         yield b"out\n"
+        if self.fail_later is not None:
+            raise self.fail_later
 
     async def ping(self):
         self._maybe_fail("ping")
@@ -525,3 +528,21 @@ def _closed(s):
         return False
     except OSError as e:
         return e.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+@pytest.mark.parametrize("error, tracebacks", [
+    (StoreUnavailable("etcd is unreachable at 127.0.0.1:2379"), 0), (RuntimeError("a bug"), 1)])
+def test_a_stream_that_fails_midway_is_cut_not_ended(served, node, caplog, error, tracebacks):
+    uuid = node.add(job()).uuid
+    node.fail_later = error
+    conn = UnixHTTPConnection(served.path, timeout=10)
+    with caplog.at_level(logging.INFO):
+        conn.request("GET", f"/v1/jobs/{uuid}/logs")
+        answer = conn.getresponse()
+        assert answer.status == 200
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            answer.read()
+        time.sleep(0.1)
+    conn.close()
+    assert cut.value.partial == b"out\n"
+    assert len([r for r in caplog.records if r.exc_info]) == tracebacks
