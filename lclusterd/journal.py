@@ -7,6 +7,25 @@ _TRANSPORT is stdout (not systemd's own notes about the unit, such as
 them in chunks of at most CHUNK_BYTES, so a job that printed millions of
 lines costs the daemon one chunk at a time, whatever the caller does with it.
 
+journald stores a stream's output line by line and says in _LINE_BREAK how a
+line ended when it was not a newline (systemd.journal-fields(7)); JobLog puts
+back what that tells:
+
+    no _LINE_BREAK   the line ended with "\n"             -> "\n"
+    line-max         split at journald's LineMax (48 KiB)  -> rejoined with the next piece
+    nul              the line ended with a NUL byte        -> "\0"
+    eof              the stream ended without a newline    -> nothing
+    pid-change       another process wrote next            -> "\n"
+
+pid-change is a line end, not a join: in the common case (`tr ...; echo`:
+a line without its newline, then the shell's "\n" alone) journald drops the
+empty line that the newline makes, so the newline is what was there. A line
+that another process really went on with comes back as two lines.
+
+What journald itself changes cannot be put back (README, "A job's output";
+docs/api.md): empty lines are dropped; blanks at the end of a line with
+other text are dropped; a line of blanks only is kept.
+
 The reader blocks: every call of a JobLog runs on one thread of its own
 (sd-journal objects must not be used by two threads at once, and a follower
 waiting for lines must not hold up the threads that talk to etcd).
@@ -18,6 +37,8 @@ import concurrent.futures
 from systemd import journal
 
 CHUNK_BYTES = 256 * 1024  # at most this much output read before it is sent on
+# What ends an entry's text in the output, by its _LINE_BREAK (None: a newline).
+LINE_ENDS = {None: b"\n", b"line-max": b"", b"nul": b"\0", b"eof": b"", b"pid-change": b"\n"}
 WAIT = 1.0  # seconds one wait for new entries lasts (then the caller looks again)
 
 
@@ -83,7 +104,19 @@ class JobLog:
             if stamp == self._last or (since is not None and stamp[0] < since):
                 continue
             self._last = stamp
+            end = line_end(reader)
             parts.append(message)
-            parts.append(b"\n")
-            size += len(message) + 1
+            parts.append(end)
+            size += len(message) + len(end)
         return b"".join(parts)
+
+
+def line_end(reader):
+    """The bytes that ended the reader's current entry in the job's output."""
+    try:
+        how = reader._get("_LINE_BREAK")
+    except KeyError:
+        how = None
+    if isinstance(how, str):
+        how = how.encode()
+    return LINE_ENDS.get(how, b"\n")  # a kind we do not know yet: a line of its own

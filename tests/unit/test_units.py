@@ -231,3 +231,54 @@ def test_a_bus_that_went_away_mid_call_is_unavailable():
     with pytest.raises(units.Unavailable, match="lost the system bus"):
         asyncio.run(u.stop(UUID))
     assert not u.connected
+
+
+# --- journal.py: a job's output put back together ---------------------------------
+
+class FakeReader:
+    """Entries as (MESSAGE, _LINE_BREAK or None), read like journal.Reader."""
+
+    def __init__(self, entries):
+        self.entries, self.i = entries, -1
+
+    def _next(self):
+        self.i += 1
+        return self.i < len(self.entries)
+
+    def _get(self, field):
+        message, how = self.entries[self.i]
+        value = {"MESSAGE": message, "_LINE_BREAK": how}[field]
+        if value is None:
+            raise KeyError(field)
+        return value
+
+    def _get_realtime(self):
+        return 1_000_000 + self.i
+
+    def _get_monotonic(self):
+        return self.i
+
+
+def output_of(entries):
+    from lclusterd import journal
+    log = journal.JobLog("lcluster-job@x.service")
+    log._reader = FakeReader(entries)
+    try:
+        return log._read()
+    finally:
+        log._thread.shutdown(wait=False)
+
+
+def test_pieces_split_at_line_max_are_rejoined():
+    # 100 KiB in one line: journald's LineMax (48 KiB) cuts it in three.
+    line = b"x" * 102400
+    pieces = [(line[:49152], b"line-max"), (line[49152:98304], b"line-max"), (line[98304:], None)]
+    assert output_of(pieces + [(b"next", None)]) == line + b"\n" + b"next\n"
+
+
+def test_line_breaks_are_put_back():
+    assert output_of([(b"c", b"nul"), (b"d", None)]) == b"c\0d\n"
+    assert output_of([(b"a", None), (b"no newline", b"eof")]) == b"a\nno newline"
+    # `tr ...; echo`: the line, then the shell's lone newline (an empty line journald drops)
+    assert output_of([(b"xxxxx", b"pid-change"), (b"next", None)]) == b"xxxxx\nnext\n"
+    assert output_of([(b"odd", b"some-new-kind")]) == b"odd\n"
