@@ -294,7 +294,7 @@ async def serve(config, config_path=None):
                 signing_key=signing_key(token), enforceable=enforced)
     units.on_change = node.unit_changed
 
-    runner = web.AppRunner(api.make_app(node, token), access_log=None)
+    runner = api.runner(node, token)  # bounded connections, JSON errors (H3 stub; H7 owns this file)
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock).start()
