@@ -857,9 +857,10 @@ def exec_arg(text: str) -> str:
 # it; units.py reads that exit status back (UnitStatus.oom_kills). It runs in
 # the job's sandbox (a privileged one would be chrooted into a rootfs without
 # its /proc), with shell builtins only; the job can fake nothing but its own
-# OOM. It runs only when the unit stops: a job whose main process exited 0
-# (the OOM killer took a child) stays "active (exited)", so units.py also
-# reads the same count itself while the unit keeps its cgroup.
+# OOM. It runs when the unit stops: for a job that fails (most OOM-killed
+# jobs do) before it is recorded; a job whose main process exited 0 after the
+# OOM killer took a child stays "active (exited)" with its empty cgroup
+# already released by systemd, so on cgroup v1 that kill goes unseen (known gap).
 OOM_SEEN = 100
 OOM_KILLS_MAX = 155  # OOM_SEEN + this = 255, the highest exit status
 OOM_CHECK = exec_arg(

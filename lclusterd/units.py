@@ -5,7 +5,6 @@ it, and reports changes of lcluster-job units as they happen.
 """
 
 import asyncio
-import dataclasses
 import logging
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -25,7 +24,7 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 # dbus-next 0.2.3 breaks with ~200 calls in flight on one connection: at
-# most this many messages wait for their answer (a status read is 12 of them).
+# most this many messages wait for their answer (a status read is 11 of them).
 MAX_IN_FLIGHT = 64
 # Seconds a call waits for systemd's answer. Past it the bus is closed (every
 # call then fails Unavailable) and Node.run reconnects: a systemd that stops
@@ -63,12 +62,8 @@ SIGNATURES = {
 STATUS_PROPERTIES = (
     (UNIT, ("LoadState", "ActiveState", "SubState", "Job", "ActiveExitTimestamp")),
     (SERVICE, ("ExecMainStartTimestamp", "ExecMainCode", "ExecMainStatus", "Result",
-               "ExecMainExitTimestamp", "ExecStopPost", "ControlGroup")),
+               "ExecMainExitTimestamp", "ExecStopPost")),
 )
-# Where a unit's memory cgroup keeps the kernel's count of OOM kills in it
-# ("oom_kill N"), on cgroup v1 and v2; CGROUP_ROOT + ControlGroup + this.
-CGROUP_ROOT = "/sys/fs/cgroup"
-OOM_COUNTERS = ("/memory{cg}/memory.oom_control", "{cg}/memory.events")
 
 # Errors that mean "no such unit (any more)".
 GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed",
@@ -245,7 +240,7 @@ class Units:
         """core.UnitStatus of the job's unit, or None if it is not loaded."""
         path = unit_path(core.unit_name(job_uuid))
         wanted = [(iface, name) for iface, names in STATUS_PROPERTIES for name in names]
-        # All at once, in order: one round trip's wait, not twelve. Any error
+        # All at once, in order: one round trip's wait, not eleven. Any error
         # of a unit that is not loaded means only that.
         answers = await self._calls([Message(
             destination=SYSTEMD, path=path, interface=PROPERTIES, member="Get",
@@ -268,20 +263,13 @@ class Units:
             if e.type in GONE:
                 return None
             raise
-        status = core.UnitStatus(
+        return core.UnitStatus(
             active_state=active, sub_state=v["SubState"],
             result=v["Result"], exit_code=v["ExecMainCode"], exit_status=v["ExecMainStatus"],
             started_at=_seconds(v["ExecMainStartTimestamp"]),
             ended_at=_seconds(v["ExecMainExitTimestamp"]),
             stopped_at=_seconds(v["ActiveExitTimestamp"]), processes=processes,
             pending=_job_pending(v["Job"]), oom_kills=_oom_seen(p["ExecStopPost"]))
-        if status.finished and not status.oom_kills:
-            # A main process that exited leaves the unit "active (exited)"
-            # with its cgroup, and OOM_CHECK has not run: read the count here.
-            kills = oom_kills(v["ControlGroup"])  # a sysfs read: no thread needed
-            if kills:
-                status = dataclasses.replace(status, oom_kills=kills)
-        return status
 
     async def list(self):
         """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
@@ -381,30 +369,6 @@ def _oom_seen(exec_stop_post):
 def _job_pending(job):
     """The unit's Job property (id, path): id 0 means no job queued."""
     return bool(job and job[0])
-
-
-def oom_kills(control_group, root=CGROUP_ROOT):
-    """The kernel's count of OOM kills in a unit's memory cgroup (cgroup v1's
-    memory.oom_control or v2's memory.events), 0 when there is none to read."""
-    if not control_group:
-        return 0
-    for counter in OOM_COUNTERS:
-        try:
-            with open(root + counter.format(cg=control_group)) as f:
-                text = f.read()
-        except OSError:
-            continue
-        return parse_oom_kills(text)
-    return 0
-
-
-def parse_oom_kills(text):
-    """The "oom_kill N" line of a memory.oom_control or memory.events."""
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill" and value.strip().isdigit():
-            return int(value)
-    return 0
 
 
 def _seconds(usec):

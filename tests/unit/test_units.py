@@ -72,28 +72,6 @@ def test_oom_seen_without_a_check():
     assert units._oom_seen(Variant("a(sasbttttuii)", [])) == 0
 
 
-def test_parse_oom_kills_v1_and_v2():
-    v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"
-    v2 = "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\noom_group_kill 0\n"
-    assert units.parse_oom_kills(v1) == 2
-    assert units.parse_oom_kills(v2) == 1
-    assert units.parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n") == 0  # kernel < 4.13
-
-
-def test_oom_kills_reads_the_units_memory_cgroup(tmp_path):
-    cg = "/lcluster.slice/lcluster-job@x.service"
-    v1 = tmp_path / ("memory" + cg.lstrip("/").join(["/", ""]))
-    v1.mkdir(parents=True)
-    (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
-    assert units.oom_kills(cg, root=str(tmp_path)) == 3
-    other = tmp_path / "v2"
-    (other / cg.lstrip("/")).mkdir(parents=True)
-    (other / cg.lstrip("/") / "memory.events").write_text("oom 1\noom_kill 1\n")
-    assert units.oom_kills(cg, root=str(other)) == 1
-    assert units.oom_kills(cg, root=str(tmp_path / "none")) == 0  # gone with its unit
-    assert units.oom_kills("", root=str(tmp_path)) == 0
-
-
 def test_a_child_oom_killed_while_the_job_exited_0_is_an_oom_kill():
     # addjob --memory 64M 'python3 -c "b=bytearray(512*2**20)" || true; sleep 1'
     survived = core.UnitStatus("active", "exited", "success", core.CLD_EXITED, 0, oom_kills=1)
