@@ -88,6 +88,9 @@ ROOT_RESERVE = 64
 HEAD_TIMEOUT = 10.0  # seconds from connecting to a request's whole head
 KEEPALIVE = 15.0  # seconds an idle kept-alive connection stays open
 BODY_TIMEOUT = 10.0  # seconds to send a request's body
+# seconds aiohttp goes on reading a body left unread (413, 408), so that the
+# client, done sending, reads the answer rather than a reset (its default: 10)
+LINGER = 2.0
 REFUSED_LINGER = 2.0  # seconds a refused connection has to read its 503
 REFUSAL_LOG_EVERY = 60.0  # seconds between journal lines about one refused caller
 
@@ -113,7 +116,7 @@ def make_app(node, token=None):
 def runner(node, token=None):
     """The daemon's web runner: make_app's routes, served by Connection."""
     return Runner(make_app(node, token), Gate(node.config), access_log=None,
-                  keepalive_timeout=KEEPALIVE)
+                  keepalive_timeout=KEEPALIVE, lingering_time=LINGER)
 
 
 # --- errors: one line of JSON ----------------------------------------------------

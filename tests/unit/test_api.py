@@ -119,6 +119,11 @@ class Served:
         started.set()
         self.loop.run_forever()
         self.loop.run_until_complete(self.runner.cleanup())
+        left = asyncio.all_tasks(self.loop)  # connections still lingering
+        for task in left:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        self.loop.close()
 
     def stop(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -401,6 +406,10 @@ def _connect(path, uid=None, n=0):
 def _status_of(s):
     """One request on an open connection; its status and whole answer."""
     s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    return _read_answer(s)
+
+
+def _read_answer(s):
     answer = b""
     while b"\r\n\r\n" not in answer:
         answer += s.recv(65536)
@@ -546,3 +555,13 @@ def test_a_stream_that_fails_midway_is_cut_not_ended(served, node, caplog, error
     conn.close()
     assert cut.value.partial == b"out\n"
     assert len([r for r in caplog.records if r.exc_info]) == tracebacks
+
+
+def test_a_slow_body_is_408(served, node, monkeypatch):
+    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.3)
+    s = _connect(served.path)
+    s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"comm")
+    status, answer = _read_answer(s)
+    s.close()
+    assert status == 408
+    assert b"took longer than 0.3 s" in answer and node.jobs == {}
