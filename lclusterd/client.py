@@ -98,8 +98,9 @@ class Client:
             return ClientError(f"lclusterd is not reachable at {self.where} ({why})", UNREACHABLE, lost)
         # Over the socket, whatever the way it failed, the daemon is not
         # running (lclusterd.socket may have failed to start it): say where to look.
-        return ClientError(f"lclusterd is not running ({why}; see {STATUS_HINT}; start it with "
-                           "sudo systemctl start lclusterd.socket)", UNREACHABLE, lost)
+        start = "" if lost else "; start it with sudo systemctl start lclusterd.socket"
+        return ClientError(f"lclusterd is not running ({why}; see {STATUS_HINT}{start})",
+                           UNREACHABLE, lost)
 
     @contextlib.contextmanager
     def _transport(self, timeout):
