@@ -411,7 +411,7 @@ class Gate:
         elif self.total >= most:
             return f"lclusterd has {self.total} connections open, its most; try again later"
         elif self.open[peer] >= per_peer:
-            who = f"uid {peer}" if isinstance(peer, int) else f"{peer[1]}"
+            who = f"uid {peer}" if isinstance(peer, int) else f"{peer[1] if isinstance(peer, tuple) else peer}"
             return (f"too many connections from {who} ({per_peer} open at most); "
                     "close some and try again")
         self.open[peer] += 1
@@ -427,6 +427,8 @@ class Gate:
     def tell(self, peer, why, now):
         """One journal line per refused peer a minute, not one per connection."""
         if now - self._told.get(peer, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            if len(self._told) > 1000:  # many TCP peers: forget the old ones
+                self._told = {p: t for p, t in self._told.items() if now - t < REFUSAL_LOG_EVERY}
             self._told[peer] = now
             log.warning("refusing connections: %s", why)
 
