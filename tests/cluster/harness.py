@@ -55,9 +55,13 @@ class Node(Box):
     def nodes(self):
         return {n["name"]: n for n in json.loads(self.lc("nodes --json").stdout)}
 
-    def units(self):
-        out = self.sh("systemctl list-units --all --plain --no-legend 'lcluster-job@*'").stdout
+    def units(self, states="--all"):
+        out = self.sh(f"systemctl list-units {states} --plain --no-legend 'lcluster-job@*'").stdout
         return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+    def running_units(self):
+        """Job units with processes that may run (a fenced one stays loaded, failed)."""
+        return self.units("--state=active,activating,deactivating,reloading")
 
 
 def etcd_config(node, tag):
@@ -70,7 +74,20 @@ def etcd_config(node, tag):
             f"ETCD_INITIAL_ADVERTISE_PEER_URLS=http://{node.addr}:2380\n"
             f"ETCD_INITIAL_CLUSTER={peers}\n"
             f"ETCD_INITIAL_CLUSTER_STATE=new\n"
-            f"ETCD_INITIAL_CLUSTER_TOKEN=lctest-{tag}\n")
+            f"ETCD_INITIAL_CLUSTER_TOKEN=lctest-{tag}\n"
+            # README's cluster set-up: a member that was cut off (or restarts)
+            # asks before it campaigns, so it cannot force an election on a
+            # healthy leader when it comes back; heartbeat and election as
+            # for a LAN (etcd's defaults, said on purpose).
+            f"ETCD_PRE_VOTE=true\n"
+            f"ETCD_HEARTBEAT_INTERVAL=100\n"
+            f"ETCD_ELECTION_TIMEOUT=1000\n"
+            # The package's TLS drop-in is for its single-node default: this
+            # cluster's test clients speak plain http on the test's own bridge.
+            f"ETCD_CLIENT_CERT_AUTH=false\n"
+            f"ETCD_CERT_FILE=\n"
+            f"ETCD_KEY_FILE=\n"
+            f"ETCD_TRUSTED_CA_FILE=\n")
 
 
 def lclusterd_config(node, slots=SLOTS):
