@@ -565,3 +565,19 @@ def test_a_slow_body_is_408(served, node, monkeypatch):
     s.close()
     assert status == 408
     assert b"took longer than 0.3 s" in answer and node.jobs == {}
+
+
+def test_lclusterc_over_its_bound_reads_the_503(served, node, as_uid):
+    from lclusterd.client import Client, ClientError
+    as_uid(ALICE)
+    held = [_connect(served.path) for _ in range(8)]
+    try:
+        time.sleep(0.2)
+        with pytest.raises(ClientError) as refused:
+            Client(served.path).health()
+        assert refused.value.cause == 503
+        assert refused.value.message == ("too many connections from uid 1000 (8 open at most); "
+                                         "close some and try again")
+    finally:
+        for s in held:
+            s.close()
