@@ -68,6 +68,10 @@ class Failure(click.ClickException):
         click.echo(f"lclusterc: {_text(self.format_message())}", err=True)
 
 
+# click 8.2 (Debian 13) raises this usage error for a bare group: it is the help text.
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _usage_line(error):
     """A click usage error as one line (click prints four: usage, try, blank, error)."""
     where = error.ctx.command_path if error.ctx else "lclusterc"
@@ -287,6 +291,9 @@ class _Group(click.Group):
         returns the exit code instead of exiting."""
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS_IS_HELP as e:  # click >= 8.2: bare `lclusterc` prints its help
+            e.show()
+            code = e.exit_code
         except click.UsageError as e:
             click.echo(_usage_line(e), err=True)
             code = e.exit_code
