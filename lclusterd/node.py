@@ -228,7 +228,7 @@ class Node:
             uid, gid, user = entry.pw_uid, entry.pw_gid, entry.pw_name
         copies = 1 if count is None else core.validate_count(count, core.validate_command(command))
         self._check_enforceable(spec)
-        await self._check_quota(caller, copies)
+        await self._check_quota(caller, uid, copies)
         now = self.clock()
         jobs = [core.new_job(command, uid, gid, user, now, submitter=caller.user,
                              submitter_uid=caller.uid, **spec) for _ in range(copies)]
@@ -255,16 +255,17 @@ class Node:
         return all(getattr(job, name) is None or controller in self.enforceable
                    for name, (controller, _) in LIMIT_CONTROLLERS.items())
 
-    async def _check_quota(self, caller, copies):
-        """At most max_queued_per_user queued jobs per submitter (so one user
-        cannot fill etcd)."""
-        limit = getattr(self.config, "max_queued_per_user", None)
-        if not limit or not hasattr(self.store, "queued_count"):
+    async def _check_quota(self, caller, uid, copies):
+        """At most max_queued_per_user queued jobs per user (so one user
+        cannot fill etcd), counted by whom they run as (store.queued_count's
+        index; a user's jobs always run as that user). Root is trusted."""
+        limit = self.config.max_queued_per_user
+        if caller.uid == 0 or not limit:
             return
-        queued = await self._store(self.store.queued_count, caller.uid)
+        queued = await self._store(self.store.queued_count, uid)
         if queued + copies > limit:
             raise core.QuotaExceeded(f"{caller.user} has {queued} job(s) queued; at most {limit} "
-                                "per user (max_queued_per_user)")
+                                     "per user (max_queued_per_user)")
 
     async def find(self, ref):
         ref = core.validate_ref(ref)
@@ -737,7 +738,8 @@ class Node:
         True: renewed; False: etcd says it expired; asyncio.TimeoutError (or
         the last error) if no member answered within timeout."""
         loop = asyncio.get_running_loop()
-        pending = {loop.run_in_executor(self._beat, s.renew, lease) for s in self._lease_stores}
+        pending = {loop.run_in_executor(self._beat, functools.partial(s.renew, lease, timeout=timeout))
+                   for s in self._lease_stores}
         for f in pending:  # the slow ones finish unwatched: retrieve their errors
             f.add_done_callback(lambda f: f.cancelled() or f.exception())
         end = loop.time() + timeout

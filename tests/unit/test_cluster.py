@@ -221,9 +221,12 @@ class FakeStore:
     def grant(self, ttl):
         return 77
 
-    def renew(self, lease):
+    def renew(self, lease, timeout=None):
         self.renewals += 1
         return True
+
+    def queued_count(self, uid):
+        return sum(j.state == QUEUED and j.uid == uid for j, _ in self.jobs.values())
 
     def register(self, info, lease):
         self.live[info["name"]] = self.members[info["name"]] = info
@@ -406,11 +409,13 @@ def test_submit_with_a_known_idempotency_key_returns_the_first_jobs(tmp_path):
 def test_submit_past_the_users_quota_is_refused(tmp_path):
     """Contract C6."""
     n = make_node(tmp_path)
-    n.config.max_queued_per_user = 10
-    n.store.queued_count = lambda uid: 9
-    asyncio.run(n.submit("true", Caller(1000, 1000, "alice")))
-    with pytest.raises(core.QuotaExceeded, match="alice has 9 job.s. queued; at most 10"):
-        asyncio.run(n.submit("true", Caller(1000, 1000, "alice"), count=2))
+    n.config.max_queued_per_user = 3
+    alice = Caller(os.getuid() or 1000, 1000, "alice")
+    asyncio.run(n.submit("true", alice, count=2))
+    with pytest.raises(core.QuotaExceeded, match="alice has 2 job.s. queued; at most 3"):
+        asyncio.run(n.submit("true", alice, count=2))
+    assert len(n.store.jobs) == 2
+    asyncio.run(n.submit("true", ROOT, count=5))  # root is trusted
 
 
 def test_registration_names_the_machine(tmp_path):
@@ -453,7 +458,7 @@ def test_a_dead_etcd_member_does_not_delay_the_renewal(tmp_path):
     """Issue 9 item 8: every endpoint is asked at once; a member that does not
     answer (cut off, or without a leader) costs nothing."""
     class Hanging(FakeStore):
-        def renew(self, lease):
+        def renew(self, lease, timeout=None):
             time.sleep(1.5)
             raise Unavailable("etcd is unreachable at http://10.0.0.1:2379 (timeout)")
     alive = FakeStore()
@@ -474,7 +479,7 @@ def test_the_node_fences_at_its_deadline_and_marks_what_it_killed(tmp_path):
     """Issue 9 item 9: stopped by the deadline from the last confirmed renewal;
     a unit killed by a fence is lost, not failed (contract C1's markers)."""
     class Silent(FakeStore):
-        def renew(self, lease):
+        def renew(self, lease, timeout=None):
             raise Unavailable("etcd is unreachable")
     store = Silent()
     store.live["other"] = {"name": "other"}
@@ -615,3 +620,17 @@ def test_netns_ensure_tolerates_eexist_and_translates_netlink_errors(monkeypatch
     with pytest.raises(netns.Error, match="Operation not permitted") as e:
         netns.ensure("y")
     assert isinstance(e.value, OSError)
+
+
+def test_a_node_name_live_on_another_machine_ends_the_heartbeat(tmp_path):
+    """Contract C2 (issue 9 item 10): the daemon exits 78 on it."""
+    from lclusterd import store as etcd_store
+
+    class Taken(FakeStore):
+        def register(self, info, lease, timeout=None):
+            assert info["machine"] == "machine-of-me"
+            raise etcd_store.NameTaken("me", "http://10.0.0.9:7800")
+    n = make_node(tmp_path, store=Taken(), lease_stores=[FakeStore()])
+    with pytest.raises(etcd_store.NameTaken, match="10.0.0.9"):
+        run_heartbeat(n, 0.5)
+    assert n.lease is None
