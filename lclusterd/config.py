@@ -110,7 +110,10 @@ def from_mapping(values: dict, exists=os.path.isfile) -> Config:
         try:
             setattr(config, key, _parse(key, raw))
         except ValueError as e:
-            raise ConfigError(f"bad value for '{key}': {e}")
+            said = str(e)
+            if said.startswith(("invalid literal", "could not convert")):  # int() / float()
+                said = f"'{str(raw).strip()[:40]}' is not a number"
+            raise ConfigError(f"bad value for '{key}': {said}")
     if config.slots < 1:
         raise ConfigError("'slots' must be at least 1")
     if not config.prefix.startswith("/") or config.prefix.endswith("/"):

@@ -393,7 +393,8 @@ def check_config(ctx, config_path):
         if config.namespace and not core.NAMESPACE_NAME.match(config.namespace):
             raise sandbox.SandboxError(f"'{config.namespace}' is not a valid network namespace name")
     except (configuration.ConfigError, sandbox.SandboxError) as e:
-        click.echo(f"lclusterd: {config_path or configuration.DEFAULT_PATH}: {e}", err=True)
+        where = config_path or configuration.DEFAULT_PATH
+        click.echo(f"lclusterd: {e}" if where in str(e) else f"lclusterd: {where}: {e}", err=True)
         sys.exit(EX_CONFIG)
 
 

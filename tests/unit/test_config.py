@@ -283,3 +283,8 @@ def configparser_section(text):
     parser = configparser.ConfigParser()
     parser.read_string(text)
     return parser[config.SECTION].items()
+
+
+def test_a_bad_number_says_so_plainly(tmp_path):
+    with pytest.raises(ConfigError, match=r"^bad value for 'slots': 'lots' is not a number$"):
+        config.load(write(tmp_path, "[lclusterd]\nslots = lots\n"))
