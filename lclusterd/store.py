@@ -82,9 +82,10 @@ GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops (per list of one transaction)
 PAGE_KEYS = 1000  # keys per range page at most
 PAGE_BYTES = 1 << 20  # aim a page's keys+values at 1 MiB; gRPC refuses over 4 MiB
-COMPACT_MARGIN = 10000  # revisions of history kept by compact(): a paginated
-                        # read pinned to a revision (20,000 records take
-                        # about a second) must not see it compacted away
+COMPACT_MARGIN = 100  # revisions of history kept by compact() (a revision is a
+                      # transaction: ~4 per job, 1 per batch). Nothing of ours
+                      # reads history: a paginated read whose revision is
+                      # compacted under it just reads again
 IDEMPOTENCY_TTL = 24 * 3600  # an Idempotency-Key is remembered this long (at least half)
 MAINTENANCE_TIMEOUT = 60  # seconds for a defragmentation (it blocks the member)
 
@@ -466,15 +467,21 @@ class Store:
                                            success=[c.transactions.delete(key)], failure=[]))
 
     def delete(self, records):
-        """Delete records [(uuid, revision)] whose record is still at that
-        revision (a batch in which one moved is skipped: the next pass sees
-        it again). Returns how many were deleted."""
+        """Delete records [(uuid or Job, revision)] whose record is still at
+        that revision (a batch in which one moved is skipped: the next pass
+        sees it again). Given a Job, its queue and queued_by keys go too (a
+        queued record deleted leaves nothing behind). Returns how many were
+        deleted."""
         def write(c, batch):
-            ok, _ = c.transaction(
-                compare=[c.transactions.mod(self._job_key(u)) == rev for u, rev in batch],
-                success=[c.transactions.delete(self._job_key(u)) for u, _ in batch], failure=[])
-            return len(batch) if ok else 0
-        step = MAX_TXN_OPS // 2  # compares and deletes both count
+            compares, ops = [], []
+            for record, rev in batch:
+                job_uuid = record.uuid if isinstance(record, core.Job) else record
+                compares.append(_mod(self._job_key(job_uuid), rev))
+                ops.append(_delete(self._job_key(job_uuid)))
+                if isinstance(record, core.Job) and record.state == core.QUEUED:
+                    ops += [_delete(self._queue_key(record)), _delete(self._by_user_key(record))]
+            return len(batch) if _txn(c, compares, _nested(ops, len(compares))).succeeded else 0
+        step = MAX_TXN_OPS // 2
         return sum(self._call(lambda c: write(c, records[i:i + step]))
                    for i in range(0, len(records), step))
 
