@@ -386,8 +386,7 @@ class Node:
         if not await self._store(self.store.lock, "prune", self.config.node_name,
                                  self.prune_every()):
             return 0
-        if hasattr(self.store, "compact"):  # etcd's history of revisions nobody reads (C7)
-            await self._store(self.store.compact)
+        await self._store(self.store.compact)  # etcd's history of revisions nobody reads (C7)
         records = await self._store(self.store.all_jobs)
         doomed = set(core.expired([job for job, _ in records], self.clock(),
                                   self.config.retention, self.config.max_finished_jobs))

@@ -103,6 +103,23 @@ def test_tcp_without_a_root_only_token_file_is_refused(cluster):
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_a_second_machine_with_a_live_node_name_is_refused(cluster):
+    """Issue 9 item 10 (contract C2): exit 78, one line naming the holder's
+    address; the holder keeps its registration."""
+    n, holder = cluster[0], cluster[1]
+    endpoints = n.sh("grep '^etcd_endpoints' /etc/lclusterd/lclusterd.conf").stdout.strip()
+    n.sh(f"printf '[lclusterd]\\n{endpoints}\\nnode_name = {holder.name}\\n' > /tmp/dup.conf")
+    r = n.sh("timeout 60 lclusterd --config /tmp/dup.conf --socket /tmp/dup.sock",
+             check=False, timeout=90)
+    assert r.returncode == 78, (r.returncode, r.stderr[-2000:])
+    # (In the foreground its log goes to stderr too: the refusal is the last line.)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lclusterd: ") and holder.url in last, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    row = n.nodes()[holder.name]
+    assert row["address"] == holder.url and row["state"] in ("ready", "primed")
+
+
 def test_30_jobs_all_succeed_exactly_once_over_several_nodes(cluster):
     command = "echo ran $LCLUSTER_JOB_ID; sleep 0.5"
     uuids = []
@@ -154,6 +171,20 @@ def test_removejob_at_one_node_stops_the_job_on_another(cluster):
     note(f"removejob at {asker.name} of a job on {runner.name}: its unit gone after "
          f"{time.monotonic() - t:.1f} s")
     assert runner.job(uuid)["state"] == "cancelled"
+
+
+def test_a_running_job_whose_record_is_deleted_is_stopped(cluster):
+    """Issue 10 item 10: its unit would hold the slot for ever."""
+    uuid = addjob(cluster[0], "sleep 600")
+    job = wait_running(cluster[0], [uuid])[0]
+    runner = next(n for n in cluster if n.name == job["node"])
+    t = time.time()
+    runner.sh(f"etcdctl del /lcluster/jobs/{uuid}")
+    unit = f"lcluster-job@{uuid}.service"
+    wait_for(f"{unit} gone", lambda: unit not in runner.units(), 30)
+    log = runner.sh(f"journalctl -o cat --no-pager -u lclusterd --since @{t - 1:.0f}").stdout
+    assert f"job {uuid}: its record is gone from etcd" in log
+    wait_for("its slot free", lambda: cluster[0].nodes()[runner.name]["free"] == SLOTS, 30)
 
 
 def test_one_etcd_member_down_the_cluster_keeps_scheduling(cluster):

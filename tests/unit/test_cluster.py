@@ -252,6 +252,9 @@ class FakeStore:
     def lock(self, name, holder, ttl):
         return True
 
+    def compact(self):
+        self.compactions = getattr(self, "compactions", 0) + 1
+
     def delete(self, records):
         return 0
 
@@ -634,3 +637,10 @@ def test_a_node_name_live_on_another_machine_ends_the_heartbeat(tmp_path):
     with pytest.raises(etcd_store.NameTaken, match="10.0.0.9"):
         run_heartbeat(n, 0.5)
     assert n.lease is None
+
+
+def test_prune_compacts_etcds_history(tmp_path):
+    """Contract C7 (issue 10 item 9): once a prune interval, by one node."""
+    n = make_node(tmp_path)
+    asyncio.run(n.prune())
+    assert n.store.compactions == 1
