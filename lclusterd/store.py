@@ -42,6 +42,7 @@ Errors (one tree, the callers map it):
     NoSpace      (an Unavailable) etcd's NOSPACE alarm: out of its quota
     TooLarge     etcd refused the request as too large (--max-request-bytes)
     NameTaken    register(): another machine's live node holds the name
+    LeaseExpired a write under a lease etcd no longer has (register afresh)
 
 Maintenance: compact() keeps etcd's history short (the prune pass calls it);
 recover_space() compacts, defragments every member and disarms NOSPACE;
@@ -106,6 +107,10 @@ class NoSpace(Unavailable):
 
 class TooLarge(Exception):
     """etcd refused a request as too large (nothing was written)."""
+
+
+class LeaseExpired(Exception):
+    """A write under a lease that etcd no longer has (it expired): grant anew."""
 
 
 class NameTaken(Exception):
@@ -193,6 +198,8 @@ class Store:
                 kind = _kind(e)
                 if kind == "nospace":
                     raise NoSpace(self._nospace_message(e)) from None
+                if kind == "lease":
+                    raise LeaseExpired(f"etcd has no such lease any more ({_describe(e)})") from None
                 if kind == "toolarge":
                     raise TooLarge(f"the request is too large for etcd ({_describe(e)}); etcd "
                                    "takes at most 1.5 MiB per request (--max-request-bytes)") from None
@@ -308,6 +315,7 @@ class Store:
             idem = f"{self.prefix}/idempotency/{jobs[0].uid}/{digest}"
             compares.insert(0, _version(idem, 0))
         uuids = json.dumps([job.uuid for job in jobs])
+        first = _encode(jobs[0]).encode()
 
         def write(c):
             for again in (True, False):
@@ -316,7 +324,7 @@ class Store:
                     extra = [_put(idem, uuids, self._idempotency_lease(c))]
                 try:
                     answer = _txn(c, compares, _nested(ops + extra, len(compares)),
-                                  [_get(idem)] if idem is not None else [])
+                                  [_get(idem) if idem is not None else _get(keys[0]), _get(keys[0])])
                 except grpc.RpcError as e:
                     if again and idem is not None and e.code() == grpc.StatusCode.NOT_FOUND:
                         with self._lock:  # our shared lease is gone (etcd restored?): a new one
@@ -325,8 +333,13 @@ class Store:
                     raise
                 if answer.succeeded:
                     return None
-                kvs = answer.responses[0].response_range.kvs if idem is not None else []
-                return json.loads(kvs[0].value) if kvs else False
+                kvs = answer.responses[0].response_range.kvs
+                if idem is not None and kvs:
+                    return json.loads(kvs[0].value)
+                # Our own write, applied by a member whose answer was lost
+                # before we failed over? (fresh uuid4s: nobody else has them)
+                kvs = answer.responses[1].response_range.kvs
+                return None if kvs and kvs[0].value == first else False
         written = self._call(write)
         if written is False:
             raise RuntimeError(f"job {jobs[0].uuid if len(jobs) == 1 else 'uuid'} already exists")
@@ -735,6 +748,8 @@ def _kind(error):
     details = error.details() or ""
     if "database space exceeded" in details:
         return "nospace"
+    if error.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+        return "lease"
     if "request is too large" in details or (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                                              and "larger than max" in details):
         return "toolarge"

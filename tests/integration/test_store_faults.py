@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from lclusterd import core, store as store_module
-from lclusterd.store import NameTaken, NoSpace, Store, TooLarge, Unavailable
+from lclusterd.store import LeaseExpired, NameTaken, NoSpace, Store, TooLarge, Unavailable
 
 from tests.integration.test_store import make_job
 
@@ -282,3 +282,24 @@ def test_requests_too_large_are_toolarge(store):
         assert all(store.get(job.uuid) is None for job in jobs[:3])
     assert store.all_jobs() == []
     assert store_module.TooLarge is TooLarge and not issubclass(TooLarge, Unavailable)
+
+
+def test_a_write_under_a_lease_gone_is_lease_expired(store):
+    lease = store.grant(5)
+    store.revoke(lease)
+    with pytest.raises(LeaseExpired, match="no such lease"):
+        store.register(registration("cl1", "m-one", "http://a"), lease)
+    with pytest.raises(LeaseExpired):
+        store.campaign("cl1", lease)
+    assert store.cluster()[0] == {}
+
+
+def test_a_submission_applied_before_a_failover_is_not_refused(store):
+    """A member applies a batch and dies before it answers; the store asks
+    the next member again: the same records already there are ours."""
+    jobs = [make_job() for _ in range(3)]
+    store.submit_many(jobs)
+    assert store.submit_many(jobs) is None  # the retry
+    assert [job.uuid for job, _ in store.queued(10)] == [job.uuid for job in jobs]
+    with pytest.raises(RuntimeError, match="already exists"):
+        store.submit_many([make_job(jobs[0].uuid, "rm -rf /")])
