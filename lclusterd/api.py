@@ -95,13 +95,18 @@ REFUSED_LINGER = 2.0  # seconds a refused connection has to read its 503
 REFUSAL_LOG_EVERY = 60.0  # seconds between journal lines about one refused caller
 
 
+# The app's own state; aiohttp >= 3.9 (Debian 13) warns about plain string keys.
+_key = getattr(web, "AppKey", lambda name, kind=None: name)
+NODE, TOKEN, IDEMPOTENT = _key("node", object), _key("token", object), _key("idempotent", bool)
+
+
 def make_app(node, token=None):
     """token: the shared secret TCP callers must send (None: TCP refused)."""
     app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
-    app["node"] = node
-    app["token"] = token
+    app[NODE] = node
+    app[TOKEN] = token
     # Until node.submit takes idempotency_key= (contract C5), do not pass it.
-    app["idempotent"] = "idempotency_key" in inspect.signature(node.submit).parameters
+    app[IDEMPOTENT] = "idempotency_key" in inspect.signature(node.submit).parameters
     app.router.add_get("/v1/nodes", nodes)
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
@@ -179,7 +184,7 @@ def _is_unix(request):
 async def _token(request, handler):
     """TCP callers need the shared token; unix-socket callers never do."""
     if not _is_unix(request):
-        token = request.app["token"]
+        token = request.app[TOKEN]
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), token.encode()):
@@ -306,20 +311,20 @@ async def submit(request):
     key = _idempotency_key(request)
     caller = caller_of(request)
     count = body.pop("count", None)  # a batch: count copies, all queued or none
-    extra = {"idempotency_key": key} if key and request.app["idempotent"] else {}
-    job = await request.app["node"].submit(body.pop("command"), caller, body, count, **extra)
+    extra = {"idempotency_key": key} if key and request.app[IDEMPOTENT] else {}
+    job = await request.app[NODE].submit(body.pop("command"), caller, body, count, **extra)
     if count is not None:
         return web.json_response({"jobs": [shown(j, caller) for j in job]}, status=201)
     return web.json_response({"job": shown(job, caller)}, status=201)
 
 
 async def check(request):
-    job = await request.app["node"].find(request.match_info["ref"])
+    job = await request.app[NODE].find(request.match_info["ref"])
     return web.json_response({"job": shown(job, caller_of(request))})
 
 
 async def unit_properties(request):
-    node = request.app["node"]
+    node = request.app[NODE]
     job = await node.find(request.match_info["ref"])
     properties = shown_properties(node.unit_properties(job), job, caller_of(request))
     return web.json_response({"properties": properties})
@@ -327,7 +332,7 @@ async def unit_properties(request):
 
 async def remove(request):
     caller = caller_of(request)
-    job = await request.app["node"].remove(request.match_info["ref"], caller)
+    job = await request.app[NODE].remove(request.match_info["ref"], caller)
     return web.json_response({"job": shown(job, caller)})
 
 
@@ -346,7 +351,7 @@ async def list_jobs(request):
     state = request.query.get("state")
     if state is not None and state not in core.STATES:
         raise core.InvalidInput(f"unknown state '{state}' (one of {', '.join(core.STATES)})")
-    jobs = await request.app["node"].list(
+    jobs = await request.app[NODE].list(
         limit=max(0, limit), state=state, node=request.query.get("node"),
         user=request.query.get("user"), since=_number(request, "since"),
         until=_number(request, "until"))
@@ -362,7 +367,7 @@ async def logs(request):
         raise core.InvalidInput("tail must be 0 or more")
     since = _number(request, "since")
     follow = request.query.get("follow", "0") not in ("0", "false", "")
-    node = request.app["node"]
+    node = request.app[NODE]
     job = await node.find(request.match_info["ref"])
     chunks = node.output(job, caller_of(request), follow, tail, since)
     async with contextlib.aclosing(chunks):
@@ -377,7 +382,7 @@ async def logs(request):
 
 
 async def health(request):
-    node = request.app["node"]
+    node = request.app[NODE]
     try:
         await node.ping()
     except StoreUnavailable as e:
@@ -386,7 +391,7 @@ async def health(request):
 
 
 async def nodes(request):
-    return web.json_response({"nodes": await request.app["node"].nodes()})
+    return web.json_response({"nodes": await request.app[NODE].nodes()})
 
 
 # --- connections: bounded, timed, JSON even for aiohttp's own errors ---------------------
