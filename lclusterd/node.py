@@ -422,7 +422,8 @@ class Node:
                 if loop.time() >= self.next_prune:
                     self.next_prune = loop.time() + self.prune_every()
                     await self.prune()
-            except (StoreUnavailable, UnitsUnavailable, OSError) as e:
+            except (StoreUnavailable, UnitsUnavailable, OSError, etcd_store.LeaseExpired) as e:
+                # (LeaseExpired: the heartbeat's next renewal hears it too, and fences.)
                 if str(e) != last_problem:  # say it once, not every pass
                     log.warning("%s", e)
                 last_problem = str(e)
