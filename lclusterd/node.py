@@ -748,7 +748,9 @@ class Node:
             done, pending = await asyncio.wait(pending, timeout=end - loop.time(),
                                                return_when=asyncio.FIRST_COMPLETED)
             for f in done:
-                if f.exception() is not None:
+                if isinstance(f.exception(), etcd_store.LeaseExpired):
+                    expired = True
+                elif f.exception() is not None:
                     error = f.exception()
                 elif f.result():
                     self.etcd_error = None
