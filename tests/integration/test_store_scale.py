@@ -169,3 +169,17 @@ def test_50000_jobs_leave_the_db_bounded(etcd_factory, prefix, capsys):
               f"{' '.join(f'{x / 2**20:.0f}' for x in sizes)} MiB)")
     assert size <= sizes[2] * 1.25, "the db keeps growing"  # freed pages are reused
     assert size < 32 * 2**20
+
+
+def test_all_jobs_again_sees_every_change(store):
+    jobs = [make_job() for _ in range(5)]
+    for job in jobs:
+        store.submit(job)
+    first = dict((job.uuid, rev) for job, rev in store.all_jobs())
+    starting = core.transition(jobs[0], core.STARTING, node="n1")
+    store.update(jobs[0], starting, first[jobs[0].uuid])
+    store.delete([(jobs[1].uuid, first[jobs[1].uuid])])
+    again = {job.uuid: (job, rev) for job, rev in store.all_jobs()}
+    assert set(again) == {job.uuid for job in jobs} - {jobs[1].uuid}
+    assert again[jobs[0].uuid] == (starting, store.get(jobs[0].uuid)[1])
+    assert all(again[j.uuid] == (j, first[j.uuid]) for j in jobs[2:])
