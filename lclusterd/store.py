@@ -44,9 +44,11 @@ Errors (one tree, the callers map it):
     NameTaken    register(): another machine's live node holds the name
     LeaseExpired a write under a lease etcd no longer has (register afresh)
 
-Maintenance: compact() keeps etcd's history short (the prune pass calls it);
-recover_space() compacts, defragments every member and disarms NOSPACE;
-space() says how big the db is, its quota and whether NOSPACE is raised.
+Maintenance: compact() keeps etcd's history short (the prune pass calls it)
+and, while NOSPACE is raised, also defragments every member and disarms the
+alarm (recover_space() does that on demand; lock() is granted to every caller
+meanwhile, since no lease can be); space() says how big the db is, its quota
+and whether NOSPACE is raised.
 
 The calls block (python3-etcd3 is synchronous): the daemon runs them in
 threads, and a Store is safe to share between threads: its channels are
@@ -519,7 +521,10 @@ class Store:
     def lock(self, name, holder, ttl):
         """Take PREFIX/locks/<name> for ttl seconds (a lease), if nobody else
         holds it (holder may take it again, e.g. after a restart). True if we
-        got it; the lease runs out by itself."""
+        got it; the lease runs out by itself. While etcd is out of space it
+        grants no lease: then every caller gets it, since what it guards
+        (pruning: guarded deletes, compaction) is safe to run twice and is
+        what frees the space."""
         key = f"{self.prefix}/locks/{name}"
         def take(c):
             lease = c.lease(max(1, int(ttl)))
@@ -530,14 +535,25 @@ class Store:
                     return True
             lease.revoke()
             return False
-        return self._call(take)
+        try:
+            return self._call(take)
+        except NoSpace:
+            return True
 
     # -- maintenance: etcd's history and space -----------------------------------
 
     def compact(self, margin=COMPACT_MARGIN):
         """Compact etcd's history (the whole keyspace, all members) to the
         current revision minus margin. Returns the revision compacted to, or
-        None when there was nothing new to compact."""
+        None when there was nothing new to compact. While etcd's NOSPACE
+        alarm is raised (the prune pass calls this after deleting what it
+        could) it goes on as recover_space() does."""
+        if self._call(_nospace_raised):
+            self._recover()
+            return self._compacted
+        return self._compact_to(margin)
+
+    def _compact_to(self, margin):
         def run(c):
             revision = _range(c, f"{self.prefix}/ping", count_only=True).header.revision
             target = revision - margin
@@ -561,9 +577,7 @@ class Store:
         --quota-backend-bytes (None if it cannot be read), "nospace": True
         while etcd's NOSPACE alarm is raised}."""
         def read(c):
-            status = c.status()
-            alarms = list(c.list_alarms())
-            return status.db_size, any(a.alarm_type == etcdrpc.NOSPACE for a in alarms)
+            return c.status().db_size, _nospace_raised(c)
         size, nospace = self._call(read)
         return {"db_size": size, "quota": self._read_quota(), "nospace": nospace}
 
@@ -571,7 +585,11 @@ class Store:
         """What an admin does after NOSPACE: compact all history, defragment
         every member it can reach (one after the other: it blocks each for a
         moment) and disarm the NOSPACE alarm. Returns space()."""
-        self.compact(margin=0)
+        self._recover()
+        return self.space()
+
+    def _recover(self):
+        self._compact_to(0)
         for index in range(len(self.endpoints)):
             conn = self._acquire(index)
             client = copy.copy(conn.client)
@@ -590,7 +608,6 @@ class Store:
                 if alarm.alarm_type == etcdrpc.NOSPACE:
                     c.disarm_alarm(alarm.member_id)
         self._call(disarm)
-        return self.space()
 
     def _read_quota(self):
         """etcd's quota, from its /metrics (etcd has no RPC that says it); cached."""
@@ -769,6 +786,10 @@ def _kind(error):
     if error.code() in _UNREACHABLE:
         return "unreachable"
     return None
+
+
+def _nospace_raised(c):
+    return any(a.alarm_type == etcdrpc.NOSPACE for a in c.list_alarms())
 
 
 def _encode(job):

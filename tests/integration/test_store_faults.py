@@ -261,17 +261,27 @@ def test_nospace_is_reported_and_recovered(etcd_factory, prefix):
         assert s.space()["nospace"] and s.space()["quota"] == QUOTA
         with pytest.raises(NoSpace):
             s.submit(make_job())
-        # Reads and deletes still work; then what the prune pass does.
+        # What the prune pass does: its lock (no lease is granted now), reads
+        # and deletes still work, and its compact() recovers.
+        assert s.lock("prune", "n1", 10)
         records = s.all_jobs()
         assert len(written) <= len(records) <= len(written) + crossing
-        assert s.delete([(job.uuid, rev) for job, rev in records]) == len(records)
-        space = s.recover_space()
+        assert s.delete(records[1:]) == len(records) - 1
+        assert s.compact()
+        space = s.space()
         assert not space["nospace"] and space["db_size"] < QUOTA
         job = make_job()
         s.submit(job)
         assert s.get(job.uuid)[0] == job
+        assert [j.uuid for j, _ in s.all_jobs()] == sorted([records[0][0].uuid, job.uuid])
     finally:
         s.close()
+
+
+def test_recover_space_by_hand(store):
+    space = store.recover_space()  # with no alarm: compaction and defragmentation only
+    assert not space["nospace"] and space["db_size"] > 0 and space["quota"] > 0
+    store.submit(make_job())
 
 
 def test_requests_too_large_are_toolarge(store):
