@@ -4,7 +4,7 @@ installed each shell finds its file in its standard directory and completes
 the caller's live job uuids and the node names from the daemon.
 
 The host-side tests drive the bash function with a stand-in lclusterc (what
-the words mean); the container tests drive it, and fish, against the real
+the words mean); the container tests drive it, zsh and fish against the real
 daemon as a user would meet them."""
 
 import json
@@ -187,6 +187,34 @@ def test_bash_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
     node = json.loads(box.lc("nodes --json").stdout)[0]["name"]
     assert complete(["lclusterc", "list", "--node", ""], "alice") == [node]
     assert complete(["lclusterc", "ad"], "alice") == ["addjob"]
+
+
+# zsh's candidates for a command line (zsh-capture-completion's trick): an
+# interactive zsh in a pseudo-terminal, compinit as a user's .zshrc runs it,
+# compadd wrapped to write what it adds to $HITS; Tab, then wait for them.
+ZSH_CAPTURE = r"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z 'PROMPT=""; autoload -U compinit; compinit -u -D'
+zpty -w z 'compadd() { local -a h; builtin compadd -O h "$@"; (( $#h )) && print -l -- $h >> $HITS; builtin compadd "$@"; }'
+zpty -wn z "$1"$'\t'
+for i in {1..100}; do [[ -s $HITS ]] && break; sleep 0.1; done
+sleep 0.5
+zpty -d z
+"""
+
+
+def test_zsh_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
+    box.sh("cat > /tmp/zsh-capture && chmod 644 /tmp/zsh-capture", input=ZSH_CAPTURE)
+
+    def complete(line, user="alice"):
+        out = box.sh(f"export HITS=$(mktemp) && zsh -f /tmp/zsh-capture {shlex.quote(line)}"
+                     " && cat $HITS && rm $HITS", user=user, timeout=60).stdout
+        return sorted(set(out.split()))
+    assert complete("lclusterc removejob ") == [jobs["running"]]
+    assert complete("lclusterc list --state=f") == ["failed"]
+    assert complete("lclusterc list --node ") == [json.loads(box.lc("nodes --json").stdout)[0]["name"]]
+    assert complete("lclusterc che") == ["checkjob"]
 
 
 def test_fish_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
