@@ -119,6 +119,7 @@ def test_a_hung_loop_stops_the_watchdog_and_systemd_restarts_the_daemon(box):
 
 
 def test_reload_with_a_bad_config_fails_visibly_and_keeps_the_daemon(box):
+    started(box)  # afresh: the last test's restarts may still be settling
     pid = box.sh("systemctl show -p MainPID --value lclusterd").stdout.strip()
     box.sh(f"cp {CONF} /root/lclusterd.conf.orig")
     try:
