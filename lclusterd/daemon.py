@@ -35,7 +35,8 @@ REPORT_EVERY = 1  # seconds between looks at STATUS= (and watchdog pets)
 # What SIGHUP can change: the limits and networks apply to jobs submitted after it.
 # Keep units/lclusterd.conf's header in step.
 RELOADABLE = ("slots", "stop_timeout", "poll_interval", "job_networks", "retention",
-              "max_finished_jobs", "max_queued_per_user", "job_tmp_size",
+              "max_finished_jobs", "max_queued_per_user", "job_tmp_size", "max_connections",
+              "max_connections_per_uid",  # api reads these at each connection
               *(f"{kind}_{name}" for name, _, _ in core.LIMITS for kind in ("default", "max")))
 # The loops that must go round for the watchdog to be petted (Node.progress).
 LOOPS = {"schedule": "the scheduling loop", "heartbeat": "the heartbeat"}
