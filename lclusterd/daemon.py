@@ -26,8 +26,6 @@ from lclusterd.store import Store
 from lclusterd.units import Units
 
 log = logging.getLogger("lclusterd")
-# store.NameTaken(name, address): contract C2 (H2); a stand-in until it lands.
-NameTaken = getattr(etcd, "NameTaken", type("NameTaken", (Exception,), {}))
 
 EX_CONFIG = 78  # sysexits' "configuration error": lclusterd.service does not restart on it
 EX_CRASHED = 1  # a task of ours died: Restart=on-failure starts us again
@@ -327,10 +325,10 @@ async def serve(config, config_path=None):
 
 
 def name_taken(error, config_path):
-    name, address = (list(error.args) + ["?", "?"])[:2]
-    name, address = getattr(error, "name", name), getattr(error, "address", address)
-    return (f"node name {name} is held by a live node on another machine, at {address}: "
-            f"set another node_name in {config_path or configuration.DEFAULT_PATH}")
+    """One line for store.NameTaken: who holds our name, and what to do."""
+    return (f"node name {error.name} is held by a live node on another machine, at "
+            f"{error.address or 'an unknown address'}: set another node_name in "
+            f"{config_path or configuration.DEFAULT_PATH}")
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -366,7 +364,7 @@ def main(ctx, config_path, rootfs, namespace, socket_path, etcd_endpoints):
         click.echo(f"lclusterd: {e}", err=True)
         sys.exit(EX_CONFIG)
     except TaskEnded as e:
-        if isinstance(e.error, NameTaken):  # contract C2: restarting would not help
+        if isinstance(e.error, etcd.NameTaken):  # contract C2: restarting would not help
             said = name_taken(e.error, config_path)
             sd.notify(f"STATUS=refused to start: {said}")
             click.echo(f"lclusterd: {said}", err=True)

@@ -7,7 +7,7 @@ import types
 import pytest
 from click.testing import CliRunner
 
-from lclusterd import config, daemon, sandbox
+from lclusterd import config, daemon, sandbox, store
 
 
 def run(coro):
@@ -77,7 +77,7 @@ def test_stopping_ends_the_tasks_quietly():
 def test_name_taken_exits_78_with_one_line(monkeypatch, conf):
 
     async def serve(cfg, path):
-        raise daemon.TaskEnded("heartbeat", daemon.NameTaken("cl1", "http://10.0.0.5:7800"))
+        raise daemon.TaskEnded("heartbeat", store.NameTaken("cl1", "http://10.0.0.5:7800"))
     monkeypatch.setattr(daemon, "serve", serve)
     result = CliRunner().invoke(daemon.main, ["--config", conf("[lclusterd]\n")])
     assert result.exit_code == daemon.EX_CONFIG == 78
