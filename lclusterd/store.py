@@ -553,15 +553,16 @@ class Store:
             return self._compacted
         return self._compact_to(margin)
 
-    def _compact_to(self, margin):
+    def _compact_to(self, margin, physical=False):
+        """physical: wait until the members have dropped it (before a defragmentation)."""
         def run(c):
             revision = _range(c, f"{self.prefix}/ping", count_only=True).header.revision
             target = revision - margin
             with self._lock:
-                if target <= self._compacted:
+                if target <= self._compacted or target < 1:
                     return None
             try:
-                c.kvstub.Compact(etcdrpc.CompactionRequest(revision=target), c.timeout,
+                c.kvstub.Compact(etcdrpc.CompactionRequest(revision=target, physical=physical), c.timeout,
                                  credentials=c.call_credentials, metadata=c.metadata)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.OUT_OF_RANGE:
@@ -570,7 +571,7 @@ class Store:
             with self._lock:
                 self._compacted = max(self._compacted, target or revision - margin)
             return target
-        return self._call(run)
+        return self._call(run, MAINTENANCE_TIMEOUT if physical else None)
 
     def space(self):
         """{"db_size": bytes of the member that answers, "quota": its
@@ -589,7 +590,7 @@ class Store:
         return self.space()
 
     def _recover(self):
-        self._compact_to(0)
+        self._compact_to(0, physical=True)
         for index in range(len(self.endpoints)):
             conn = self._acquire(index)
             client = copy.copy(conn.client)
