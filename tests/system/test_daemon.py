@@ -1,10 +1,9 @@
 """The daemon under systemd, on the installed package: what it says it can
 enforce, supervision (a crashed task gets it restarted), the watchdog (a
 hung loop gets it restarted), `systemctl reload` refusing a bad config
-visibly, the warning about an etcd anyone can write to, the fd limit.
-
-Tests run in file order on one container: the first ones see its cgroups as
-nspawn made them, later ones after enable_resource_control()."""
+visibly, the warning about an etcd anyone can write to, the fd limit, a
+node name live on another machine (exit 78). Each test starts the daemon
+afresh and undoes what it changed."""
 
 import time
 
@@ -167,4 +166,32 @@ def test_an_etcd_anyone_can_write_to_is_warned_about(box):
     finally:
         without_dropin(box)
         box.sh("systemctl stop plain-etcd; rm -f /etc/lclusterd/plain.conf")
+    assert started(box).startswith("running")
+
+
+ETCDCTL = ("etcdctl --endpoints=https://127.0.0.1:2379 --cacert=/etc/lclusterd/etcd/ca.pem "
+           "--cert=/etc/lclusterd/etcd/client.pem --key=/etc/lclusterd/etcd/client.key")
+
+
+def test_a_name_live_on_another_machine_ends_the_daemon_with_78_naming_it(box):
+    # Issue 9 item 10 (contract C2): another machine's live registration of
+    # our name, written as that node would, under a lease of its own.
+    started(box)
+    name = box.sh("hostname").stdout.strip()
+    lease = box.sh(f"{ETCDCTL} lease grant 60").stdout.split()[1]
+    other = f'{{"name":"{name}","machine":"0123456789abcdef0123456789abcdef","address":"http://10.9.9.9:7800"}}'
+    box.sh(f"{ETCDCTL} put --lease={lease} /lcluster/nodes/{name} '{other}'")
+    try:
+        since = now(box)
+        box.sh("systemctl restart lclusterd")
+        wait_for(box, "systemctl is-failed --quiet lclusterd")
+        assert box.sh("systemctl show -p ExecMainStatus --value lclusterd").stdout.strip() == "78"
+        said = [line for line in journal(box, since).splitlines() if line.startswith("lclusterd: ")]
+        assert said == [f"lclusterd: node name {name} is held by a live node on another machine, "
+                        f"at http://10.9.9.9:7800: set another node_name in {CONF}"], said
+        time.sleep(3)  # RestartSec=2: no restart comes (RestartPreventExitStatus=78)
+        assert box.sh("systemctl is-failed lclusterd", check=False).stdout.strip() == "failed"
+    finally:
+        box.sh(f"{ETCDCTL} lease revoke {lease}")
+        box.sh("systemctl reset-failed lclusterd")
     assert started(box).startswith("running")
