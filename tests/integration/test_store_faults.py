@@ -189,6 +189,64 @@ def test_renew_fails_over_within_its_timeout_and_remembers(etcd, prefix, black_h
         s.close()
 
 
+class FreezingProxy:
+    """A TCP proxy to etcd that can stop passing bytes while its connections
+    stay open: a member cut off (or stopped) under an established channel."""
+
+    def __init__(self, port):
+        self.target, self.frozen = port, threading.Event()
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                while self.frozen.is_set():
+                    time.sleep(0.01)  # hold it: the peer sees silence, not a close
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.server.close()
+
+
+def test_renew_leaves_a_silent_member_within_its_timeout(etcd, prefix):
+    proxy = FreezingProxy(etcd.client_port)
+    s = Store([proxy.endpoint, etcd.endpoint], prefix=prefix)
+    try:
+        lease = s.grant(10)
+        assert s.renew(lease, timeout=0.3)  # through the proxy: its channel is up
+        proxy.frozen.set()
+        started = time.monotonic()
+        assert s.renew(lease, timeout=0.3)
+        took = time.monotonic() - started
+        assert took < 1.0, f"a renewal took {took:.2f} s with a silent first member"
+        started = time.monotonic()
+        assert s.renew(lease, timeout=0.3)
+        assert time.monotonic() - started < 0.2  # the member that answered is asked first
+    finally:
+        proxy.frozen.clear()
+        s.close()
+        proxy.close()
+
+
 def test_all_members_dead_within_the_timeouts(prefix, black_hole, dead_endpoint):
     s = Store([black_hole, dead_endpoint()], prefix=prefix)
     try:
