@@ -786,6 +786,8 @@ def _kind(error):
         return "toolarge"
     if error.code() in _UNREACHABLE:
         return "unreachable"
+    if error.code() == grpc.StatusCode.INTERNAL and not details.startswith("etcdserver:"):
+        return "unreachable"  # the transport's (a reset stream), not etcd's answer
     return None
 
 

@@ -142,6 +142,7 @@ class Refusal(grpc.RpcError):
     (grpc.StatusCode.UNAVAILABLE, "etcdserver: no leader"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
     (grpc.StatusCode.UNKNOWN, "Stream removed"),
+    (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2"),
 ])
 def test_every_unreachability_is_unavailable(etcd, prefix, code, details):
     s = Store([etcd.endpoint], prefix=prefix)
