@@ -44,6 +44,14 @@ Errors (one tree, the callers map it):
     NameTaken    register(): another machine's live node holds the name
     LeaseExpired a write under a lease etcd no longer has (register afresh)
 
+Calls added for the scheduler: queued_count(uid); submit_many(jobs,
+idempotency_key=None) -> None when written, else the uuids the key queued
+before; update_registration() -> False when the registration is gone or
+another's; delete() also takes (Job, revision) and then drops a queued
+record's queue keys; timeout= on ping, grant, renew, revoke, register and
+update_registration: seconds per endpoint tried (the heartbeat's budget),
+and the endpoint that answered is tried first next time.
+
 Maintenance: compact() keeps etcd's history short (the prune pass calls it)
 and, while NOSPACE is raised, also defragments every member and disarms the
 alarm (recover_space() does that on demand; lock() is granted to every caller
