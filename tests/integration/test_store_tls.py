@@ -65,6 +65,8 @@ def test_store_with_client_certificate(tls_etcd):
     job = core.new_job("true", 0, 0, "root", now=1.0)
     store.submit(job)
     assert store.get(job.uuid)[0] == job
+    # The quota (for NoSpace's message) is read from /metrics with the same certificate.
+    assert store.space()["quota"] == 2 * 1024 ** 3  # etcd's default
     store.close()
 
 
