@@ -48,6 +48,12 @@ RENEW_WAIT = 0.125  # each renewal, sent to every etcd endpoint at once, may tak
 FENCE_AFTER = 0.5  # unrenewed this long: stop our jobs
 REQUEUE_GUARD = 0.25  # a dead node's lease gone this long: requeue its jobs
 CLAIM_POLL = 0.5  # seconds between looks at the prime and the queue while we have room
+# A job asking for a limit this node cannot enforce is left for a node that
+# can (issue 9 item 17): the primed node looks this many jobs past its free
+# slots for ones it can run, and when such a job heads the queue it gives
+# the prime up for YIELD_PRIME seconds, so that another node may take it.
+LOOK_PAST = 16
+YIELD_PRIME = 4 * CLAIM_POLL
 FENCE_STOP_WAIT = 5  # seconds to wait for a killed unit to go
 RUN_DIR = "/run/lclusterd"  # FENCE_FILE and FENCED_DIR live here (contract C1)
 FENCE_FILE = "fence.json"  # {"node", "deadline" (CLOCK_MONOTONIC s), "others_live", "pid"}
@@ -145,6 +151,7 @@ class Node:
         self._judged = set()  # lease-less members whose jobs we have looked for
         self._others_live = False  # did another node hold a lease when we last looked?
         self._missing_since = {}  # member name -> loop time we first saw it without a lease
+        self._yield_until = 0.0  # loop time before which we do not campaign (LOOK_PAST)
         self._fence_file_error = None  # why FENCE_FILE cannot be written, said once
         # The heartbeat's etcd calls get threads of their own: slow calls of
         # the API or the scheduler must not delay a renewal into a fence.
@@ -599,6 +606,8 @@ class Node:
             return
         free = core.free_slots(self.config.slots, len(self.mine))
         action = core.prime_action(self.primed, free)
+        if action == "campaign" and asyncio.get_running_loop().time() < self._yield_until:
+            return  # we left the queue's head to a node that can enforce its limits
         if action in ("campaign", "keep"):  # keep: make sure we still hold it
             self.primed = await self._store(self.store.campaign, self.config.node_name, self.lease)
         elif action == "resign":
@@ -606,10 +615,16 @@ class Node:
             self.primed = False
         if not self.primed:
             return
-        heads = [(job, rev) for job, rev in await self._store(self.store.queued, free)
-                 if self._can_enforce(job)]  # others wait for a node that can
+        queued = await self._store(self.store.queued, free + LOOK_PAST)
+        heads = [(job, rev) for job, rev in queued if self._can_enforce(job)][:free]
         results = await asyncio.gather(*(self._claim_and_start(job, rev) for job, rev in heads),
                                        return_exceptions=True)  # let every start finish
+        if queued and not self._can_enforce(queued[0][0]):
+            log.info("job %s asks for a limit this node cannot enforce: leaving it to another node",
+                     queued[0][0].uuid)
+            await self._store(self.store.resign, self.config.node_name)
+            self.primed = False
+            self._yield_until = asyncio.get_running_loop().time() + YIELD_PRIME
         if not core.free_slots(self.config.slots, len(self.mine)):
             self.wake()  # full now: resign on the next pass
         for result in results:

@@ -390,11 +390,17 @@ def test_submit_refuses_a_limit_this_node_cannot_enforce(tmp_path):
     assert n.store.jobs == {}
     asyncio.run(n.submit("true", ROOT, {"cpus": "0.5", "tasks": "10"}))
     assert n.registration()["enforces"] == ["cpu", "pids"]
-    # Queued at a node that can: this one leaves it for such a node.
+    # Queued at a node that can, at the head of the queue: this one runs what
+    # it can and leaves the prime for a while, to a node that can run it.
     n.store.put(job(job_uuid=U2, submitted_at=0.0, memory=64 * 2 ** 20))
     n.lease = 77
-    asyncio.run(n.fill_slots())
-    assert n.store.get(U2)[0].state == QUEUED and len(n.units.started) == 1
+
+    async def passes():
+        await n.fill_slots()
+        first = (n.store.get(U2)[0].state, len(n.units.started), n.store.prime)
+        await n.fill_slots()  # within YIELD_PRIME: no campaign
+        return first, n.store.prime
+    assert asyncio.run(passes()) == ((QUEUED, 1, None), None)
 
 
 def test_submit_with_a_known_idempotency_key_returns_the_first_jobs(tmp_path):
