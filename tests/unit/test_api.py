@@ -39,7 +39,7 @@ class FakeNode:
     """What api.py calls of lclusterd.node.Node."""
 
     def __init__(self):
-        self.config = SimpleNamespace(node_name="node1", max_connections=40,
+        self.config = SimpleNamespace(node_name="node1", slots=4, max_connections=40,
                                       max_connections_per_uid=8)
         self.jobs = {}
         self.fail = None  # an exception every verb raises
@@ -581,3 +581,106 @@ def test_lclusterc_over_its_bound_reads_the_503(served, node, as_uid):
     finally:
         for s in held:
             s.close()
+
+
+# --- issue 12 item 2: GET /metrics -------------------------------------------------
+
+def scrape(served):
+    from prometheus_client.parser import text_string_to_metric_families
+    conn = UnixHTTPConnection(served.path, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        answer = conn.getresponse()
+        body = answer.read().decode()
+    finally:
+        conn.close()
+    assert answer.status == 200, body
+    assert answer.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(body) for s in f.samples}
+
+
+def test_metrics_on_the_unix_socket_count_what_passed(served, node):
+    node.primed = True
+    before = scrape(served)
+    now = time.time()
+    node.add(job(state=core.SUCCEEDED, node="node1", submitted_at=now - 3, started_at=now - 2.95,
+                 ended_at=now - 1))
+    node.add(job(state=core.FAILED, node="node1", submitted_at=now - 3, started_at=now - 2,
+                 ended_at=now - 1))
+    node.add(job(state=core.RUNNING, node="node1", submitted_at=now - 1, started_at=now - 1,
+                 cpus=1.5, memory=1 << 20))
+    node.add(job(state=core.RUNNING, node="node2", submitted_at=now, started_at=now))  # not ours
+    served.call("POST", "/v1/jobs", {"command": "true"})
+    after = scrape(served)
+    key = lambda name, **labels: (name, tuple(sorted({"node": "node1", **labels}.items())))
+    grew = lambda name, **labels: after[key(name, **labels)] - before.get(key(name, **labels), 0)
+    assert grew("lclusterd_jobs_submitted_total") == 1
+    assert grew("lclusterd_jobs_started_total") == 3
+    assert grew("lclusterd_jobs_ended_total", result="succeeded") == 1
+    assert grew("lclusterd_jobs_ended_total", result="failed") == 1
+    assert after[key("lclusterd_node_jobs", state="running")] == 1
+    assert after[key("lclusterd_slots")] == 4 and after[key("lclusterd_slots_used")] == 1
+    assert after[key("lclusterd_cpus_reserved")] == 1.5
+    assert after[key("lclusterd_memory_reserved_bytes")] == 1 << 20
+    assert after[key("lclusterd_primed")] == 1
+    assert after[("lclusterd_cluster_jobs", (("state", "running"),))] == 2
+    assert after[key("lclusterd_dispatch_latency_seconds_count")] == 3
+    assert after[key("lclusterd_dispatch_latency_seconds_bucket", le="0.1")] == 2  # 0 s and 0.05 s
+
+    again = scrape(served)  # each job counts once, and a pruned record keeps its count
+    node.jobs.clear()
+    pruned = scrape(served)
+    for name in ("lclusterd_jobs_started_total", "lclusterd_dispatch_latency_seconds_count"):
+        assert again[key(name)] == after[key(name)] == pruned[key(name)]
+    assert pruned[key("lclusterd_node_jobs", state="running")] == 0
+
+
+def test_jobs_started_or_ended_before_the_daemon_do_not_count(node):
+    node.clock = lambda: 1000.0
+    tracker = api.Tracker(node)
+    tracker.observe([job(state=core.SUCCEEDED, node="node1", submitted_at=800.0, started_at=900.0,
+                         ended_at=950.0),
+                     job(state=core.SUCCEEDED, node="node1", submitted_at=800.0, started_at=900.0,
+                         ended_at=1001.0)])
+    assert tracker.counters.started == 0
+    assert tracker.counters.ended[core.SUCCEEDED] == 1
+
+
+def test_a_repeated_idempotency_key_counts_once(node):
+    node.clock = time.time
+    made = job()
+    tracker = api.Tracker(node)
+    tracker.submitted([made])
+    tracker.submitted([made])
+    assert tracker.counters.submitted == 1
+
+
+def test_a_node_that_counts_itself_is_believed(served, node):
+    from lclusterd import metrics
+    node.counters = metrics.Counters()
+    node.counters.started = 7
+    node.add(job(state=core.RUNNING, node="node1", started_at=time.time()))
+    samples = scrape(served)
+    assert samples[("lclusterd_jobs_started_total", (("node", "node1"),))] == 7
+    assert ("lclusterd_cluster_jobs", (("state", "running"),)) not in samples  # not primed
+
+
+async def _over_tcp(app, path, headers=None):
+    from aiohttp.test_utils import TestClient, TestServer
+    async with TestClient(TestServer(app)) as client:
+        answer = await client.get(path, headers=headers or {})
+        return answer.status, await answer.text()
+
+
+@pytest.mark.allow_io("socket")
+def test_metrics_over_tcp_need_the_token(node):
+    token = "t" * 32
+    status, text = asyncio.run(_over_tcp(api.make_app(node, token), "/metrics"))
+    assert status == 401 and "token" in json.loads(text)["error"]
+    status, _ = asyncio.run(_over_tcp(api.make_app(node, token), "/metrics",
+                                      {"Authorization": "Bearer wrong"}))
+    assert status == 401
+    status, text = asyncio.run(_over_tcp(api.make_app(node, token), "/metrics",
+                                         {"Authorization": f"Bearer {token}"}))
+    assert status == 200 and "lclusterd_slots" in text
