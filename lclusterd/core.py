@@ -249,7 +249,9 @@ def node_rows(members, live, failed, prime):
                      "slots": info.get("slots"),
                      "running": info.get("running", 0) if alive else 0,
                      "free": info.get("free") if alive else 0,
-                     "failed_at": None if alive else (failed.get(name) or {}).get("at")})
+                     "failed_at": None if alive else (failed.get(name) or {}).get("at"),
+                     # the limits it can enforce (None: a node too old to say)
+                     "enforces": info.get("enforces")})
     return rows
 
 

@@ -87,6 +87,9 @@ def test_node_rows():
         ("a", "ready", 2, None), ("b", "primed", 0, None), ("c", "failed", 0, 50.0)]
     assert rows[0]["address"] == "http://a:7800" and rows[0]["slots"] == 2
     assert [r["free"] for r in rows] == [0, 2, 0]
+    assert [r["enforces"] for r in rows] == [None] * 3  # older nodes do not say
+    live["a"]["enforces"] = ["cpu", "memory", "pids"]
+    assert core.node_rows(members, live, {}, None)[0]["enforces"] == ["cpu", "memory", "pids"]
 
 
 def test_reconcile_fences_units_whose_job_went_to_another_node():
