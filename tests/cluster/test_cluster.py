@@ -68,6 +68,20 @@ def test_nodes_registered_with_address_and_slots(cluster):
     assert table.splitlines()[0].split()[:3] == ["NAME", "ADDRESS", "STATE"] and "n3" in table
 
 
+def test_nodes_say_what_they_enforce_and_refuse_what_they_cannot(cluster):
+    """Issue 9 item 17 (contract C4), across the cluster."""
+    rows = cluster[0].nodes()
+    for n in cluster:
+        enforces = rows[n.name]["enforces"]
+        assert isinstance(enforces, list) and set(enforces) <= {"memory", "cpu", "pids"}
+        r = n.lc("addjob --memory 64M true", check=False)
+        if "memory" in enforces:
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "this node cannot enforce --memory (no writable memory cgroup controller)" in r.stderr
+
+
 def test_tcp_needs_the_token(cluster):
     a, b = cluster[0], cluster[1]
     probe = ("import sys, urllib.request, urllib.error\n"
