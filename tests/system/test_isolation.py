@@ -261,6 +261,8 @@ def test_over_maximum_and_disallowed_network_are_refused_up_front(box):
     assert r.returncode == 4 and "network host is not allowed" in one_line_error(r)
     assert box.job_count() == before
     assert configure(box, max_memory=None, job_networks="host").returncode == 0
+    # the host's interface of the first test (made here too: this test may run alone)
+    box.sh("ip link show lciso0 >/dev/null 2>&1 || ip link add lciso0 type veth peer name lciso1")
     job, out = run_job(box, "--network host 'cat /proc/net/dev'")
     assert "lciso0" in out, out
 
@@ -326,9 +328,11 @@ def test_rootfs_without_a_shell_is_refused_at_start_up(box):
 
 
 def test_mkrootfs_refuses_in_one_line(box):
+    # debootstrap is a Recommends, and the test rootfs has it: a PATH without
+    # it stands for a node without it.
     for args, words in (("/etc", "/etc exists and is not an empty directory"),
-                        ("/srv/new-root", "debootstrap is not installed")):  # a Recommends
-        r = box.sh(f"lclusterd mkrootfs {args}", check=False)
+                        ("/srv/new-root", "debootstrap is not installed")):
+        r = box.sh(f"PATH=/nonexistent /usr/bin/lclusterd mkrootfs {args}", check=False)
         assert r.returncode == 1 and r.stderr.strip() == f"lclusterd: {words}" + (
             " (apt install debootstrap)" if "debootstrap" in words else ""), r.stderr
     assert box.sh("test -e /srv/new-root", check=False).returncode == 1
