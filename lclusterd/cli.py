@@ -16,7 +16,7 @@ import click
 
 from lclusterd import __version__, core
 from lclusterd.client import (BAD_URL, DEFAULT_SOCKET, DEFAULT_TOKEN_FILE, DENIED, UNREACHABLE,
-                              Client, ClientError, read_token)
+                              UNTRUSTED, Client, ClientError, read_token)
 
 # Exit codes: the one table. `lclusterc --help` prints it as it is.
 EXIT_TABLE = (
@@ -25,7 +25,7 @@ EXIT_TABLE = (
     (2, "bad input or usage (HTTP 400)"),
     (3, "no such job, or ambiguous uuid prefix (HTTP 404, 409)"),
     (4, "permission denied, or over a quota (HTTP 401, 403, 429, the socket's file mode, "
-        "the token file)"),
+        "the token file, an HTTPS certificate that --ca does not trust)"),
     (5, "daemon unreachable (not running: no socket, refused, closed, no answer)"),
     (6, "etcd or systemd unavailable, or etcd out of space (HTTP 503, 507)"),
     (130, "interrupted (Ctrl-C), or addjob --wait on a job that was cancelled"),
@@ -38,7 +38,7 @@ EXIT_TABLE = (
 EXIT_FOR_CAUSE = {
     400: EXIT_USAGE, 413: EXIT_USAGE, 401: EXIT_DENIED, 403: EXIT_DENIED, 429: EXIT_DENIED,
     BAD_URL: EXIT_USAGE, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD, 507: EXIT_ETCD,
-    DENIED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
+    DENIED: EXIT_DENIED, UNTRUSTED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
 }
 
 STATES = core.STATES
@@ -50,7 +50,7 @@ CHECKJOB_LINES = 5  # lines of output checkjob shows
 
 # The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
 OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
-GLOBAL_OPTIONS_WITH_VALUE = ("--socket", "--server", "--token-file")
+GLOBAL_OPTIONS_WITH_VALUE = ("--socket", "--server", "--token-file", "--ca", "--cert", "--key")
 
 EPILOG = ("\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_TABLE)
           + "\n\n\b\nThe old spellings --addjob=CMD, --checkjob=UUID and --removejob=UUID"
@@ -323,19 +323,27 @@ class _Group(click.Group):
               default=DEFAULT_SOCKET, show_default=True, show_envvar=True,
               help="The daemon's unix socket.")
 @click.option("--server", metavar="URL", envvar="LCLUSTER_SERVER", show_envvar=True,
-              help="Talk to the daemon at http://HOST:PORT over TCP instead (with the token).")
+              help="Talk to the daemon at http://HOST:PORT or https://HOST:PORT over TCP "
+                   "instead (with the token).")
 @click.option("--token-file", metavar="FILE", envvar="LCLUSTER_TOKEN_FILE", show_envvar=True,
               default=DEFAULT_TOKEN_FILE, show_default=True, help="The cluster's token, for --server.")
+@click.option("--ca", metavar="FILE", envvar="LCLUSTER_CA", show_envvar=True,
+              help="For https:// --server: the CA that signed the node's certificate "
+                   "(default: the system's CAs).")
+@click.option("--cert", metavar="FILE", envvar="LCLUSTER_CERT", show_envvar=True,
+              help="For https:// --server: a client certificate (a node with tls_client_ca).")
+@click.option("--key", metavar="FILE", envvar="LCLUSTER_KEY", show_envvar=True,
+              help="The key of --cert (default: in the --cert file).")
 @click.version_option(__version__, "--version", prog_name="lclusterc")
 @click.pass_context
-def lclusterc(ctx, socket_path, server, token_file):
+def lclusterc(ctx, socket_path, server, token_file, ca, cert, key):
     """Queue shell commands on the lclusterd cluster, and follow them.
 
     REF is a job's uuid or a unique prefix of it (at least 4 hex digits).
     """
     try:
         token = read_token(token_file) if server else None
-        ctx.obj = Client(socket_path, server=server, token=token)
+        ctx.obj = Client(socket_path, server=server, token=token, ca=ca, cert=cert, key=key)
     except ClientError as e:
         raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
 

@@ -9,9 +9,12 @@ import contextlib
 import http.client
 import json
 import socket
+import ssl
 import time
 import urllib.parse
 import uuid
+
+from lclusterd import tls
 
 DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"
 DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # the daemon's token_file
@@ -32,6 +35,7 @@ UNREACHABLE = "unreachable"  # no socket, nobody listening, connection lost, tim
 DENIED = "denied"  # the socket itself refused us (file permissions)
 BAD_ANSWER = "bad-answer"  # something answered, but not the API we know
 BAD_URL = "bad-url"  # --server is not a URL we can use
+UNTRUSTED = "untrusted"  # HTTPS: the server's certificate does not verify, or the CA file is unusable
 
 
 class ClientError(Exception):
@@ -75,19 +79,33 @@ def read_token(path):
 
 
 class Client:
-    def __init__(self, socket_path=DEFAULT_SOCKET, timeout=TIMEOUT, server=None, token=None):
-        """server: an http://HOST:PORT URL to use instead of the unix socket,
-        with token (the cluster's shared secret)."""
+    def __init__(self, socket_path=DEFAULT_SOCKET, timeout=TIMEOUT, server=None, token=None,
+                 ca=None, cert=None, key=None):
+        """server: an http://HOST:PORT or https://HOST:PORT URL to use instead
+        of the unix socket, with token (the cluster's shared secret). HTTPS
+        verifies the server against the CA file ca (else the system's CAs);
+        cert/key: a client certificate, for a node with tls_client_ca."""
         self.socket_path = socket_path
         self.timeout = timeout
         self.server = urllib.parse.urlsplit(server) if server else None
-        if self.server and (self.server.scheme != "http" or not self.server.hostname):
-            raise ClientError(f"--server must be an http://HOST:PORT URL, not '{server}'", BAD_URL)
+        if self.server and (self.server.scheme not in ("http", "https") or not self.server.hostname):
+            raise ClientError(f"--server must be an http://HOST:PORT or https://HOST:PORT URL, "
+                              f"not '{server}'", BAD_URL)
         self.token = token
         self.where = server or socket_path
+        self.ca = ca
+        self.tls = None
+        if self.server and self.server.scheme == "https":
+            try:
+                self.tls = tls.client_context(ca, cert, key)
+            except tls.TLSError as e:
+                raise ClientError(str(e), UNTRUSTED) from None
 
     # The one place that knows the transport.
     def _connection(self, timeout):
+        if self.tls is not None:
+            return http.client.HTTPSConnection(self.server.hostname, self.server.port or 443,
+                                               timeout=timeout, context=self.tls)
         if self.server:
             return http.client.HTTPConnection(self.server.hostname, self.server.port or 80,
                                               timeout=timeout)
@@ -113,6 +131,10 @@ class Client:
             raise self._unreachable(f"nothing listens on {self.where}") from None
         except PermissionError:
             raise ClientError(f"permission denied on the socket {self.socket_path}", DENIED) from None
+        except ssl.SSLCertVerificationError as e:  # nothing was sent: not lost
+            raise ClientError(tls.describe(e, self.where, self.ca), UNTRUSTED) from None
+        except ssl.SSLError as e:
+            raise ClientError(tls.describe(e, self.where, self.ca), UNREACHABLE) from None
         except TimeoutError:
             raise ClientError(f"lclusterd at {self.where} did not answer within "
                               f"{timeout:g} s", UNREACHABLE, lost=True) from None
