@@ -165,7 +165,7 @@ def test_a_call_that_gets_no_answer_closes_the_bus(monkeypatch):
     bus = FakeBus(delay=None)
     u = with_bus(bus)
     with pytest.raises(units.Unavailable, match="did not answer within"):
-        asyncio.run(u.stop(UUID))
+        asyncio.run(asyncio.wait_for(u.stop(UUID), 5))  # (before: waited for ever)
     assert not u.connected and not bus.connected  # Node.run reconnects
     with pytest.raises(units.Unavailable):
         asyncio.run(u.stop(UUID))
