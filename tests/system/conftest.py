@@ -59,7 +59,8 @@ def pytest_generate_tests(metafunc):
     fixture built on it) once per suite. Session-scoped parameters: pytest
     groups the tests by suite, so each rootfs is built or found once."""
     defs = getattr(metafunc, "_arg2fixturedefs", {}).get("rootfs")
-    if defs and defs[-1].func is rootfs.__wrapped__:
+    func = defs[-1].func if defs else None  # the rootfs this test gets: ours, or its module's
+    if getattr(func, "__module__", None) == __name__ and func.__name__ == "rootfs":
         metafunc.parametrize("rootfs", suites(), indirect=True, scope="session")
 
 
