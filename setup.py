@@ -25,6 +25,7 @@ setup(
     description="A lite clustered job scheduler for Debian",
     license="Apache-2.0",
     packages=find_packages(include=["lclusterd", "lclusterd.*"]),
+    package_data={"lclusterd": ["ui/*.js", "ui/*.css"]},  # the status page's assets (ui.py)
     python_requires=">=3.11",
     entry_points={
         "console_scripts": [

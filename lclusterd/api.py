@@ -119,6 +119,8 @@ def make_app(node, token=None):
     app.router.add_delete("/v1/jobs/{ref}", remove)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics_page)
+    from lclusterd import ui  # ui builds on this module's helpers
+    ui.add_routes(app)
     return app
 
 
@@ -184,10 +186,15 @@ def _is_unix(request):
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+def _is_ui(path):
+    return path == "/ui" or path.startswith("/ui/")
+
+
 @web.middleware
 async def _token(request, handler):
-    """TCP callers need the shared token; unix-socket callers never do."""
-    if not _is_unix(request):
+    """TCP callers need the shared token; unix-socket callers never do. The
+    status page (/ui/) checks its own cookie (ui.logged_in)."""
+    if not _is_unix(request) and not _is_ui(request.path):
         token = request.app[TOKEN]
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(
