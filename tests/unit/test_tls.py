@@ -179,3 +179,23 @@ def test_plain_http_to_an_https_listener_is_one_line(https):
     with pytest.raises(ClientError) as e:
         Client(server=https.url.replace("https", "http"), token=TOKEN).nodes()
     assert "\n" not in e.value.message
+
+
+# --- what peers.py needs: aiohttp with tls.client_context, the node's own pair -----------
+
+async def _peer_get(url, context):
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/v1/nodes", ssl=context,
+                               headers={"Authorization": f"Bearer {TOKEN}"}) as answer:
+            return answer.status
+
+
+@pytest.mark.allow_io("socket")
+def test_a_node_fetches_from_another_over_https_with_its_own_certificate(mutual, pki):
+    import aiohttp
+    # Nodes verify each other against tls_client_ca and present their tls_cert/tls_key.
+    context = tls.client_context(pki / "ca.pem", pki / "server.pem", pki / "server.key")
+    assert asyncio.run(_peer_get(mutual.url, context)) == 200
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        asyncio.run(_peer_get(mutual.url, tls.client_context(pki / "other.pem")))
