@@ -814,7 +814,9 @@ class Node:
             return
         log.warning("fencing: %s; stopping this node's jobs", why)
         try:
-            units = await self.units.list()
+            # A unit that has finished keeps its real result (recorded if the
+            # record is still ours): only what still runs is killed and lost.
+            units = [u for u, status in (await self.units.list()).items() if not status.finished]
             for job_uuid in units:
                 self._mark_fenced(job_uuid)
             for job_uuid in units:

@@ -177,6 +177,7 @@ from lclusterd.node import Caller, Node  # noqa: E402
 from lclusterd.store import Unavailable  # noqa: E402
 
 ACTIVE = core.UnitStatus("active", "running", "success", 0, 0)
+EXITED = core.UnitStatus("active", "exited", "success", core.CLD_EXITED, 0)
 KILLED = core.UnitStatus("failed", "failed", "signal", core.CLD_KILLED, 9)
 ROOT = Caller(0, 0, "root")
 
@@ -498,6 +499,7 @@ def test_the_node_fences_at_its_deadline_and_marks_what_it_killed(tmp_path):
     n = make_node(tmp_path, store=store, lease_stores=[store])
     n.config.lease_ttl = 2
     n.units.loaded[U1] = ACTIVE
+    n.units.loaded[U2] = EXITED  # done, its end not recorded yet: not killed, not lost
     store.put(on("me"))
     killed_at = []
     n.units.kill = lambda u: killed_at.append((u, time.monotonic())) or asyncio.sleep(0)
@@ -506,7 +508,7 @@ def test_the_node_fences_at_its_deadline_and_marks_what_it_killed(tmp_path):
     # Registered at t, never renewed: killed FENCE_AFTER x TTL later (then registered afresh).
     ((killed, at),) = killed_at
     assert killed == U1 and 1.0 <= at - t <= 1.1
-    assert (tmp_path / "fenced" / U1).exists()
+    assert (tmp_path / "fenced" / U1).exists() and not (tmp_path / "fenced" / U2).exists()
     # The record: lost (requeued), never failed; the marker is then done with.
     asyncio.run(n._record_end(U1, KILLED))
     assert n.store.get(U1)[0].state == QUEUED and "lost" in n.store.get(U1)[0].reason
