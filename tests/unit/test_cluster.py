@@ -655,3 +655,15 @@ def test_prune_compacts_etcds_history(tmp_path):
     n = make_node(tmp_path)
     asyncio.run(n.prune())
     assert n.store.compactions == 1
+
+
+def test_the_heartbeat_gets_a_store_per_etcd_endpoint():
+    """The real Store's shape (made lazily: no connection here)."""
+    from lclusterd.store import Store
+    tls = {"ca_cert": "/ca.pem", "cert_cert": "/c.pem", "cert_key": "/c.key"}
+    store = Store(["https://a:2379", "https://b:2379", "https://c:2379"], "/p", tls=tls)
+    stores = node_module.endpoint_stores(store)
+    assert [s.endpoints for s in stores] == [["https://a:2379"], ["https://b:2379"], ["https://c:2379"]]
+    assert {s.prefix for s in stores} == {"/p"} and all(s.tls == tls for s in stores)
+    single = Store(["http://127.0.0.1:2379"])
+    assert node_module.endpoint_stores(single) == [single]
