@@ -104,6 +104,17 @@ def test_local_users_cannot_reach_etcd(box):
         # nor with root's files, which she cannot read
         r = box.sh(f"{ETCDCTL} {how} {certs} get --prefix /lcluster", user="alice", check=False)
         assert r.returncode != 0 and uuid not in r.stdout, (how, r.stdout)
+    # nor through etcd's peer port (raft messages, leases, the member list)
+    probe = ("import ssl, urllib.request\n"
+             "ctx = ssl.create_default_context(cafile='/etc/lclusterd/etcd/ca.pem')\n"
+             "for url in ('http://127.0.0.1:2380/members', 'https://127.0.0.1:2380/members'):\n"
+             "    try:\n"
+             "        print(urllib.request.urlopen(url, timeout=3, context=ctx"
+             " if url.startswith('https') else None).read())\n"
+             "    except Exception as e:\n"
+             "        print('refused', type(e).__name__)\n")
+    out = box.sh("python3 -", user="alice", input=probe).stdout.splitlines()
+    assert len(out) == 2 and all(line.startswith("refused") for line in out), out
     assert box.sh(f"{ETCDCTL} --endpoints=https://127.0.0.1:2379 {certs} get /lcluster/jobs/{uuid}"
                   ).stdout.count("\n") == 2  # her put did not land: the record is intact
     assert box.job(uuid)["state"] == "succeeded"
