@@ -1,0 +1,38 @@
+"""Under load, every job that ran is recorded with its real exit status
+(issue 9 item 3).
+
+Before the fix, 200 `sleep 0.1` jobs on a busy node ended with ~1-11 of them
+"failed", reason "its unit did not run (systemd result: success)": under
+load systemd runs its queue of start jobs last, so a unit just started read
+"inactive" with its start still pending and no ExecMain* values, which the
+daemon took for an end. Here: 1,000 short jobs through `lclusterc addjob
+--count` while a CPU hog per core keeps the node busy.
+"""
+
+import json
+import time
+
+JOBS = 1000
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def test_a_thousand_jobs_on_a_busy_node_all_succeed_with_status_0(box):
+    hogs = box.sh("for i in $(seq $(nproc)); do setsid sh -c 'while :; do :; done' "
+                  ">/dev/null 2>&1 </dev/null & echo $!; done").stdout.split()
+    try:
+        uuids = set(box.lc(f"addjob --count {JOBS} true", user="alice").stdout.split())
+        assert len(uuids) == JOBS
+        deadline = time.monotonic() + 900
+        while True:
+            jobs = [j for j in json.loads(box.lc("list --json --limit 100000").stdout)
+                    if j["uuid"] in uuids]
+            if sum(j["state"] in TERMINAL for j in jobs) == JOBS:
+                break
+            assert time.monotonic() < deadline, "the 1,000 jobs did not all end within 900 s"
+            time.sleep(2)
+        load = box.sh("cat /proc/loadavg").stdout.split()[0]
+    finally:
+        box.sh(f"kill {' '.join(hogs)}", check=False)
+    wrong = [(j["uuid"], j["state"], j["exit_status"], j["reason"]) for j in jobs
+             if (j["state"], j["exit_status"]) != ("succeeded", 0)]
+    assert not wrong, f"{len(wrong)} of {JOBS} jobs not succeeded/0 (load {load}): {wrong[:5]}"
