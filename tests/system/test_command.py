@@ -108,3 +108,15 @@ def test_a_100_KiB_line_comes_back_whole(ran, box):
     pieces = box.sh(f"journalctl -u {job['unit']} _TRANSPORT=stdout -o json "
                     "--output-fields=_LINE_BREAK").stdout.splitlines()
     assert [json.loads(p).get("_LINE_BREAK") for p in pieces] == ["line-max", "line-max", None]
+
+
+def test_an_oom_kill_is_recorded_with_the_number_of_kills(box):
+    """Issue 9 item 18: on cgroup v1 (this host) systemd does not see OOM kills;
+    core.OOM_CHECK does, and its exit status carries their number."""
+    box.c.enable_resource_control()  # nspawn mounts the v1 controllers read-only
+    r = box.lc("addjob --wait --memory 64M 'python3 -c \"b = bytearray(512 * 2**20)\"'",
+               user="alice", check=False)
+    uuid = r.stdout.split()[0]
+    job = box.job(uuid)
+    assert (job["state"], job["result"]) == ("failed", "oom-kill"), job
+    assert "(oom-kill: 1 OOM kill in its memory cgroup)" in job["reason"], job["reason"]
