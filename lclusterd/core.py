@@ -507,7 +507,8 @@ NOBODY = "nobody"
 def run_as(caller_uid: int, caller_user: str, requested) -> Optional[str]:
     """The user a job runs as: None for the caller itself, else a name to look
     up. Root may choose anyone; a root job without --user runs as nobody, so
-    that a job runs as root only when root asked for it by name."""
+    that a job runs as root only when root asked for it by name (and a job
+    for nobody runs as a dynamic user of its own: see dynamic_user)."""
     if requested is None:
         return NOBODY if caller_uid == 0 else None
     if not isinstance(requested, str) or not _USER_NAME.match(requested):
