@@ -863,7 +863,7 @@ def exec_arg(text: str) -> str:
 # OOM. It runs when the unit stops: for a job that fails (most OOM-killed
 # jobs do) before it is recorded; a job whose main process exited 0 after the
 # OOM killer took a child stays "active (exited)" with its empty cgroup
-# already released by systemd, so on cgroup v1 that kill goes unseen (known gap).
+# already released by systemd: units.OomWatch counts those as they happen.
 OOM_SEEN = 100
 OOM_KILLS_MAX = 155  # OOM_SEEN + this = 255, the highest exit status
 OOM_CHECK = exec_arg(

@@ -6,6 +6,7 @@ it, and reports changes of lcluster-job units as they happen.
 
 import asyncio
 import logging
+import os
 
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
@@ -24,7 +25,7 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 # dbus-next 0.2.3 breaks with ~200 calls in flight on one connection: at
-# most this many messages wait for their answer (a status read is 11 of them).
+# most this many messages wait for their answer (a status read is 12 of them).
 MAX_IN_FLIGHT = 64
 # Seconds a call waits for systemd's answer. Past it the bus is closed (every
 # call then fails Unavailable) and Node.run reconnects: a systemd that stops
@@ -62,8 +63,10 @@ SIGNATURES = {
 STATUS_PROPERTIES = (
     (UNIT, ("LoadState", "ActiveState", "SubState", "Job", "ActiveExitTimestamp")),
     (SERVICE, ("ExecMainStartTimestamp", "ExecMainCode", "ExecMainStatus", "Result",
-               "ExecMainExitTimestamp", "ExecStopPost")),
+               "ExecMainExitTimestamp", "ExecStopPost", "ControlGroup")),
 )
+# Where cgroup v1 mounts the memory controller (OomWatch).
+MEMORY_V1 = "/sys/fs/cgroup/memory"
 
 # Errors that mean "no such unit (any more)".
 GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed",
@@ -101,6 +104,7 @@ class Units:
         self._watched = set()  # uuids whose unit has a match rule on this connection
         self._in_flight = 0  # messages sent and not answered yet
         self._room = asyncio.Condition()
+        self.oom = OomWatch()
 
     async def connect(self):
         try:
@@ -215,6 +219,7 @@ class Units:
             self._watched.add(job_uuid)
 
     async def unwatch(self, job_uuid):
+        self.oom.forget(job_uuid)
         if job_uuid in self._watched:
             self._watched.discard(job_uuid)
             await self._bus_match("RemoveMatch", job_uuid)
@@ -235,12 +240,18 @@ class Units:
         except DBusError as e:
             await self.unwatch(job.uuid)
             raise Refused(e.text) from None
+        if job.memory is not None:
+            # Its cgroup exists once systemd ran the start (else the next status read looks).
+            (cg,) = await self._call(SYSTEMD, unit_path(job.unit), PROPERTIES, "Get", "ss",
+                                     [SERVICE, "ControlGroup"])
+            if cg.value:
+                self.oom.add(job.uuid, cg.value)
 
     async def status(self, job_uuid):
         """core.UnitStatus of the job's unit, or None if it is not loaded."""
         path = unit_path(core.unit_name(job_uuid))
         wanted = [(iface, name) for iface, names in STATUS_PROPERTIES for name in names]
-        # All at once, in order: one round trip's wait, not eleven. Any error
+        # All at once, in order: one round trip's wait, not twelve. Any error
         # of a unit that is not loaded means only that.
         answers = await self._calls([Message(
             destination=SYSTEMD, path=path, interface=PROPERTIES, member="Get",
@@ -255,6 +266,8 @@ class Units:
         p = {name: answer[0] for (_, name), answer in zip(wanted, answers)}
         v = {name: variant.value for name, variant in p.items()}
         active = v["ActiveState"]
+        if active == "active" and v["SubState"] == "running" and v["ControlGroup"]:
+            self.oom.add(job_uuid, v["ControlGroup"])  # (once per job)
         try:
             # Once it is no longer active, are processes left that systemd could not kill?
             processes = 0 if active == "active" else len((await self._manager(
@@ -269,7 +282,8 @@ class Units:
             started_at=_seconds(v["ExecMainStartTimestamp"]),
             ended_at=_seconds(v["ExecMainExitTimestamp"]),
             stopped_at=_seconds(v["ActiveExitTimestamp"]), processes=processes,
-            pending=_job_pending(v["Job"]), oom_kills=_oom_seen(p["ExecStopPost"]))
+            pending=_job_pending(v["Job"]),
+            oom_kills=max(_oom_seen(p["ExecStopPost"]), self.oom.kills(job_uuid)))
 
     async def list(self):
         """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
@@ -332,6 +346,106 @@ class Units:
                 await self.release(job_uuid)
             await asyncio.sleep(0.1)
         return False
+
+
+class OomWatch:
+    """OOM kills in job units' memory cgroups on cgroup v1, as they happen.
+
+    systemd 252 sees none there, and core.OOM_CHECK runs only when a unit
+    stops: a job whose main process exited 0 after the OOM killer took a
+    child stays "active (exited)", and systemd has by then removed its empty
+    cgroup with the kernel's count. So while the job runs, the kernel
+    signals an eventfd per OOM (memory.oom_control through
+    cgroup.event_control, cgroup-v1/memory.rst) and the count is read then;
+    the eventfd is also signalled once when the cgroup is removed.
+    (cgroup v2 needs none of this: systemd's OOMPolicy= acts there.)"""
+
+    def __init__(self, root=MEMORY_V1):
+        self.root = root
+        self._fds = {}  # uuid: (eventfd, memory.oom_control fd, cgroup dir), or None: nothing to watch
+        self._kills = {}  # uuid: OOM kills seen: the kernel's count, or the OOM events if more
+        self._events = {}  # uuid: OOM events signalled so far
+
+    def add(self, job_uuid, control_group):
+        if job_uuid in self._fds:
+            return
+        self._fds[job_uuid] = None
+        path = self.root + control_group
+        try:
+            ofd = os.open(path + "/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no v1 memory cgroup of its own (cgroup v2, or no memory limit)
+        try:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                with open(path + "/cgroup.event_control", "w") as f:
+                    f.write(f"{efd} {ofd}")
+            except OSError:
+                os.close(efd)
+                raise
+        except OSError as e:
+            os.close(ofd)
+            log.warning("cannot watch %s for OOM kills: %s", path, e)
+            return
+        self._fds[job_uuid] = (efd, ofd, path)
+        asyncio.get_running_loop().add_reader(efd, self._signalled, job_uuid)
+        self._count(job_uuid)  # kills before we looked
+
+    def kills(self, job_uuid):
+        if self._fds.get(job_uuid):
+            self._count(job_uuid)
+        return self._kills.get(job_uuid, 0)
+
+    def forget(self, job_uuid):
+        self._close(job_uuid)
+        self._fds.pop(job_uuid, None)
+        self._kills.pop(job_uuid, None)
+        self._events.pop(job_uuid, None)
+
+    def _signalled(self, job_uuid):
+        efd, _, path = self._fds[job_uuid]
+        try:
+            events = os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        gone = not self._count(job_uuid)
+        # One event per OOM (each one a kill), and one when the cgroup is
+        # removed; the count may not be read any more by then.
+        self._events[job_uuid] = self._events.get(job_uuid, 0) + events - gone
+        self._kills[job_uuid] = max(self._kills.get(job_uuid, 0), self._events[job_uuid])
+        if gone:
+            self._close(job_uuid)
+
+    def _count(self, job_uuid):
+        """Read the kernel's count into _kills; False if the cgroup is gone."""
+        _, ofd, _ = self._fds[job_uuid]
+        try:
+            text = os.pread(ofd, 4096, 0).decode()
+        except OSError:
+            return False
+        self._kills[job_uuid] = max(self._kills.get(job_uuid, 0), parse_oom_kills(text))
+        return True
+
+    def _close(self, job_uuid):
+        fds = self._fds.get(job_uuid)
+        if fds:
+            efd, ofd, _ = fds
+            try:
+                asyncio.get_running_loop().remove_reader(efd)
+            except RuntimeError:
+                pass  # no loop running any more
+            os.close(efd)
+            os.close(ofd)
+            self._fds[job_uuid] = None
+
+
+def parse_oom_kills(text):
+    """The "oom_kill N" line of a memory.oom_control (or memory.events)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _may_have_ended(body):

@@ -3,6 +3,7 @@ real D-Bus: the bus object is a stand-in that answers, or never does)."""
 
 import asyncio
 import dataclasses
+import os
 
 import pytest
 from dbus_next import MessageType, Variant
@@ -260,3 +261,39 @@ def test_line_breaks_are_put_back():
     # `tr ...; echo`: the line, then the shell's lone newline (an empty line journald drops)
     assert output_of([(b"xxxxx", b"pid-change"), (b"next", None)]) == b"xxxxx\nnext\n"
     assert output_of([(b"odd", b"some-new-kind")]) == b"odd\n"
+
+
+# --- cgroup v1 OOM notifications ------------------------------------------------------
+
+def test_parse_oom_kills():
+    assert units.parse_oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n") == 2
+    assert units.parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n") == 0  # kernel < 4.13
+
+
+def test_oom_watch_counts_kills_as_the_kernel_signals_them(tmp_path):
+    # A stand-in for a v1 memory cgroup: the same files, an eventfd we signal ourselves.
+    cg = "/lcluster.slice/lcluster-job@x.service"
+    d = tmp_path / cg.lstrip("/")
+    d.mkdir(parents=True)
+    (d / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    (d / "cgroup.event_control").write_text("")
+    watch = units.OomWatch(root=str(tmp_path))
+
+    async def main():
+        watch.add(UUID, cg)
+        efd, ofd, _ = watch._fds[UUID]
+        efd_text, ofd_text = (d / "cgroup.event_control").read_text().split()
+        assert (int(efd_text), int(ofd_text)) == (efd, ofd)  # registered as cgroup-v1/memory.rst says
+        assert watch.kills(UUID) == 0
+        os.eventfd_write(efd, 1)  # an OOM, its kill not counted yet
+        await asyncio.sleep(0.01)
+        assert watch.kills(UUID) == 1
+        (d / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+        assert watch.kills(UUID) == 3  # the kernel's count, read again
+        watch.add(UUID, cg)  # once per job
+        watch.forget(UUID)
+        assert watch.kills(UUID) == 0 and UUID not in watch._fds
+        watch.add("other", "/no/such/cgroup")  # cgroup v2, or no memory limit: nothing to watch
+        assert watch.kills("other") == 0
+
+    asyncio.run(main())
