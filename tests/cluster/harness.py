@@ -87,7 +87,11 @@ def etcd_config(node, tag):
             f"ETCD_CLIENT_CERT_AUTH=false\n"
             f"ETCD_CERT_FILE=\n"
             f"ETCD_KEY_FILE=\n"
-            f"ETCD_TRUSTED_CA_FILE=\n")
+            f"ETCD_TRUSTED_CA_FILE=\n"
+            f"ETCD_PEER_CLIENT_CERT_AUTH=false\n"
+            f"ETCD_PEER_CERT_FILE=\n"
+            f"ETCD_PEER_KEY_FILE=\n"
+            f"ETCD_PEER_TRUSTED_CA_FILE=\n")
 
 
 def lclusterd_config(node, slots=SLOTS):
