@@ -120,3 +120,16 @@ def test_an_oom_kill_is_recorded_with_the_number_of_kills(box):
     job = box.job(uuid)
     assert (job["state"], job["result"]) == ("failed", "oom-kill"), job
     assert "(oom-kill: 1 OOM kill in its memory cgroup)" in job["reason"], job["reason"]
+
+
+def test_a_job_that_survives_an_oom_kill_is_recorded_oom_kill(box):
+    """The issue's case: the OOM killer takes a child, the job exits 0.
+    systemd's OOMPolicy=stop makes that Result=oom-kill on cgroup v2; here
+    (v1) units.OomWatch sees it while the job runs."""
+    box.c.enable_resource_control()
+    for cmd, kills in (("python3 -c \"b = bytearray(512 * 2**20)\" || true; sleep 1", 1),
+                       ("for i in 1 2; do python3 -c \"b = bytearray(512 * 2**20)\"; done; true", 2)):
+        r = box.lc(f"addjob --wait --memory 64M '{cmd}'", user="alice", check=False)
+        job = box.job(r.stdout.split()[0])
+        assert (job["state"], job["result"], job["exit_status"]) == ("failed", "oom-kill", 0), job
+        assert f"(oom-kill: {kills} OOM kill" in job["reason"], job["reason"]
