@@ -205,4 +205,4 @@ def test_oom_seen_by_the_check_is_an_oom_kill():
     done = core.finish(dataclasses.replace(job(), state=core.RUNNING), status, 5.0)
     assert done.result == "oom-kill"
     ok = core.UnitStatus("active", "exited", "success", core.CLD_EXITED, 0, oom_killed=True)
-    assert core.outcome(ok)[0] == core.SUCCEEDED  # a child was OOM-killed; the job coped
+    assert core.outcome(ok)[0] == FAILED  # a child was OOM-killed: oom-kill, as OOMPolicy=stop on v2 (issue 9 item 18)
