@@ -43,7 +43,7 @@ def test_package_holds_fence_and_etcd_lockdown(deb_dir):
 # ---- on the installed package (one booted container for the tests below) ----
 
 ETCD_CERTS = "/etc/lclusterd/etcd"
-ETCDCTL = "etcdctl --dial-timeout=2s --command-timeout=3s"
+ETCDCTL = "/usr/bin/etcdctl --dial-timeout=2s --command-timeout=3s"
 
 
 def test_upgrade_keeps_the_daemon_running_and_its_jobs(box):
