@@ -36,3 +36,21 @@ def test_a_thousand_jobs_on_a_busy_node_all_succeed_with_status_0(box):
     wrong = [(j["uuid"], j["state"], j["exit_status"], j["reason"]) for j in jobs
              if (j["state"], j["exit_status"]) != ("succeeded", 0)]
     assert not wrong, f"{len(wrong)} of {JOBS} jobs not succeeded/0 (load {load}): {wrong[:5]}"
+
+
+def test_a_systemd_that_stops_answering_is_reconnected_to(box):
+    """Issue 9 item 13: every D-Bus call is bounded (units.CALL_TIMEOUT,
+    15 s); a bus that timed out is closed and the node reconnects."""
+    import os
+    import signal
+    box.lc("addjob --wait true", user="alice")  # the daemon is up (socket-activated)
+    since = box.sh("date +%s").stdout.strip()
+    os.kill(box.c.init_pid, signal.SIGSTOP)  # the container's systemd stops answering
+    try:
+        time.sleep(20)
+    finally:
+        os.kill(box.c.init_pid, signal.SIGCONT)
+    log = box.sh(f"journalctl -u lclusterd --since @{since} -o cat").stdout
+    assert "systemd did not answer within 15 s; reconnecting to the system bus" in log, log[-2000:]
+    r = box.lc("addjob --wait 'echo back'", user="alice", check=False)
+    assert r.returncode == 0, r.stderr
