@@ -340,6 +340,10 @@ def _value(key, value):
         return e(_when(value))
     if key == "command":
         return f"<code>{e(value)}</code>"
+    if key == "attempts" and isinstance(value, (list, tuple)):
+        return "<br>".join(e(f"{a.get('node')}: {_when(a.get('started_at'))} – "
+                             f"{_when(a.get('ended_at')) or '…'} {a.get('outcome') or ''}".strip())
+                           if isinstance(a, dict) else e(a) for a in value)
     if isinstance(value, (list, tuple)):
         return "<br>".join(e(v) for v in value)
     return e(value)

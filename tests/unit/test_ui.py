@@ -289,3 +289,16 @@ def test_a_history_of_10000_jobs_loads_fast():
             print("page load with 10,000 jobs:", {p: f"{t * 1000:.0f} ms" for p, t in took.items()})
             assert max(took.values()) < 2.0, took
     run(go())
+
+
+def test_attempts_read_as_lines_not_python():
+    async def go():
+        node = Node()
+        done = node.add(job(state=core.LOST, node="node2", attempts=(
+            {"node": "node1", "started_at": 1764431001.0, "ended_at": 1764431002.0, "outcome": EVIL},)))
+        async with served(node) as client:
+            await logged_in(client)
+            text = await (await client.get(f"/ui/jobs/{done.uuid}")).text()
+            assert_inert(text)
+            assert "{&#x27;node" not in text and "node1: 20" in text
+    run(go())
