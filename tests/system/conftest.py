@@ -51,7 +51,10 @@ def suites():
     if unknown or not chosen:
         raise pytest.UsageError(f"LCLUSTER_TEST_SUITES={raw!r}: unknown suite "
                                 f"{', '.join(unknown) or '(none)'}; known: {','.join(ct.SUITES)}")
-    return list(dict.fromkeys(chosen))
+    # container.SUITES' own string objects: pytest tells a parametrized fixture's
+    # instances apart by identity (`is`), and a fresh "bookworm" per test would
+    # boot a fresh container per test.
+    return [next(s for s in ct.SUITES if s == c) for c in dict.fromkeys(chosen)]
 
 
 def pytest_generate_tests(metafunc):
