@@ -242,8 +242,11 @@ class Units:
             raise Refused(e.text) from None
         if job.memory is not None:
             # Its cgroup exists once systemd ran the start (else the next status read looks).
-            (cg,) = await self._call(SYSTEMD, unit_path(job.unit), PROPERTIES, "Get", "ss",
-                                     [SERVICE, "ControlGroup"])
+            try:
+                (cg,) = await self._call(SYSTEMD, unit_path(job.unit), PROPERTIES, "Get", "ss",
+                                         [SERVICE, "ControlGroup"])
+            except DBusError:
+                return  # gone already: its status says how it ended
             if cg.value:
                 self.oom.add(job.uuid, cg.value)
 
@@ -403,6 +406,8 @@ class OomWatch:
         self._events.pop(job_uuid, None)
 
     def _signalled(self, job_uuid):
+        if not self._fds.get(job_uuid):
+            return
         efd, _, path = self._fds[job_uuid]
         try:
             events = os.eventfd_read(efd)
