@@ -58,6 +58,9 @@ class Config:
     etcd_ca: Optional[str] = None  # TLS to etcd: CA certificate file ...
     etcd_cert: Optional[str] = None  # ... and our client certificate and key files
     etcd_key: Optional[str] = None
+    tls_cert: Optional[str] = None  # HTTPS on the TCP listener: this node's certificate (PEM) ...
+    tls_key: Optional[str] = None  # ... and its key
+    tls_client_ca: Optional[str] = None  # callers (and the other nodes) must show a certificate it signed
     retention: float = 7 * 86400.0  # seconds a finished job's record is kept ("7d" in the file)
     max_finished_jobs: int = 10000  # and at most this many finished records, the latest
     # What one user or one flood may take.
@@ -125,10 +128,15 @@ def from_mapping(values: dict, exists=os.path.isfile) -> Config:
     if config.max_connections_per_uid > config.max_connections:
         raise ConfigError(f"'max_connections_per_uid' ({config.max_connections_per_uid}) is over "
                           f"'max_connections' ({config.max_connections})")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("'tls_cert' and 'tls_key' go together: set both or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError("'tls_client_ca' needs 'tls_cert' and 'tls_key' (HTTPS)")
     _resolve_etcd(config, given=set(values), exists=exists)
     if config.address is None and config.listen:
         host, port = config.listen
-        config.address = f"http://{config.node_name if host in ('', '0.0.0.0', '::') else host}:{port}"
+        scheme = "https" if config.tls_cert else "http"
+        config.address = f"{scheme}://{config.node_name if host in ('', '0.0.0.0', '::') else host}:{port}"
     return config
 
 
@@ -198,7 +206,8 @@ def _parse(key, raw):
         if value <= 0:
             raise ValueError("must be positive")
         return value
-    if key in ("rootfs", "namespace", "address", "etcd_ca", "etcd_cert", "etcd_key"):
+    if key in ("rootfs", "namespace", "address", "etcd_ca", "etcd_cert", "etcd_key",
+               "tls_cert", "tls_key", "tls_client_ca"):
         return raw or None
     if key in _LIMIT_PARSERS:
         return _LIMIT_PARSERS[key](raw) if raw else None

@@ -21,6 +21,7 @@ from systemd import daemon as sd
 
 from lclusterd import (__version__, api, config as configuration, core, journal, netns, peers,
                        rootfs as rootfs_builder, sandbox, store as etcd)
+from lclusterd import tls as https
 from lclusterd.node import Node
 from lclusterd.store import Store
 from lclusterd.units import Units
@@ -286,17 +287,25 @@ async def serve(config, config_path=None):
     log.info("this node %s", said)
     if enforced != frozenset(sandbox.CONTROLLERS):
         warnings.append(f"this node {said}: such jobs are refused")
+    try:  # HTTPS on TCP (issue 12 item 4): a bad file is exit 78 with one line naming it
+        server_tls = (https.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+                      if config.tls_cert else None)
+        peer_tls = (https.client_context(config.tls_client_ca, config.tls_cert, config.tls_key)
+                    if config.tls_cert else None)
+    except https.TLSError as e:
+        raise StartupError(str(e)) from None
     tls = {"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert, "cert_key": config.etcd_key}
     store = Store(config.etcd_endpoints, config.prefix, tls=tls)
     units = Units()
-    node = Node(config, store, units, journal.JobLog, peers.Peers(token),
+    node = Node(config, store, units, journal.JobLog, peers.Peers(token, peer_tls),
                 signing_key=signing_key(token), enforceable=enforced)
     units.on_change = node.unit_changed
 
     runner = api.runner(node, token)  # bounded connections, JSON errors (H3 stub; H7 owns this file)
     await runner.setup()
     for sock in sockets:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=None if sock.family == socket.AF_UNIX
+                           else server_tls).start()
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -391,7 +400,9 @@ def check_config(ctx, config_path):
             sandbox.check_rootfs(config.rootfs)
         if config.namespace and not core.NAMESPACE_NAME.match(config.namespace):
             raise sandbox.SandboxError(f"'{config.namespace}' is not a valid network namespace name")
-    except (configuration.ConfigError, sandbox.SandboxError) as e:
+        if config.tls_cert:  # the same contexts serve() builds: a bad file fails here too
+            https.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except (configuration.ConfigError, sandbox.SandboxError, https.TLSError) as e:
         where = config_path or configuration.DEFAULT_PATH
         click.echo(f"lclusterd: {e}" if where in str(e) else f"lclusterd: {where}: {e}", err=True)
         sys.exit(EX_CONFIG)

@@ -22,8 +22,9 @@ class Unreachable(Exception):
 
 
 class Peers:
-    def __init__(self, token):
+    def __init__(self, token, ssl_context=None):
         self.token = token  # the cluster's shared token, or None (TCP is off here)
+        self.ssl = ssl_context  # tls.client_context(...) for https:// addresses; None: the default
 
     async def logs(self, node, address, job_uuid, **query):
         """The output of job_uuid from node at address, as bytes chunks."""
@@ -39,7 +40,8 @@ class Peers:
                                         sock_read=None if query.get("follow") else FIRST_ANSWER)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.get(url, headers={"Authorization": f"Bearer {self.token}"}) as answer:
+                async with session.get(url, headers={"Authorization": f"Bearer {self.token}"},
+                                   **({"ssl": self.ssl} if self.ssl is not None else {})) as answer:
                     if answer.status != 200:
                         raise Unreachable(f"node {node} answered {answer.status}: "
                                           f"{await _error(answer)}")
