@@ -51,9 +51,10 @@ clean:
 
 BUILD_DEPS := debhelper dh-python python3-all python3-setuptools fakeroot lintian git
 RUN_DEPS   := python3-etcd3 python3-dbus-next python3-systemd python3-pyroute2 \
-              python3-click python3-aiohttp
+              python3-click python3-aiohttp python3-prometheus-client iproute2 openssl
+# chromium, chromium-driver and python3-selenium: the status page's browser test.
 TEST_DEPS  := python3-pytest etcd-server etcd-client systemd-container debootstrap \
-              iproute2 procps util-linux openssl
+              procps util-linux chromium chromium-driver python3-selenium
 
 deps:
 	@missing=$$(for p in $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS); do \

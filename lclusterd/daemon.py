@@ -329,6 +329,7 @@ async def serve(config, config_path=None):
         probe.cancel()
         await asyncio.gather(probe, return_exceptions=True)
         await runner.cleanup()
+        node.close()  # the heartbeat's per-endpoint stores and threads
         units.close()
         store.close()
 

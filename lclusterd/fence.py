@@ -14,9 +14,10 @@ after every confirmed renewal (contract C1):
 
 D is in CLOCK_MONOTONIC seconds (time.monotonic(); the same clock in every
 process of this boot, and it never jumps with the wall clock). Every 0.2 s:
-once monotonic() > D and others_live, every loaded lcluster-job@*.service is
-marked (/run/lclusterd/fenced/<uuid>, an empty file, so the daemon records
-the job `lost`, not failed or succeeded), killed with SIGKILL and stopped.
+once monotonic() > D and others_live, every lcluster-job@*.service whose job
+still runs is marked (/run/lclusterd/fenced/<uuid>, an empty file, so the
+daemon records the job `lost`, not failed or succeeded), killed with SIGKILL
+and stopped.
 A node alone in the cluster (others_live false) has nobody to take its jobs:
 it keeps them.
 
@@ -68,15 +69,23 @@ def systemctl(*args):
 
 
 def job_units():
-    """Names of the loaded lcluster-job@<uuid>.service units."""
+    """Names of the lcluster-job@<uuid>.service units whose job still runs.
+    Not those that ended (failed, inactive, or active/exited under
+    RemainAfterExit): their result is real and the daemon records it; and
+    not those fenced already, which stay loaded as failed."""
     r = systemctl("list-units", "--all", "--plain", "--no-legend", "--full", UNITS)
     names = []
     for line in r.stdout.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[0].startswith(PREFIX) and fields[0].endswith(SUFFIX) \
-                and fields[1] != "not-found":
+        fields = line.split()  # UNIT LOAD ACTIVE SUB DESCRIPTION...
+        if len(fields) >= 4 and fields[0].startswith(PREFIX) and fields[0].endswith(SUFFIX) \
+                and fields[1] != "not-found" and running(fields[2], fields[3]):
             names.append(fields[0])
     return names
+
+
+def running(active, sub):
+    return active in ("activating", "deactivating", "reloading") or (
+        active == "active" and sub != "exited")
 
 
 def fence_units(units, marker_dir=MARKER_DIR):

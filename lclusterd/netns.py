@@ -1,11 +1,14 @@
-"""Network namespaces (pyroute2): the only module that touches them."""
+"""Network namespaces (pyroute2 to list them, iproute2's ip to make them):
+the only module that touches them."""
 
 import errno
+import subprocess
 import threading
 
-from pyroute2 import NetlinkError, NetNS, netns
+from pyroute2 import netns
 
 NETNS_DIR = "/run/netns"
+IP_TIMEOUT = 10  # seconds; ip answers in milliseconds
 _making = threading.Lock()  # jobs start concurrently: one creation at a time
 
 
@@ -20,25 +23,37 @@ def names():
 
 def ensure(name):
     """Create the named namespace, with loopback up, unless it exists.
-    True if this call made it. Raises Error (an OSError)."""
+    True if this call made it. Raises Error (an OSError).
+
+    Made with iproute2's `ip`, not pyroute2: pyroute2 0.7's netns.create and
+    NetNS fork the daemon, and a fork of a process with gRPC's threads hangs
+    on Debian 13 ("Waiting for thread pool to idle before forking")."""
     with _making:
         try:
             if name in names():
                 return False
-            try:
-                netns.create(name)
-            except OSError as e:  # made meanwhile by someone else (ip netns add)
-                if e.errno != errno.EEXIST:
-                    raise
-                return False
-            with NetNS(name) as ns:
-                (lo,) = ns.link_lookup(ifname="lo")
-                ns.link("set", index=lo, state="up")
-            return True
-        except NetlinkError as e:
-            raise Error(e.code, f"netlink: {e}") from None
-        except (OSError, ValueError) as e:
-            raise Error(getattr(e, "errno", None) or errno.EIO, str(e)) from None
+        except OSError as e:
+            raise Error(e.errno or errno.EIO, str(e)) from None
+        made = _ip("netns", "add", name)
+        if made.returncode and name not in names():
+            raise Error(errno.EIO, f"ip netns add {name}: {_said(made)}")
+        up = _ip("-n", name, "link", "set", "lo", "up")
+        if up.returncode:
+            raise Error(errno.EIO, f"loopback of {name}: {_said(up)}")
+        return made.returncode == 0
+
+
+def _ip(*args):
+    try:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Error(errno.EIO, f"ip {' '.join(args)}: {e}") from None
+
+
+def _said(result):
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit status {result.returncode}"
 
 
 def path(name):

@@ -169,6 +169,7 @@ def test_token_file_must_be_root_only(tmp_path):
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import subprocess
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -567,48 +568,38 @@ def test_the_designed_fencing_margin():
 from lclusterd import netns  # noqa: E402
 
 
-class FakeNetns:
-    def __init__(self):
-        self.made, self.inside, self.most = set(), 0, 0
+class FakeIp:
+    """iproute2's ip as netns.ensure runs it: namespaces in a set."""
+
+    def __init__(self, refuse_lo=False):
+        self.made, self.inside, self.most, self.refuse_lo = set(), 0, 0, refuse_lo
         self.lock = threading.Lock()
 
     def listnetns(self):
         return list(self.made)
 
-    def create(self, name):
-        with self.lock:
-            self.inside += 1
-            self.most = max(self.most, self.inside)
-        time.sleep(0.05)
-        with self.lock:
-            self.inside -= 1
-        if name in self.made:
-            raise FileExistsError(17, "File exists")
-        self.made.add(name)
-
-
-class FakeNS:
-    def __init__(self, name):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        pass
-
-    def link_lookup(self, ifname):
-        return [1]
-
-    def link(self, *a, **kw):
-        pass
+    def __call__(self, *args):
+        if args[:2] == ("netns", "add"):
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            time.sleep(0.05)
+            with self.lock:
+                self.inside -= 1
+            if args[2] in self.made:
+                return subprocess.CompletedProcess(args, 1, "", "Cannot create namespace file "
+                                                   f'"/run/netns/{args[2]}": File exists\n')
+            self.made.add(args[2])
+            return subprocess.CompletedProcess(args, 0, "", "")
+        code = 2 if self.refuse_lo else 0
+        return subprocess.CompletedProcess(args, code, "", "RTNETLINK answers: Operation not permitted\n")
 
 
 def test_netns_ensure_makes_one_namespace_under_concurrent_asks(monkeypatch):
     """Issue 9 item 14: two jobs asking for a new ns:X at once."""
-    fake = FakeNetns()
+    fake = FakeIp()
     monkeypatch.setattr(netns, "netns", fake)
-    monkeypatch.setattr(netns, "NetNS", FakeNS)
+    monkeypatch.setattr(netns, "_ip", fake)
     results = []
     threads = [threading.Thread(target=lambda: results.append(netns.ensure("x"))) for _ in range(4)]
     for t in threads:
@@ -618,19 +609,17 @@ def test_netns_ensure_makes_one_namespace_under_concurrent_asks(monkeypatch):
     assert sorted(results) == [False, False, False, True] and fake.most == 1
 
 
-def test_netns_ensure_tolerates_eexist_and_translates_netlink_errors(monkeypatch):
-    from pyroute2 import NetlinkError
-    fake = FakeNetns()
-    monkeypatch.setattr(netns, "netns", fake)
-    monkeypatch.setattr(netns, "NetNS", FakeNS)
-    monkeypatch.setattr(fake, "listnetns", lambda: [])  # made by `ip netns add` meanwhile
+def test_netns_ensure_tolerates_eexist_and_translates_errors(monkeypatch):
+    fake = FakeIp()
+    looks = iter([[], ["x"]])  # not there at the first look; made by someone else meanwhile
+    monkeypatch.setattr(netns, "_ip", fake)
+    monkeypatch.setattr(netns, "netns", type("Listing", (), {"listnetns": lambda self: next(looks)})())
     fake.made.add("x")
-    assert netns.ensure("x") is False
+    assert netns.ensure("x") is False  # ip says it exists: not an error
 
-    class Broken(FakeNS):
-        def link(self, *a, **kw):
-            raise NetlinkError(1, "Operation not permitted")
-    monkeypatch.setattr(netns, "NetNS", Broken)
+    broken = FakeIp(refuse_lo=True)
+    monkeypatch.setattr(netns, "_ip", broken)
+    monkeypatch.setattr(netns, "netns", broken)
     with pytest.raises(netns.Error, match="Operation not permitted") as e:
         netns.ensure("y")
     assert isinstance(e.value, OSError)
