@@ -511,7 +511,7 @@ def run_as(caller_uid: int, caller_user: str, requested) -> Optional[str]:
     for nobody runs as a dynamic user of its own: see dynamic_user)."""
     if requested is None:
         return NOBODY if caller_uid == 0 else None
-    if not isinstance(requested, str) or not _USER_NAME.match(requested):
+    if not isinstance(requested, str) or not _USER_NAME.fullmatch(requested):
         raise InvalidInput(f"'{requested}' is not a user name")
     if caller_uid != 0:
         if requested == caller_user:

@@ -720,3 +720,10 @@ def test_every_new_sandbox_property_has_a_dbus_signature():
             as_user(job(uid=65534, gid=65534), "nobody"), as_user(job(uid=0, gid=0), "root"))
     names = {n for j in jobs for n, _ in core.unit_properties(j, 1, rootfs="/r", namespace="n")}
     assert names <= set(units.SIGNATURES), names - set(units.SIGNATURES)
+
+
+def test_run_as_refuses_a_user_name_with_a_trailing_newline():
+    # `$` in a regex also matches before a final newline: "alice\n" passed match().
+    with pytest.raises(core.InvalidInput):
+        core.run_as(0, "root", "alice\n")
+    assert core.run_as(0, "root", "alice") == "alice"
