@@ -16,6 +16,8 @@ import pwd
 import time
 from dataclasses import dataclass, replace
 
+from dbus_next.errors import DBusError
+
 from lclusterd import core, netns, store as etcd_store
 from lclusterd.peers import Unreachable as PeerUnreachable
 from lclusterd.store import Unavailable as StoreUnavailable
@@ -302,19 +304,35 @@ class Node:
     async def remove(self, ref, caller):
         job = await self.find(ref)
         self._check_owner(job, caller)
+        if self._ours(job):
+            # Its unit is ours to stop: ask systemd first, so that with the bus
+            # down (units.Unavailable, DBusError: the API's 503) nothing is written.
+            await self.units.status(job.uuid)
+        reason = f"removed by {caller.user}"
 
         def cancel(current):
             if current.terminal or current.state == core.WARNED:
                 return None  # already over, or being stopped: removing it again changes nothing
-            return core.transition(current, core.CANCELLED, ended_at=self.clock(),
-                                   reason=f"removed by {caller.user}")
+            return core.transition(current, core.CANCELLED, ended_at=self.clock(), reason=reason)
         job = await self._change(job.uuid, cancel)
         # On another node its sweep sees the cancelled record within poll_interval
         # and stops the unit (core.reconcile: RELEASE_UNIT).
-        if job.node == self.config.node_name:
+        if job is not None and job.state == core.CANCELLED and job.node == self.config.node_name:
             # Give systemd the grace period to SIGTERM and then SIGKILL it.
             grace = self.config.stop_timeout + core.KILL_GRACE
-            if await self.units.stop_and_wait(job.uuid, grace):
+            try:
+                stopped = await self.units.stop_and_wait(job.uuid, grace)
+            except (UnitsUnavailable, DBusError) as e:
+                # The bus went away between the check and the stop: the record
+                # stays cancelled and says so; the sweep after reconnecting
+                # stops the unit (core.reconcile: RELEASE_UNIT).
+                log.warning("job %s cancelled, but its unit could not be stopped yet: %s", job.uuid, e)
+                why = f"{reason}; its unit is stopped once systemd answers (it did not: {e})"
+                why = " ".join(why.split())
+                return await self._change(job.uuid, lambda j: replace(j, reason=why)
+                                          if j.state == core.CANCELLED and j.reason == reason
+                                          else None) or job
+            if stopped:
                 self.mine.discard(job.uuid)
                 self.wake()
             else:  # it keeps its slot; the sweep watches it and clears it once it stops

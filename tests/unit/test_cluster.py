@@ -3,7 +3,7 @@
 import pytest
 
 from lclusterd import core
-from lclusterd.core import FAILED, LOST, QUEUED, RUNNING, STARTING, SUCCEEDED
+from lclusterd.core import CANCELLED, FAILED, LOST, QUEUED, RUNNING, STARTING, SUCCEEDED
 
 U1, U2, U3 = (f"{n}0000000-0000-4000-8000-000000000000" for n in "123")
 
@@ -656,3 +656,55 @@ def test_the_heartbeat_gets_a_store_per_etcd_endpoint():
     assert {s.prefix for s in stores} == {"/p"} and all(s.tls == tls for s in stores)
     single = Store(["http://127.0.0.1:2379"])
     assert node_module.endpoint_stores(single) == [single]
+
+
+class BusDownUnits(FakeUnits):
+    """systemd's bus gone: status (and stop, with stop_fails) raise units.Unavailable."""
+
+    def __init__(self, status_fails=True, stop_fails=True):
+        super().__init__()
+        self.status_fails, self.stop_fails = status_fails, stop_fails
+
+    async def status(self, u):
+        from lclusterd.units import Unavailable as UnitsUnavailable
+        if self.status_fails:
+            raise UnitsUnavailable("systemd is unreachable: not connected to the system bus")
+        return await super().status(u)
+
+    async def stop_and_wait(self, u, timeout):
+        from lclusterd.units import Unavailable as UnitsUnavailable
+        if self.stop_fails:
+            raise UnitsUnavailable("systemd is unreachable: the system bus went away")
+        return await super().stop_and_wait(u, timeout)
+
+
+@pytest.mark.parametrize("state", [STARTING, RUNNING])
+def test_removejob_with_the_bus_down_writes_nothing(tmp_path, state):
+    """Issue 9 item 15: the API answers 503 (units.Unavailable) and the
+    record still says what is true: the job runs."""
+    from lclusterd.units import Unavailable as UnitsUnavailable
+    n = make_node(tmp_path, units=BusDownUnits())
+    n.store.put(on("me", state))
+    before = n.store.get(U1)
+    with pytest.raises(UnitsUnavailable):
+        asyncio.run(n.remove(U1, ROOT))
+    assert n.store.get(U1) == before
+
+
+def test_removejob_whose_stop_loses_the_bus_stays_cancelled_and_says_why(tmp_path):
+    """Cancelled is written before the stop; a stop that then fails leaves it
+    to the sweep (RELEASE_UNIT once systemd answers), and the record says so."""
+    n = make_node(tmp_path, units=BusDownUnits(status_fails=False))
+    n.units.loaded[U1] = ACTIVE
+    n.store.put(on("me"))
+    removed = asyncio.run(n.remove(U1, ROOT))
+    assert removed.state == CANCELLED and n.store.get(U1)[0] == removed
+    assert removed.reason.startswith("removed by root; its unit is stopped once systemd answers")
+    assert "\n" not in removed.reason
+    assert core.reconcile({U1: removed}, {U1: ACTIVE}, set(), "me", 10.0, 5) == [(core.RELEASE_UNIT, U1)]
+
+
+def test_removejob_of_a_queued_job_needs_no_systemd(tmp_path):
+    n = make_node(tmp_path, units=BusDownUnits())
+    n.store.put(job(job_uuid=U1))
+    assert asyncio.run(n.remove(U1, ROOT)).state == CANCELLED
