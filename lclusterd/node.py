@@ -148,6 +148,13 @@ class Node:
         self._recovered = False
         self.lease = None  # our etcd lease while registered, else None (claim nothing)
         self.primed = False
+        # An idle node writes nothing per pass (issue 13 item 3): the prime key
+        # is under our lease, so once taken it stays ours while that lease
+        # lives (no re-campaign, a transaction, every CLAIM_POLL); and while
+        # another node holds it we campaign only once a sweep's read of the
+        # cluster saw it free. Claims stay guarded by the prime's value.
+        self._prime_lease = None  # the lease we took the prime under
+        self._prime_taken = False  # another node held the prime when we last looked
         self.fenced = set()  # uuids of units we killed when fenced: their records are lost, not ended
         self._published = None  # the registration last written
         self._judged = set()  # lease-less members whose jobs we have looked for
@@ -624,13 +631,19 @@ class Node:
             return
         free = core.free_slots(self.config.slots, len(self.mine))
         action = core.prime_action(self.primed, free)
-        if action == "campaign" and asyncio.get_running_loop().time() < self._yield_until:
-            return  # we left the queue's head to a node that can enforce its limits
-        if action in ("campaign", "keep"):  # keep: make sure we still hold it
+        if action == "keep" and self._prime_lease != self.lease:
+            action = "campaign"  # taken under a lease gone since: make sure we hold it
+        if action == "campaign":
+            if asyncio.get_running_loop().time() < self._yield_until:
+                return  # we left the queue's head to a node that can enforce its limits
+            if self._prime_taken:
+                return  # another node holds it: watch_cluster says when it is free
             self.primed = await self._store(self.store.campaign, self.config.node_name, self.lease)
+            self._prime_lease = self.lease if self.primed else None
+            self._prime_taken = not self.primed
         elif action == "resign":
             await self._store(self.store.resign, self.config.node_name)
-            self.primed = False
+            self.primed, self._prime_lease = False, None
         if not self.primed:
             return
         queued = await self._store(self.store.queued, free + LOOK_PAST)
@@ -641,8 +654,10 @@ class Node:
             log.info("job %s asks for a limit this node cannot enforce: leaving it to another node",
                      queued[0][0].uuid)
             await self._store(self.store.resign, self.config.node_name)
-            self.primed = False
-            self._yield_until = asyncio.get_running_loop().time() + YIELD_PRIME
+            self.primed, self._prime_lease = False, None
+            # (Long enough for every other node's sweep to see the prime free.)
+            self._yield_until = asyncio.get_running_loop().time() + max(
+                YIELD_PRIME, self.config.poll_interval + CLAIM_POLL)
         if not core.free_slots(self.config.slots, len(self.mine)):
             self.wake()  # full now: resign on the next pass
         for result in results:
@@ -852,8 +867,11 @@ class Node:
         twice harmless."""
         if self.lease is None:
             return  # we may be the one cut off: judge nobody
-        live, members, failed, _ = await self._store(self.store.cluster)
+        live, members, failed, prime = await self._store(self.store.cluster)
         self._others_live = bool(set(live) - {self.config.node_name})
+        if self.primed and prime != self.config.node_name:
+            self.primed, self._prime_lease = False, None  # deleted meanwhile (etcdctl del): campaign again
+        self._prime_taken = prime is not None and prime != self.config.node_name
         now = self.clock()
         for name in core.failed_nodes(members, live, failed):
             if await self._store(self.store.record_failed, name, now):

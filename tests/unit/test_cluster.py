@@ -708,3 +708,79 @@ def test_removejob_of_a_queued_job_needs_no_systemd(tmp_path):
     n = make_node(tmp_path, units=BusDownUnits())
     n.store.put(job(job_uuid=U1))
     assert asyncio.run(n.remove(U1, ROOT)).state == CANCELLED
+
+
+class CountingStore(FakeStore):
+    """Counts the calls that write to etcd (a transaction with a put or a delete)."""
+
+    WRITES = ("submit_many", "update", "register", "update_registration", "record_failed",
+              "campaign", "resign", "lock", "delete")
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def __getattribute__(self, name):
+        attr = super().__getattribute__(name)
+        if name in CountingStore.WRITES:
+            def counted(*args, **kw):
+                self.writes.append(name)
+                return attr(*args, **kw)
+            return counted
+        return attr
+
+
+def idle_passes(n, passes):
+    """What Node.run does on every pass, a sweep included (the most it does)."""
+    if n._published is None:
+        n._published = n.registration()  # as keep_lease registered it
+    async def go():
+        for _ in range(passes):
+            await n.sweep()
+            await n.watch_cluster()
+            await n.publish()
+            await n.record_changed()
+            await n.fill_slots()
+    asyncio.run(go())
+
+
+def test_an_idle_primed_node_writes_nothing_per_pass(tmp_path):
+    """Issue 13 item 3: it re-campaigned (a transaction) every CLAIM_POLL."""
+    n = make_node(tmp_path, store=CountingStore())
+    n.lease = 77
+    idle_passes(n, 1)
+    assert n.primed and n.store.writes == ["campaign"]
+    n.store.writes.clear()
+    idle_passes(n, 50)
+    assert n.store.writes == [] and n.primed
+    n.store.prime = None  # deleted by hand: the next sweep sees it, and we take it again
+    idle_passes(n, 1)
+    assert n.store.writes == ["campaign"] and n.primed and n.store.prime == "me"
+    n.lease = 78  # registered afresh: the prime under the old lease is gone with it
+    n.store.writes.clear()
+    asyncio.run(n.fill_slots())
+    assert n.store.writes == ["campaign"]
+
+
+def test_an_idle_node_whose_prime_another_holds_writes_nothing(tmp_path):
+    n = make_node(tmp_path, store=CountingStore())
+    n.lease, n.store.prime = 77, "other"
+    asyncio.run(n.fill_slots())  # one campaign, lost
+    assert n.store.writes == ["campaign"] and not n.primed
+    idle_passes(n, 50)
+    assert n.store.writes == ["campaign"] and not n.primed
+    n.store.prime = None  # the other node resigned (full) or died: a sweep sees it free
+    idle_passes(n, 1)
+    assert n.primed and n.store.writes == ["campaign", "campaign"]
+
+
+def test_a_primed_node_still_claims_and_resigns_when_full(tmp_path):
+    n = make_node(tmp_path, store=CountingStore())
+    n.lease = 77
+    idle_passes(n, 1)
+    for u in (U1, U2):
+        n.store.put(job(job_uuid=u))
+    asyncio.run(n.fill_slots())
+    assert set(n.units.started) == {U1, U2}
+    asyncio.run(n.fill_slots())  # full now
+    assert not n.primed and n.store.prime is None
