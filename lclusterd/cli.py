@@ -4,19 +4,27 @@ Thin on purpose: parse arguments, refuse what is plainly bad before bothering
 the daemon, format answers. Every decision is the daemon's (docs/api.md).
 """
 
-import datetime
-import json
 import os
-import shlex
-import shutil
 import sys
 import time
 
 import click
 
-from lclusterd import __version__, core
-from lclusterd.client import (BAD_URL, DEFAULT_SOCKET, DEFAULT_TOKEN_FILE, DENIED, UNREACHABLE,
-                              UNTRUSTED, Client, ClientError, read_token)
+from lclusterd import __version__
+
+# Start-up is most of what `lclusterc addjob` costs in a shell loop, so this
+# module imports only click at the top: core (validation), client (HTTP) and
+# the formatting modules are imported by the functions that use them, and
+# --help and --version need none of them (test_cli_startup.py guards it).
+DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"  # = client.DEFAULT_SOCKET
+DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # = client.DEFAULT_TOKEN_FILE
+# core's constants that the options below need before core is imported
+# (test_cli_startup.py checks that they equal core's).
+STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled", "warned", "lost")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+MAX_BATCH = 64
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+DEFAULT_ATTEMPTS, MAX_ATTEMPTS = 3, 100
 
 # Exit codes: the one table. `lclusterc --help` prints it as it is.
 EXIT_TABLE = (
@@ -33,16 +41,15 @@ EXIT_TABLE = (
 (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_JOB, EXIT_DENIED, EXIT_UNREACHABLE,
  EXIT_ETCD, EXIT_INTERRUPTED) = (code for code, _ in EXIT_TABLE)
 
-# What a ClientError's cause (HTTP status or transport failure) exits with;
-# anything else (HTTP 500, a malformed answer) is EXIT_FAILED.
+# What a ClientError's cause (HTTP status or transport failure: client's
+# BAD_URL, DENIED, UNTRUSTED, UNREACHABLE) exits with; anything else (HTTP 500,
+# a malformed answer) is EXIT_FAILED.
 EXIT_FOR_CAUSE = {
     400: EXIT_USAGE, 413: EXIT_USAGE, 401: EXIT_DENIED, 403: EXIT_DENIED, 429: EXIT_DENIED,
-    BAD_URL: EXIT_USAGE, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD, 507: EXIT_ETCD,
-    DENIED: EXIT_DENIED, UNTRUSTED: EXIT_DENIED, UNREACHABLE: EXIT_UNREACHABLE,
+    "bad-url": EXIT_USAGE, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD, 507: EXIT_ETCD,
+    "denied": EXIT_DENIED, "untrusted": EXIT_DENIED, "unreachable": EXIT_UNREACHABLE,
 }
 
-STATES = core.STATES
-TERMINAL = core.TERMINAL
 POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait and wait
 MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
 NODE_COLUMN = 16  # longer node and user names are cut in list
@@ -82,6 +89,7 @@ def _usage_line(error):
 
 def _checked(check, value):
     """core's validation (the daemon checks again), as a Failure."""
+    from lclusterd import core
     try:
         return check(value)
     except core.InvalidInput as e:
@@ -125,6 +133,7 @@ def _text(value):
 def _local_time(epoch, fmt=None):
     if not isinstance(epoch, (int, float)):
         return None
+    import datetime
     moment = datetime.datetime.fromtimestamp(epoch).astimezone()
     return moment.strftime(fmt) if fmt else moment.isoformat(timespec="seconds")
 
@@ -150,6 +159,7 @@ def _duration(job):
 def _describe(job, output=None):
     """checkjob's human output: aligned `key: value` lines, then the last
     lines of output if given."""
+    import shlex
     warned = job.get("warned_at")
     rows = (
         ("uuid", job.get("uuid")),
@@ -197,6 +207,7 @@ COLUMNS = (
 
 
 def _limits(job):
+    from lclusterd import core
     shown = []
     for name, _, show in core.LIMITS:
         value = job.get(name)
@@ -207,6 +218,7 @@ def _limits(job):
 
 def _property(name, value):
     """One unit property as systemd's unit-file syntax would have it."""
+    import shlex
     if isinstance(value, bool):
         text = "yes" if value else "no"
     elif name.startswith("Exec"):  # [(path, argv, flags)]
@@ -259,6 +271,7 @@ def _table(jobs, width):
 
 
 def _echo_json(value):
+    import json
     click.echo(json.dumps(value, indent=2))
 
 
@@ -312,6 +325,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         # The one place where a client failure becomes a message and an exit code.
+        from lclusterd.client import ClientError
         try:
             return super().invoke(ctx)
         except ClientError as e:
@@ -341,6 +355,7 @@ def lclusterc(ctx, socket_path, server, token_file, ca, cert, key):
 
     REF is a job's uuid or a unique prefix of it (at least 4 hex digits).
     """
+    from lclusterd.client import Client, ClientError, read_token
     try:
         token = read_token(token_file) if server else None
         ctx.obj = Client(socket_path, server=server, token=token, ca=ca, cert=cert, key=key)
@@ -351,6 +366,7 @@ def lclusterc(ctx, socket_path, server, token_file, ca, cert, key):
 def _addjob_batch(client, command, count, as_json, spec):
     """Batches of core.MAX_BATCH, each queued all or none; uuids printed as
     each batch is accepted, so a failure part way leaves no doubt."""
+    from lclusterd import core
     _checked(lambda c: core.validate_count(min(count, core.MAX_BATCH), c), command)  # 0, -1 too
     jobs = []
     while len(jobs) < count:
@@ -365,9 +381,9 @@ def _addjob_batch(client, command, count, as_json, spec):
 @lclusterc.command()
 @click.argument("command")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
-@click.option("--retries", type=click.IntRange(1, core.MAX_ATTEMPTS), metavar="N",
-              help=f"Attempts in all when its nodes die (default {core.DEFAULT_ATTEMPTS}).")
-@click.option("--priority", type=click.IntRange(core.MIN_PRIORITY, core.MAX_PRIORITY), metavar="N",
+@click.option("--retries", type=click.IntRange(1, MAX_ATTEMPTS), metavar="N",
+              help=f"Attempts in all when its nodes die (default {DEFAULT_ATTEMPTS}).")
+@click.option("--priority", type=click.IntRange(MIN_PRIORITY, MAX_PRIORITY), metavar="N",
               help="Higher runs first (default 0; from -100 to 100).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
 @click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 256M, 2G (OOM-killed past it).")
@@ -381,11 +397,12 @@ def _addjob_batch(client, command, count, as_json, spec):
 @click.option("--user", metavar="NAME",
               help="Run as this user (root only; root's jobs run as nobody without it).")
 @click.option("--count", type=int, metavar="N",
-              help=f"Queue N copies, {core.MAX_BATCH} per request; print their uuids.")
+              help=f"Queue N copies, {MAX_BATCH} per request; print their uuids.")
 @click.pass_obj
 def addjob(client, command, wait, retries, priority, as_json, memory, cpus, tasks, timeout, env,
            workdir, network, user, count):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
+    from lclusterd import core
     checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
               "timeout": core.parse_duration, "workdir": core.validate_workdir,
               "network": core.validate_network}
@@ -430,6 +447,8 @@ def addjob(client, command, wait, retries, priority, as_json, memory, cpus, task
 @click.pass_obj
 def checkjob(client, ref, as_json, properties):
     """Show a job: state, exit status, node, times, user, limits."""
+    from lclusterd import core
+    from lclusterd.client import ClientError
     if properties:
         props = client.unit_properties(_checked(core.validate_ref, ref))
         if as_json:
@@ -457,6 +476,7 @@ def checkjob(client, ref, as_json, properties):
 @click.pass_obj
 def removejob(client, ref, as_json):
     """Take a queued job off the queue, or stop a running one."""
+    from lclusterd import core
     job = client.remove_job(_checked(core.validate_ref, ref))
     if as_json:
         _echo_json(job)
@@ -468,6 +488,7 @@ def removejob(client, ref, as_json):
 
 
 def _when(text):
+    from lclusterd import core
     return None if text is None else _checked(lambda t: core.parse_when(t, time.time()), text)
 
 
@@ -491,6 +512,7 @@ def list_jobs(client, limit, state, node, user, since, until, as_json):
     if as_json:
         _echo_json(jobs)
     else:
+        import shutil
         click.echo(_table(jobs, shutil.get_terminal_size().columns))
 
 
@@ -505,6 +527,7 @@ def list_jobs(client, limit, state, node, user, since, until, as_json):
 def logs(client, ref, follow, tail, since):
     """Print a job's output (its stdout and stderr, from the journal of the
     node that ran it). Only its submitter or root may read it."""
+    from lclusterd import core
     ref = _checked(core.validate_ref, ref)
     out = click.get_binary_stream("stdout")
     printed = False
@@ -536,6 +559,7 @@ def logs(client, ref, follow, tail, since):
 def wait(client, refs):
     """Wait until the jobs have ended; print each one's state. Exit 0 only if
     all of them succeeded, else 1."""
+    from lclusterd import core
     wanted = list(dict.fromkeys(_checked(core.validate_ref, ref) for ref in refs))
     pending, ended = list(wanted), {}
     try:
