@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from dbus_next.errors import DBusError
 
-from lclusterd import core, netns, store as etcd_store
+from lclusterd import core, metrics, netns, store as etcd_store
 from lclusterd.peers import Unreachable as PeerUnreachable
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Refused, Unavailable as UnitsUnavailable
@@ -130,6 +130,7 @@ class Node:
         # Loop time each long-lived loop last went round ("schedule", "heartbeat"):
         # the daemon pets the watchdog only while both are recent.
         self.progress = {}
+        self.counters = metrics.Counters()  # GET /metrics (issue 12 item 2): counted as it happens
         self.store = store
         self.units = units
         self.job_log = job_log  # journal.JobLog: a job's output on this node
@@ -209,8 +210,15 @@ class Node:
     async def _write(self, job, new, revision, *prime):
         """One guarded write (store.update); remembers what it wrote while the job is live here."""
         written = await self._store(self.store.update, job, new, revision, *prime)
-        if written and not new.terminal and new.node == self.config.node_name:
+        me = self.config.node_name
+        if written and not new.terminal and new.node == me:
             self.written[new.uuid] = (new, written)
+        ended = job.terminal or job.state == core.WARNED and job.warned_from in core.TERMINAL
+        if written and job.node == me and not ended:  # how an attempt of ours ended (once)
+            if new.terminal:
+                self.counters.end(new.state)
+            elif new.state == core.QUEUED:  # lost here (fenced, its unit vanished): requeued
+                self.counters.end(core.LOST)
         return written
 
     def wake(self):
@@ -257,6 +265,8 @@ class Node:
                 self.store.submit_many, jobs, idempotency_key=idempotency_key))
         if existing is not None:  # this key queued these before: answer with them
             jobs = [await self.find(u) for u in existing]
+        else:
+            self.counters.submitted += len(jobs)
         self.wake()
         return jobs[0] if count is None else jobs
 
@@ -682,6 +692,8 @@ class Node:
                     except OSError as e:
                         raise _NotStarted(f"cannot make network namespace {job.network[3:]}: {e}")
                 await self.units.start(job, self.unit_properties(job))
+                self.counters.started += 1
+                self.counters.dispatched(self.clock() - job.submitted_at)
             except UnitsUnavailable:
                 # Losing the bus is not the job's fault: it stays starting, and
                 # the sweep after reconnecting finds its unit, or requeues it.

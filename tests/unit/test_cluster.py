@@ -784,3 +784,38 @@ def test_a_primed_node_still_claims_and_resigns_when_full(tmp_path):
     assert set(n.units.started) == {U1, U2}
     asyncio.run(n.fill_slots())  # full now
     assert not n.primed and n.store.prime is None
+
+
+def test_counters_count_submissions_starts_and_ends_as_they_happen(tmp_path):
+    """Issue 12 item 2: what GET /metrics shows, counted by the node."""
+    n = make_node(tmp_path)
+    n.lease = 77
+    jobs = asyncio.run(n.submit("true", ROOT, count=3))
+    assert n.counters.submitted == 3
+    n.store.existing = [j.uuid for j in jobs]  # the client's retry, same Idempotency-Key
+    asyncio.run(n.submit("true", ROOT, count=3, idempotency_key="k"))
+    assert n.counters.submitted == 3
+    asyncio.run(n.fill_slots())  # 2 slots: 2 started
+    assert n.counters.started == 2 and n.counters.dispatch_buckets()[-1] == ("+Inf", 2)
+    started = [u for u in n.units.started]
+    n.units.loaded[started[0]] = EXITED
+    n.unit_changed(started[0])
+    asyncio.run(n.record_changed())
+    asyncio.run(n.remove(started[1], ROOT))
+    asyncio.run(n.remove(started[1], ROOT))  # again: already over, counted once
+    assert n.counters.ended[SUCCEEDED] == 1 and n.counters.ended[CANCELLED] == 1
+    queued = next(j.uuid for j in jobs if j.uuid not in started)
+    asyncio.run(n.remove(queued, ROOT))  # never ran on a node: no end of this node's
+    assert sum(n.counters.ended.values()) == 2
+
+
+def test_counters_count_a_failed_start_and_a_lost_attempt(tmp_path):
+    n = make_node(tmp_path)
+    n.lease = 77
+    n.units.start_error = RuntimeError("boom")
+    n.store.put(job(job_uuid=U1))
+    asyncio.run(n.fill_slots())
+    assert n.counters.started == 0 and n.counters.ended[FAILED] == 1
+    n.store.put(on("me", job_uuid=U2))  # running here; its unit gone (a reboot)
+    asyncio.run(n.sweep())
+    assert n.store.get(U2)[0].state == QUEUED and n.counters.ended[LOST] == 1
