@@ -3,18 +3,19 @@
 Standard library only: lclusterc must work wherever python3 does. Every
 failure becomes one ClientError with a one-line message for people; what it
 means as an exit status is the CLI's business (cli.py's table).
+
+Cheap to import, because `lclusterc addjob` in a shell loop is mostly
+start-up: a request over the unix socket is written and read on a plain
+socket (HTTP/1.1, Connection: close), and http.client (which brings email and
+ssl), urllib.parse, uuid and tls are imported only by what needs them: TCP and
+HTTPS (--server), following output (logs), a path with a job's ref in it.
 """
 
 import contextlib
-import http.client
 import json
 import socket
-import ssl
+import sys
 import time
-import urllib.parse
-import uuid
-
-from lclusterd import tls
 
 DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"
 DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # the daemon's token_file
@@ -49,22 +50,119 @@ class ClientError(Exception):
         self.lost = lost  # the request may have reached the daemon, its answer did not reach us
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix stream socket: only connect() differs."""
+def unix_connect(path, timeout):
+    """A stream socket connected to the unix socket path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, path, timeout=TIMEOUT):
-        super().__init__("localhost", timeout=timeout)  # Host: header only
-        self.socket_path = path
 
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
+def _unix_http_connection():
+    import http.client
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        """HTTP over a unix stream socket: only connect() differs."""
+
+        def __init__(self, path, timeout=TIMEOUT):
+            super().__init__("localhost", timeout=timeout)  # Host: header only
+            self.socket_path = path
+
+        def connect(self):
+            self.sock = unix_connect(self.socket_path, self.timeout)
+    return UnixHTTPConnection
+
+
+def __getattr__(name):
+    # UnixHTTPConnection is made (and http.client imported) on first use.
+    if name == "UnixHTTPConnection":
+        globals()[name] = _unix_http_connection()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class BadHTTP(Exception):
+    """An answer on the unix socket that is not the HTTP we sent for."""
+
+
+MAX_HEAD = 64 * 1024  # bytes of status line and headers we read before giving up
+
+
+class PlainAnswer:
+    """The answer to one request on a plain socket: status, reason, read().
+
+    The request said Connection: close, so the body ends where the daemon
+    closes, or at its Content-Length; a chunked body is decoded."""
+
+    def __init__(self, sock):
         self.sock = sock
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(CHUNK)
+            if not more:
+                if not data:  # as http.client's RemoteDisconnected
+                    raise ConnectionResetError("closed without an answer")
+                raise BadHTTP("the answer ended in its headers")
+            data += more
+            if len(data) > MAX_HEAD:
+                raise BadHTTP("an answer with too long headers")
+        head, _, self.rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        version, status, reason = (lines[0].split(" ", 2) + ["", ""])[:3]
+        if not version.startswith("HTTP/1.") or not (status.isdigit() and len(status) == 3):
+            raise BadHTTP(f"not an HTTP answer: {lines[0][:60]!r}")
+        self.status, self.reason = int(status), reason.strip()
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    def read(self):
+        parts = [self.rest]
+        length = self.headers.get("content-length", "")
+        want = int(length) if length.isdigit() else None
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            want = None
+        have = len(self.rest)
+        while want is None or have < want:
+            more = self.sock.recv(CHUNK)
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        data = b"".join(parts)
+        if want is not None:
+            if have < want:
+                raise BadHTTP(f"the answer ended after {have} of its {want} bytes")
+            return data[:want]
+        return _dechunk(data) if "chunked" in self.headers.get("transfer-encoding", "").lower() else data
+
+
+def _dechunk(data):
+    body = []
+    while True:
+        size, sep, data = data.partition(b"\r\n")
+        try:
+            n = int(size.split(b";")[0], 16)
+        except ValueError:
+            raise BadHTTP("a malformed chunk in the answer") from None
+        if not sep or len(data) < n:
+            raise BadHTTP("the answer ended in a chunk")
+        if n == 0:
+            return b"".join(body)
+        body.append(data[:n])
+        data = data[n + 2:]
+
+
+def _http_errors():
+    """What a transport failure may be besides OSError: http.client's errors
+    once it is imported, and ours."""
+    http_client = sys.modules.get("http.client")
+    return (BadHTTP,) + ((http_client.HTTPException,) if http_client else ())
 
 
 def read_token(path):
@@ -87,7 +185,10 @@ class Client:
         cert/key: a client certificate, for a node with tls_client_ca."""
         self.socket_path = socket_path
         self.timeout = timeout
-        self.server = urllib.parse.urlsplit(server) if server else None
+        self.server = None
+        if server:
+            import urllib.parse
+            self.server = urllib.parse.urlsplit(server)
         if self.server and (self.server.scheme not in ("http", "https") or not self.server.hostname):
             raise ClientError(f"--server must be an http://HOST:PORT or https://HOST:PORT URL, "
                               f"not '{server}'", BAD_URL)
@@ -96,20 +197,22 @@ class Client:
         self.ca = ca
         self.tls = None
         if self.server and self.server.scheme == "https":
+            from lclusterd import tls
             try:
                 self.tls = tls.client_context(ca, cert, key)
             except tls.TLSError as e:
                 raise ClientError(str(e), UNTRUSTED) from None
 
-    # The one place that knows the transport.
+    # The one place that knows the transport (with _send's plain socket).
     def _connection(self, timeout):
+        import http.client
         if self.tls is not None:
             return http.client.HTTPSConnection(self.server.hostname, self.server.port or 443,
                                                timeout=timeout, context=self.tls)
         if self.server:
             return http.client.HTTPConnection(self.server.hostname, self.server.port or 80,
                                               timeout=timeout)
-        return UnixHTTPConnection(self.socket_path, timeout)
+        return __getattr__("UnixHTTPConnection")(self.socket_path, timeout)
 
     def _unreachable(self, why, lost=False):
         if self.server:
@@ -131,22 +234,25 @@ class Client:
             raise self._unreachable(f"nothing listens on {self.where}") from None
         except PermissionError:
             raise ClientError(f"permission denied on the socket {self.socket_path}", DENIED) from None
-        except ssl.SSLCertVerificationError as e:  # nothing was sent: not lost
-            raise ClientError(tls.describe(e, self.where, self.ca), UNTRUSTED) from None
-        except ssl.SSLError as e:
-            raise ClientError(tls.describe(e, self.where, self.ca), UNREACHABLE) from None
         except TimeoutError:
             raise ClientError(f"lclusterd at {self.where} did not answer within "
                               f"{timeout:g} s", UNREACHABLE, lost=True) from None
-        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+        except (ConnectionResetError, BrokenPipeError):  # also http.client's RemoteDisconnected
             # lclusterd.socket accepted, and the daemon died or never started
             raise self._unreachable("it closed the connection without an answer", lost=True) from None
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, *_http_errors()) as e:
+            ssl = sys.modules.get("ssl")  # imported by http.client: HTTPS may have failed
+            if ssl and isinstance(e, ssl.SSLError):
+                from lclusterd import tls
+                cause = UNTRUSTED if isinstance(e, ssl.SSLCertVerificationError) else UNREACHABLE
+                raise ClientError(tls.describe(e, self.where, self.ca), cause) from None  # not lost
             raise ClientError(f"lost the connection to lclusterd at {self.where}: "
                               f"{e or type(e).__name__}", UNREACHABLE, lost=True) from None
 
-    def _send(self, method, path, body=None, timeout=None, extra_headers=None):
-        """(connection, answer) with the answer's headers read; the caller closes."""
+    def _send(self, method, path, body=None, timeout=None, extra_headers=None, stream=False):
+        """(connection, answer) with the answer's headers read; the caller
+        closes. Over the unix socket, unless the answer is a stream to follow,
+        the request goes on a plain socket (see PlainAnswer)."""
         headers = {"Accept": "application/json", **(extra_headers or {})}
         if self.server and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -155,15 +261,27 @@ class Client:
             data = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         timeout = timeout or self.timeout
-        conn = self._connection(timeout)
+        plain = not self.server and not stream
+        conn = None
         try:
             with self._transport(timeout):
-                conn.request(method, path, body=data, headers=headers)
-                answer = conn.getresponse()
+                if plain:
+                    conn = unix_connect(self.socket_path, timeout)
+                    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close",
+                            *(f"{k}: {v}" for k, v in headers.items())]
+                    if data is not None:
+                        head.append(f"Content-Length: {len(data)}")
+                    conn.sendall("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (data or b""))
+                    answer = PlainAnswer(conn)
+                else:
+                    conn = self._connection(timeout)
+                    conn.request(method, path, body=data, headers=headers)
+                    answer = conn.getresponse()
                 if answer.status >= 400:
                     self._refusal(answer, answer.read())
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise
         return conn, answer
 
@@ -210,11 +328,13 @@ class Client:
 
     @staticmethod
     def _job_path(ref):
+        import urllib.parse
         return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
 
     def _submit(self, body):
         """POST /v1/jobs with an Idempotency-Key, sent once more with the same
         key if the answer was lost: the jobs are queued once either way."""
+        import uuid
         key = {"Idempotency-Key": str(uuid.uuid4())}
         try:
             return self._request("POST", "/v1/jobs", body, extra_headers=key)
@@ -252,6 +372,7 @@ class Client:
 
     @staticmethod
     def _query(path, **params):
+        import urllib.parse
         query = {k: v for k, v in params.items() if v is not None}
         return path + ("?" + urllib.parse.urlencode(query) if query else "")
 
@@ -266,7 +387,7 @@ class Client:
         path = self._query(self._job_path(ref) + "/logs", follow=1 if follow else None,
                            tail=tail, since=since)
         timeout = FOLLOW_TIMEOUT if follow else self.timeout
-        conn, answer = self._send("GET", path, timeout=timeout)
+        conn, answer = self._send("GET", path, timeout=timeout, stream=True)
         try:
             with self._transport(timeout):
                 while True:

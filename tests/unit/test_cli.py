@@ -458,9 +458,9 @@ def test_socket_from_the_environment(fake):
 
 
 def test_permission_denied_on_the_socket(fake, monkeypatch):
-    def refuse(self):
+    def refuse(path, timeout):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(client.UnixHTTPConnection, "connect", refuse)
+    monkeypatch.setattr(client, "unix_connect", refuse)  # every request's way to the socket
     result = run(fake, "list")
     assert result.exit_code == 4
     assert one_error_line(result) == f"lclusterc: permission denied on the socket {fake.socket}"
