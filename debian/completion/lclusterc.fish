@@ -1,7 +1,7 @@
 # fish completion for lclusterc(1). Installed as
 # /usr/share/fish/vendor_completions.d/lclusterc.fish. Job uuids and node
-# names are asked of the daemon with the same --socket/--server/--token-file
-# as the command line.
+# names are asked of the daemon with the same --socket/--server/--token-file/
+# --ca/--cert/--key as the command line.
 
 # The caller's live job uuids (root: everyone's), or the cluster's node names.
 function __lclusterc_ask --argument-names what
@@ -10,10 +10,10 @@ function __lclusterc_ask --argument-names what
     set -e words[1]
     while set -q words[1]
         switch $words[1]
-            case --socket --server --token-file
+            case --socket --server --token-file --ca --cert --key
                 set -a global $words[1] $words[2]
                 set -e words[1]
-            case '--socket=*' '--server=*' '--token-file=*'
+            case '--socket=*' '--server=*' '--token-file=*' '--ca=*' '--cert=*' '--key=*'
                 set -a global $words[1]
             case '-*'
             case '*'
@@ -49,6 +49,9 @@ complete -c lclusterc -f
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l socket -r -F -d "The daemon's unix socket"
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l server -x -d "Talk to the daemon at this URL over TCP"
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l token-file -r -F -d "The cluster's token, for --server"
+complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l ca -r -F -d "For https:// --server: the CA of the node's certificate"
+complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l cert -r -F -d "For https:// --server: a client certificate"
+complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l key -r -F -d "For https:// --server: the client certificate's key"
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -l version -d "Show the version"
 complete -c lclusterc -s h -l help -d "Show help"
 

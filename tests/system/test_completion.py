@@ -127,12 +127,16 @@ def test_bash_asks_the_daemon_named_on_the_command_line(fake_lclusterc):
     bash_complete(["lclusterc", "--server", "=", "http", ":", "//h", ":", "1", "list", "--node", ""],
                   BASH_FILE)
     bash_complete(["lclusterc", "--socket", "=", "/s3", "removejob", ""], BASH_FILE)
+    bash_complete(["lclusterc", "--server", "https://h:1", "--ca", "/c.pem", "logs", "-f", ""],
+                  BASH_FILE)
     calls = fake_lclusterc.read_text().splitlines()
     uid_filter = [] if os.geteuid() == 0 else ["--user", subprocess.getoutput("id -un")]
     assert [c.split() for c in calls] == [
         ["--socket", "/s1", "list", "--json", "--limit", "1000", *uid_filter],
         ["--server=http://h:1", "nodes", "--json"],
         ["--socket=/s3", "list", "--json", "--limit", "1000", *uid_filter],
+        ["--server", "https://h:1", "--ca", "/c.pem", "list", "--json", "--limit", "1000",
+         *uid_filter],
     ]
 
 
