@@ -181,10 +181,13 @@ def status(node, warnings=(), stuck=None):
         said = "; ".join(f"{LOOPS[name]} has made no progress for {age:.0f} s"
                          for name, age in stuck.items())
         return f"{said} (watchdog not petted)"
+    waits = []  # both, when both are away: neither hides the other
     if not node.units.connected:
-        state = "waiting for the system bus (D-Bus)"
-    elif node.etcd_error:
-        state = f"waiting for etcd: {node.etcd_error}"
+        waits.append("waiting for the system bus (D-Bus)")
+    if node.etcd_error:
+        waits.append(f"waiting for etcd: {node.etcd_error}")
+    if waits:
+        state = "; ".join(waits)
     elif node.lease is None:
         state = "registering in the cluster"
     else:

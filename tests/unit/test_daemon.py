@@ -132,6 +132,16 @@ class FakeNode:
         self.progress = {}
 
 
+def test_status_says_etcd_is_away_even_while_the_bus_is_too():
+    node = FakeNode()
+    node.units.connected = False
+    node.etcd_error = "etcd is unreachable at https://127.0.0.1:2379 (connection refused)"
+    said = daemon.status(node)
+    assert "D-Bus" in said and "etcd is unreachable" in said
+    node.units.connected = True
+    assert daemon.status(node).startswith("waiting for etcd: etcd is unreachable")
+
+
 def test_report_pets_only_while_both_loops_go_round(monkeypatch):
     sent = []
     monkeypatch.setattr(daemon.sd, "notify", sent.append)
