@@ -3,6 +3,8 @@
 import subprocess
 import time
 
+from tests.system import container as ct
+
 
 def deb(deb_dir):
     return str(next(deb_dir.glob("lclusterd_*_all.deb")))
@@ -167,3 +169,31 @@ def test_reload_refuses_a_bad_config_visibly(box):
     finally:
         box.sh(f"cp /tmp/conf.good {conf}")
     box.sh("systemctl reload lclusterd.service")
+
+
+def test_etcd_group_made_after_the_certificates(rootfs, deb_dir):
+    """etcd-server is only a Recommends: our postinst may make the
+    certificates before etcd-server's makes the etcd group; server.key must
+    still reach etcd (the drop-in's ExecStartPre runs etcd-certs again)."""
+    with ct.Container(ct.unique_name("lcgrp"), rootfs, binds_ro={str(deb_dir): "/mnt/debs"}) as c:
+        c.run("systemctl stop etcd && groupmod -n etcdx etcd")  # as if etcd-server came later
+        c.run("apt-get install -y /mnt/debs/lclusterd_*_all.deb", timeout=300)
+        key = "stat -c '%U:%G %a' /etc/lclusterd/etcd/server.key"
+        assert c.run(key).stdout.split() == ["root:root", "600"]
+        c.run("groupmod -n etcd etcdx && systemctl restart etcd")  # ExecStartPre=+etcd-certs
+        assert c.run(key).stdout.split() == ["root:etcd", "640"]
+        assert c.run("systemctl is-active etcd").stdout.strip() == "active"
+        c.run("useradd -m alice")
+        c.run("lclusterc addjob --wait true", user="alice")
+
+
+def test_installs_without_etcd_server(rootfs, deb_dir):
+    """etcd-server is a Recommends: without it the package installs, and a
+    client gets one line, exit 6."""
+    with ct.Container(ct.unique_name("lcnoe"), rootfs, binds_ro={str(deb_dir): "/mnt/debs"}) as c:
+        c.run("dpkg --purge etcd-server")
+        c.run("apt-get install -y --no-install-recommends /mnt/debs/lclusterd_*_all.deb", timeout=300)
+        r = c.run("lclusterc nodes", check=False, timeout=60)
+        assert r.returncode == 6, r
+        assert r.stderr.startswith("lclusterc: etcd is unreachable at https://127.0.0.1:2379")
+        assert len(r.stderr.splitlines()) == 1
