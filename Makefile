@@ -67,7 +67,7 @@ deps:
 
 # ---- tests ------------------------------------------------------------------
 # Unit (pure core), integration (a real etcd), system (the .deb installed
-# with apt into a Debian 12 container booted with systemd as PID 1).
+# with apt into Debian 12 and 13 containers booted with systemd as PID 1).
 
 PYTEST_ARGS ?=
 
