@@ -123,6 +123,12 @@ class Box:
         return len(json.loads(self.lc("list --json --limit 100000").stdout))
 
 
+ROOT_ETCDCTL = """#!/bin/sh
+exec /usr/bin/etcdctl --endpoints=https://127.0.0.1:2379 --cacert=/etc/lclusterd/etcd/ca.pem \\
+  --cert=/etc/lclusterd/etcd/client.pem --key=/etc/lclusterd/etcd/client.key "$@"
+"""
+
+
 @pytest.fixture(scope="module")
 def box(rootfs, deb_dir):
     """One container per test module, with the package installed by apt, and
@@ -130,4 +136,9 @@ def box(rootfs, deb_dir):
     with ct.Container(ct.unique_name("lcsys"), rootfs, binds_ro={str(deb_dir): "/mnt/debs"}) as c:
         c.run("apt-get install -y /mnt/debs/lclusterd_*_all.deb", timeout=300)
         c.run("useradd -m alice && useradd -m bob")
+        # The package's etcd takes only its client certificate (root's): the
+        # tests' plain `etcdctl` as root goes through this root-only wrapper
+        # (first in PATH); ordinary users still find only /usr/bin/etcdctl.
+        c.run("cat > /usr/local/sbin/etcdctl && chmod 700 /usr/local/sbin/etcdctl",
+              input=ROOT_ETCDCTL)
         yield Box(c)

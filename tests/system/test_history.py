@@ -110,8 +110,8 @@ def test_logs_bad_input(box):
         assert r.returncode == code, (args, r.returncode, r.stderr)
         one_line_error(r)
     r = box.lc("logs --tail -1 0000", user="alice", check=False)  # click's usage error
-    assert r.returncode == 2 and "Error: Invalid value for '--tail'" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2 and "lclusterc: Invalid value for '--tail'" in r.stderr
+    one_line_error(r)  # issue 9 item 19: one line, not click's four
 
 
 # --- wait ---------------------------------------------------------------------------
