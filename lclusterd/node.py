@@ -233,6 +233,7 @@ class Node:
 
     async def ping(self):
         await self._store(self.store.ping)
+        await self._store(self.store.check_space)  # NOSPACE: reads work, writes do not
 
     async def submit(self, command, caller, request=None, count=None, idempotency_key=None):
         """Queue command; request: what the job asks for (core.job_spec's
@@ -453,6 +454,9 @@ class Node:
                     await self.units.connect()
                     next_sweep = 0.0  # what happened while we were away?
                 if loop.time() >= next_sweep:
+                    # An idle node writes nothing: ask about etcd's space, so
+                    # STATUS= says NOSPACE (etcd_error) before a write fails on it.
+                    await self._store(self.store.check_space)
                     await self.sweep()
                     await self.watch_cluster()
                     # Once a sweep, not per job: the registration's counts are
@@ -906,6 +910,7 @@ class Node:
         self._judged |= due
 
     async def nodes(self):
+        await self._store(self.store.check_space)  # lclusterc nodes says NOSPACE (507)
         live, members, failed, prime = await self._store(self.store.cluster)
         warned = await self._store(self.store.warned)
         return core.with_warned(core.node_rows(members, live, failed, prime), warned)

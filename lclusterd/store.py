@@ -267,6 +267,12 @@ class Store:
     def ping(self, timeout=None):
         self._call(lambda c: c.get(f"{self.prefix}/ping"), timeout)
 
+    def check_space(self):
+        """Raise NoSpace while etcd's NOSPACE alarm is raised: reads still
+        work then, so a ping alone would say all is well."""
+        if self._call(_nospace_raised):
+            raise NoSpace(self._nospace_message("its NOSPACE alarm is raised"))
+
     def get(self, job_uuid):
         """(Job, revision), or None when there is no such record."""
         value, meta = self._call(lambda c: c.get(self._job_key(job_uuid)))

@@ -318,6 +318,9 @@ def test_nospace_is_reported_and_recovered(etcd_factory, prefix):
         assert "defrag" in message and "alarm disarm" in message
         assert isinstance(e.value, Unavailable)
         assert s.space()["nospace"] and s.space()["quota"] == QUOTA
+        s.ping()  # reads still work: health must ask about the alarm itself
+        with pytest.raises(NoSpace, match=r"^etcd is out of space \(quota"):
+            s.check_space()
         with pytest.raises(NoSpace):
             s.submit(make_job())
         # What the prune pass does: its lock (no lease is granted now), reads
@@ -329,6 +332,7 @@ def test_nospace_is_reported_and_recovered(etcd_factory, prefix):
         assert s.compact()
         space = s.space()
         assert not space["nospace"] and space["db_size"] < QUOTA
+        s.check_space()  # recovered: no alarm
         job = make_job()
         s.submit(job)
         assert s.get(job.uuid)[0] == job

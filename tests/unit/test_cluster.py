@@ -242,6 +242,15 @@ class FakeStore:
     def cluster(self):
         return dict(self.live), dict(self.members), dict(self.failed), self.prime
 
+    nospace = False  # etcd's NOSPACE alarm
+
+    def ping(self):
+        pass
+
+    def check_space(self):
+        if self.nospace:
+            raise NoSpace("etcd is out of space (quota 2097152 bytes): its NOSPACE alarm is raised")
+
     def record_failed(self, name, at):
         self.failed[name] = {"name": name, "at": at}
         return True
@@ -300,6 +309,9 @@ class FakeUnits:
         return True
 
 
+from lclusterd.store import NoSpace  # noqa: E402
+
+
 def make_node(tmp_path, store=None, units=None, **kw):
     cfg = config.from_mapping({"node_name": "me", "slots": "2", "lease_ttl": "8"},
                               exists=lambda path: False)
@@ -310,6 +322,19 @@ def make_node(tmp_path, store=None, units=None, **kw):
 def on(node_name, state=RUNNING, job_uuid=U1, **changes):
     j = core.transition(job(job_uuid=job_uuid), STARTING, now=1.0, node=node_name)
     return j if state == STARTING else core.transition(j, RUNNING, started_at=1.1, **changes)
+
+
+def test_nospace_shows_in_health_status_and_nodes_though_reads_work(tmp_path):
+    """Issue 10 item 9: etcd out of space still answers reads."""
+    n = make_node(tmp_path)
+    n.store.nospace = True
+    for ask in (n.ping, n.nodes):
+        with pytest.raises(NoSpace):
+            asyncio.run(ask())
+    assert n.etcd_error.startswith("etcd is out of space")  # STATUS= says it
+    n.store.nospace = False
+    asyncio.run(n.ping())
+    assert n.etcd_error is None
 
 
 def test_a_lost_job_gives_its_slot_back(tmp_path):
