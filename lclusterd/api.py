@@ -381,10 +381,15 @@ async def logs(request):
     follow = request.query.get("follow", "0") not in ("0", "false", "")
     node = request.app[NODE]
     job = await node.find(request.match_info["ref"])
-    chunks = node.output(job, caller_of(request), follow, tail, since)
+    return await stream(request, node.output(job, caller_of(request), follow, tail, since))
+
+
+async def stream(request, chunks, headers=None):
+    """Answer with chunks (an async generator of bytes) as text/plain."""
     async with contextlib.aclosing(chunks):
         first = await anext(chunks, b"")  # errors (403, 502) before the answer starts
-        answer = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        answer = web.StreamResponse(headers={**(headers or {}),
+                                             "Content-Type": "text/plain; charset=utf-8"})
         await answer.prepare(request)
         await answer.write(first)
         async for chunk in chunks:

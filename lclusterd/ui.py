@@ -303,15 +303,7 @@ async def output(request):
     node = request.app[api.NODE]
     job = await node.find(request.match_info["ref"])
     follow = request.query.get("follow", "0") not in ("0", "false", "")
-    chunks = node.output(job, caller(request), follow, None, None)
-    first = await anext(chunks, b"")
-    answer = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/plain; charset=utf-8"})
-    await answer.prepare(request)
-    await answer.write(first)
-    async for chunk in chunks:
-        await answer.write(chunk)
-    await answer.write_eof()
-    return answer
+    return await api.stream(request, node.output(job, caller(request), follow, None, None), HEADERS)
 
 
 async def asset(request):
