@@ -48,6 +48,14 @@ class Snapshot:
     # ("+Inf", count)), and their sum. None: not measured.
     dispatch_buckets: Optional[Sequence[Tuple[str, float]]] = None
     dispatch_sum: float = 0.0
+    # Calls to etcd that failed, by ETCD_ERROR_KINDS; and how long every call
+    # took (buckets as dispatch_buckets; None: not measured).
+    etcd_errors: Mapping[str, int] = field(default_factory=dict)
+    etcd_buckets: Optional[Sequence[Tuple[str, float]]] = None
+    etcd_sum: float = 0.0
+    prime_changes: int = 0  # times this node took or gave up the prime
+    fenced: int = 0  # times this node fenced itself: it stopped its jobs, its lease lost
+    fenced_jobs: int = 0  # jobs recorded lost because a fence (ours or lclusterd-fence) killed their unit
 
 
 class _Collector:
@@ -103,11 +111,58 @@ class _Collector:
             h.add_metric([node], [(str(le), count) for le, count in s.dispatch_buckets],
                          s.dispatch_sum)
             yield h
+        errors = CounterMetricFamily("lclusterd_etcd_request_errors",
+                                     "Calls to etcd that failed: unreachable (any failure to reach "
+                                     "it), nospace (its NOSPACE alarm), other (refused: too large, "
+                                     "lease expired, ...).", labels=["node", "kind"])
+        for kind in dict.fromkeys([*ETCD_ERROR_KINDS, *sorted(s.etcd_errors)]):
+            errors.add_metric([node, kind], s.etcd_errors.get(kind, 0))
+        yield errors
+        if s.etcd_buckets is not None:
+            h = HistogramMetricFamily("lclusterd_etcd_request_seconds",
+                                      "How long each call of this node to etcd took, failed ones too.",
+                                      labels=["node"])
+            h.add_metric([node], [(str(le), count) for le, count in s.etcd_buckets], s.etcd_sum)
+            yield h
+        yield counter("lclusterd_prime_changes", "Times this node took or gave up the prime.",
+                      s.prime_changes)
+        yield counter("lclusterd_fenced", "Times this node lost its lease with other nodes live, "
+                      "and stopped its jobs.", s.fenced)
+        yield counter("lclusterd_fenced_jobs", "Jobs of this node recorded lost because a fence "
+                      "(the daemon's or lclusterd-fence) killed their unit.", s.fenced_jobs)
 
 
 # Seconds from queued to started: from an idle node's few milliseconds to a
 # queue that waits minutes for a slot.
 DISPATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+# Seconds an etcd call takes: a local member's millisecond up to the store's
+# call timeout (5 s) and the heartbeat's waits.
+ETCD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# How a call to etcd failed, for lclusterd_etcd_request_errors_total{kind=...}.
+ETCD_ERROR_KINDS = ("unreachable", "nospace", "other")
+
+
+class Histogram:
+    """Counts per bucket (no I/O, no registry), read as Prometheus wants them."""
+
+    def __init__(self, buckets):
+        self.bounds = tuple(buckets)
+        self._counts = [0] * (len(self.bounds) + 1)  # per bucket, the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds):
+        seconds = max(0.0, seconds)
+        i = next((i for i, le in enumerate(self.bounds) if seconds <= le), len(self.bounds))
+        self._counts[i] += 1
+        self.sum += seconds
+
+    def buckets(self):
+        """Cumulative counts per upper bound."""
+        out, total = [], 0
+        for le, n in zip([*(f"{b:g}" for b in self.bounds), "+Inf"], self._counts):
+            total += n
+            out.append((le, total))
+        return tuple(out)
 
 
 class Counters:
@@ -121,6 +176,15 @@ class Counters:
         self.buckets = tuple(buckets)
         self._dispatch = [0] * (len(self.buckets) + 1)  # per bucket, the last is +Inf
         self.dispatch_sum = 0.0
+        self.etcd_errors = dict.fromkeys(ETCD_ERROR_KINDS, 0)
+        self.etcd = Histogram(ETCD_BUCKETS)
+        self.prime_changes = 0
+        self.fenced = 0
+        self.fenced_jobs = 0
+
+    def etcd_failed(self, kind):
+        """A call to etcd failed; kind: one of ETCD_ERROR_KINDS."""
+        self.etcd_errors[kind] = self.etcd_errors.get(kind, 0) + 1
 
     def end(self, result):
         self.ended[result] = self.ended.get(result, 0) + 1
@@ -165,6 +229,12 @@ def snapshot(node, jobs, counters, *, slots, cpus, memory_bytes, primed=False, c
         warned=sum(1 for j in own if j.state == core.WARNED),
         dispatch_buckets=counters.dispatch_buckets(),
         dispatch_sum=counters.dispatch_sum,
+        etcd_errors=dict(counters.etcd_errors),
+        etcd_buckets=counters.etcd.buckets(),
+        etcd_sum=counters.etcd.sum,
+        prime_changes=counters.prime_changes,
+        fenced=counters.fenced,
+        fenced_jobs=counters.fenced_jobs,
     )
 
 

@@ -170,6 +170,16 @@ class Node:
         self._beat = concurrent.futures.ThreadPoolExecutor(
             4 + 4 * len(self._lease_stores), thread_name_prefix="lease")
 
+    @property
+    def primed(self):
+        return self._primed
+
+    @primed.setter
+    def primed(self, value):
+        if bool(value) != getattr(self, "_primed", False):
+            self.counters.prime_changes += 1  # GET /metrics: took or gave up the prime
+        self._primed = value
+
     def close(self):
         """Close the heartbeat's own stores (the daemon closes self.store)."""
         for s in self._lease_stores:
@@ -180,11 +190,18 @@ class Node:
     # -- helpers --------------------------------------------------------------
 
     async def _store(self, method, *args, executor=None):
+        began = time.monotonic()
         try:
             result = await asyncio.get_running_loop().run_in_executor(executor, method, *args)
         except StoreUnavailable as e:
+            self.counters.etcd_failed("nospace" if isinstance(e, etcd_store.NoSpace) else "unreachable")
             self.etcd_error = str(e)
             raise
+        except Exception:
+            self.counters.etcd_failed("other")  # refused: too large, lease expired, name taken, ...
+            raise
+        finally:
+            self.counters.etcd.observe(time.monotonic() - began)
         self.etcd_error = None
         return result
 
@@ -219,6 +236,8 @@ class Node:
                 self.counters.end(new.state)
             elif new.state == core.QUEUED:  # lost here (fenced, its unit vanished): requeued
                 self.counters.end(core.LOST)
+            if (new.state == core.QUEUED or new.reason == core.NODE_LOST) and self._was_fenced(new.uuid):
+                self.counters.fenced_jobs += 1  # lost because a fence killed its unit
         return written
 
     def wake(self):
@@ -862,6 +881,7 @@ class Node:
             log.warning("%s; no other node is live to take our jobs over: keeping them", why)
             return
         log.warning("fencing: %s; stopping this node's jobs", why)
+        self.counters.fenced += 1
         try:
             # A unit that has finished keeps its real result (recorded if the
             # record is still ours): only what still runs is killed and lost.

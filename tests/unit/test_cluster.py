@@ -844,3 +844,116 @@ def test_counters_count_a_failed_start_and_a_lost_attempt(tmp_path):
     n.store.put(on("me", job_uuid=U2))  # running here; its unit gone (a reboot)
     asyncio.run(n.sweep())
     assert n.store.get(U2)[0].state == QUEUED and n.counters.ended[LOST] == 1
+
+
+# --- GET /metrics after known events (issue 12 item 2) ---------------------------
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from lclusterd import metrics  # noqa: E402
+from lclusterd.store import TooLarge  # noqa: E402
+
+
+def scrape(n):
+    """{(sample name, frozenset(labels)): value} of the node's metrics, read
+    back with prometheus_client's own text parser."""
+    jobs = [j for j, _ in n.store.all_jobs()]
+    data = metrics.render(metrics.snapshot(n.config.node_name, jobs, n.counters,
+                                           slots=n.config.slots, cpus=2.0, memory_bytes=2 ** 30,
+                                           primed=n.primed))
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(data.decode()) for s in family.samples}
+
+
+def sample(samples, name, **labels):
+    return samples[(name, frozenset({"node": "me", **labels}.items()))]
+
+
+def test_metrics_count_etcd_errors_by_kind_and_time_every_call(tmp_path):
+    class Flaky(FakeStore):
+        down = too_large = False
+
+        def cluster(self):
+            if self.down:
+                raise Unavailable("etcd is unreachable at http://127.0.0.1:2379 (connection refused)")
+            time.sleep(0.03)  # one slow call: past the 0.025 s bucket
+            return super().cluster()
+
+        def warned(self):
+            if self.too_large:
+                raise TooLarge("etcd refused the request: too large")
+            return {}
+    n = make_node(tmp_path, store=Flaky())
+    asyncio.run(n.nodes())  # check_space, cluster, warned: 3 calls, no error
+    s = scrape(n)
+    assert sample(s, "lclusterd_etcd_request_seconds_count") == 3
+    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.025") <= 2
+    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.05") == 3
+    assert sample(s, "lclusterd_etcd_request_seconds_sum") >= 0.03
+    for kind in metrics.ETCD_ERROR_KINDS:
+        assert sample(s, "lclusterd_etcd_request_errors_total", kind=kind) == 0
+    n.store.down = True
+    with pytest.raises(Unavailable):
+        asyncio.run(n.nodes())
+    n.store.down, n.store.nospace = False, True
+    with pytest.raises(NoSpace):
+        asyncio.run(n.nodes())
+    n.store.nospace, n.store.too_large = False, True
+    with pytest.raises(TooLarge):
+        asyncio.run(n.nodes())
+    s = scrape(n)
+    assert sample(s, "lclusterd_etcd_request_errors_total", kind="unreachable") == 1
+    assert sample(s, "lclusterd_etcd_request_errors_total", kind="nospace") == 1
+    assert sample(s, "lclusterd_etcd_request_errors_total", kind="other") == 1
+    # 3 + (2 up to the unreachable cluster) + (1: check_space) + 3, failed calls timed too.
+    assert sample(s, "lclusterd_etcd_request_seconds_count") == 9
+
+
+def test_metrics_count_prime_changes(tmp_path):
+    n = make_node(tmp_path)
+    n.lease = 77
+    asyncio.run(n.fill_slots())  # campaign: taken
+    assert n.primed and sample(scrape(n), "lclusterd_prime_changes_total") == 1
+    asyncio.run(n.fill_slots())  # kept: no change
+    for u in (U1, U2):
+        n.store.put(job(job_uuid=u))
+    asyncio.run(n.fill_slots())  # both started, still primed
+    asyncio.run(n.fill_slots())  # full: resigned
+    s = scrape(n)
+    assert not n.primed and sample(s, "lclusterd_prime_changes_total") == 2
+    assert sample(s, "lclusterd_primed") == 0
+    asyncio.run(n.fence("test"))  # not primed: a fence changes nothing here
+    assert sample(scrape(n), "lclusterd_prime_changes_total") == 2
+
+
+def test_metrics_count_fences_and_the_jobs_they_lost(tmp_path):
+    n = make_node(tmp_path)
+    asyncio.run(n.fence("alone"))  # nobody to take our jobs: nothing stopped, no fence counted
+    assert sample(scrape(n), "lclusterd_fenced_total") == 0
+    n.store.put(on("me"))
+    n.units.loaded[U1] = ACTIVE
+    n.units.loaded[U2] = EXITED  # finished before the fence: keeps its result
+    n.store.put(on("me", job_uuid=U2))
+    n._others_live = True
+    asyncio.run(n.fence("could not renew our lease"))
+    assert n.units.killed == [U1]
+    asyncio.run(n.sweep())  # U1's unit is gone (stopped): lost; U2 succeeded
+    s = scrape(n)
+    assert n.store.get(U1)[0].state == QUEUED and n.store.get(U2)[0].state == SUCCEEDED
+    assert sample(s, "lclusterd_fenced_total") == 1
+    assert sample(s, "lclusterd_fenced_jobs_total") == 1
+    assert sample(s, "lclusterd_jobs_ended_total", result="lost") == 1
+    # lclusterd-fence killed U3's unit while the daemon was down (its marker).
+    U4 = "40000000-0000-4000-8000-000000000000"
+    n.store.put(on("me", job_uuid=U3))
+    n.units.loaded[U3] = KILLED
+    (tmp_path / "fenced" / U3).touch()
+    # U4's unit vanished without a fence (a reboot): lost, not fenced.
+    n.store.put(on("me", job_uuid=U4))
+    n.mine.add(U4)
+    asyncio.run(n.sweep())
+    s = scrape(n)
+    assert n.store.get(U3)[0].state == QUEUED and n.store.get(U4)[0].state == QUEUED
+    assert sample(s, "lclusterd_fenced_total") == 1
+    assert sample(s, "lclusterd_fenced_jobs_total") == 2
+    assert sample(s, "lclusterd_jobs_ended_total", result="lost") == 3

@@ -144,3 +144,45 @@ def test_odd_floats_still_render(bad):
     samples, _ = parse(metrics.render(metrics.Snapshot(node="n1", states={}, cpus=bad)))
     got = value(samples, "lclusterd_cpus", node="n1")
     assert (math.isnan(got) if math.isnan(bad) else got == bad)
+
+
+def test_etcd_errors_by_kind_prime_changes_and_fences_are_written_zeros_too():
+    samples, types = parse(metrics.render(metrics.Snapshot(node="n1", states={})))
+    for kind in ("unreachable", "nospace", "other"):
+        assert value(samples, "lclusterd_etcd_request_errors_total", node="n1", kind=kind) == 0
+    for name in ("lclusterd_prime_changes", "lclusterd_fenced", "lclusterd_fenced_jobs",
+                 "lclusterd_etcd_request_errors"):
+        assert types[name] == "counter", name
+    for name in ("lclusterd_prime_changes_total", "lclusterd_fenced_total",
+                 "lclusterd_fenced_jobs_total"):
+        assert value(samples, name, node="n1") == 0, name
+    assert "lclusterd_etcd_request_seconds" not in types  # not measured
+
+
+def test_counters_feed_etcd_errors_and_an_etcd_latency_histogram():
+    c = metrics.Counters()
+    for kind in ("unreachable", "unreachable", "nospace", "other"):
+        c.etcd_failed(kind)
+    for seconds in (0.0005, 0.003, 0.2, 7, 60):
+        c.etcd.observe(seconds)
+    c.prime_changes, c.fenced, c.fenced_jobs = 3, 1, 2
+    snap = metrics.snapshot("n1", [], c, slots=1, cpus=1.0, memory_bytes=1)
+    data = metrics.render(snap)
+    samples, types = parse(data)
+    assert value(samples, "lclusterd_etcd_request_errors_total", node="n1", kind="unreachable") == 2
+    assert value(samples, "lclusterd_etcd_request_errors_total", node="n1", kind="nospace") == 1
+    assert value(samples, "lclusterd_etcd_request_errors_total", node="n1", kind="other") == 1
+    assert types["lclusterd_etcd_request_seconds"] == "histogram"
+    bucket = lambda le: value(samples, "lclusterd_etcd_request_seconds_bucket",  # noqa: E731
+                              node="n1", le=le)
+    assert (bucket("0.001"), bucket("0.005"), bucket("0.25"), bucket("10"), bucket("+Inf")) == \
+        (1, 2, 3, 4, 5)
+    assert value(samples, "lclusterd_etcd_request_seconds_count", node="n1") == 5
+    assert math.isclose(value(samples, "lclusterd_etcd_request_seconds_sum", node="n1"),
+                        0.0005 + 0.003 + 0.2 + 7 + 60)
+    assert value(samples, "lclusterd_prime_changes_total", node="n1") == 3
+    assert value(samples, "lclusterd_fenced_total", node="n1") == 1
+    assert value(samples, "lclusterd_fenced_jobs_total", node="n1") == 2
+    for name in ("lclusterd_etcd_request_errors", "lclusterd_etcd_request_seconds",
+                 "lclusterd_prime_changes", "lclusterd_fenced", "lclusterd_fenced_jobs"):
+        assert f"# HELP {name}".encode() in data and f"# TYPE {name}".encode() in data, name
