@@ -93,6 +93,9 @@ BODY_TIMEOUT = 10.0  # seconds to send a request's body
 # client, done sending, reads the answer rather than a reset (its default: 10)
 LINGER = 2.0
 REFUSED_LINGER = 2.0  # seconds a refused connection has to read its 503
+# ... for this many at a time; past them a refusal closes at once, so that a
+# flood of connects holds no more fds than the bounds plus these
+MAX_LINGERING = 256
 REFUSAL_LOG_EVERY = 60.0  # seconds between journal lines about one refused caller
 
 
@@ -497,6 +500,7 @@ class Gate:
         self.config = config
         self.open = collections.Counter()
         self.total = 0
+        self.lingering = 0  # refused connections given REFUSED_LINGER to read their 503
         self._told = {}  # peer: loop time of the last journal line about refusing it
 
     def admit(self, peer):
@@ -553,8 +557,12 @@ class Connection(RequestHandler):
             self.gate.tell(self.peer, self.refused, loop.time())
             self.transport = transport
             transport.write(_raw_answer(503, "Service Unavailable", self.refused))
-            # Let the client send its request and read the answer, then close.
-            self._closer = loop.call_later(REFUSED_LINGER, transport.close)
+            if self.gate.lingering < MAX_LINGERING:
+                # Let the client send its request and read the answer, then close.
+                self.gate.lingering += 1
+                self._closer = loop.call_later(REFUSED_LINGER, transport.close)
+            else:
+                transport.close()  # the answer still goes out first
             return
         self._head = loop.call_later(HEAD_TIMEOUT, self._head_late)
         super().connection_made(transport)
@@ -589,7 +597,10 @@ class Connection(RequestHandler):
 
     def connection_lost(self, exc):
         if self.refused:
-            self._closer.cancel()
+            if self._closer is not None:
+                self._closer.cancel()
+                self._closer = None
+                self.gate.lingering -= 1
             self.transport = None
             return
         self.request_started()
@@ -616,6 +627,7 @@ class Server(web.Server):
     def __call__(self):
         connection = Connection(self, loop=self._loop, **self._kwargs)
         connection.gate, connection.refused, connection._head = self.gate, None, None
+        connection._closer = None
         return connection
 
 

@@ -6,18 +6,21 @@ import time
 
 CONF = "/etc/lclusterd/lclusterd.conf"
 TLS = "/etc/lclusterd/tls"
-# A CA that signs the node's certificate, and another CA that does not.
+# A CA that signs the node's certificate, and another CA that does not; the
+# extensions README's recipe gives, which Python 3.13 (Debian 13) demands.
 PKI = rf"""
 set -e
 mkdir -p {TLS} && cd {TLS}
 for ca in ca other; do
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=$ca -keyout $ca.key -out $ca.pem 2>/dev/null
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=$ca \
+    -addext keyUsage=critical,keyCertSign,cRLSign -keyout $ca.key -out $ca.pem 2>/dev/null
 done
 for n in node other; do
   openssl req -newkey rsa:2048 -nodes -subj /CN=$n -keyout $n-cert.key -out $n.csr 2>/dev/null
 done
-echo subjectAltName=DNS:localhost,IP:127.0.0.1 > san
-openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile san \
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nauthorityKeyIdentifier=keyid,issuer\n' > ext
+printf 'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >> ext
+openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext \
   -out node.pem 2>/dev/null
 chmod 600 *.key
 """

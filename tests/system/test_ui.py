@@ -109,7 +109,8 @@ SELENIUM = r"""
 import json, sys, time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (NoAlertPresentException, StaleElementReferenceException,
+                                        WebDriverException)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 base, token, uuid, shots = sys.argv[1:5]
@@ -121,7 +122,10 @@ options.binary_location = "/usr/bin/chromium"
 driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 out = {}
 try:
-    wait = WebDriverWait(driver, 20)
+    # The page re-renders the record as the job moves on: an element read
+    # in the middle of that is stale; ask again rather than fail.
+    wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,
+                                                         WebDriverException))
     driver.get(base + "/ui/")
     out["login_url"] = driver.current_url
     driver.find_element(By.NAME, "token").send_keys("wrong")

@@ -523,7 +523,7 @@ def test_1100_idle_connections_of_one_user_leave_the_node_serving(served, node, 
         for s in held:
             s.close()
     time.sleep(0.3)
-    assert served.runner.server.gate.total == 0
+    assert served.runner.server.gate.total == 0 and served.runner.server.gate.lingering == 0
 
 
 def _closed(s):
