@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import re
+import ssl
 import socket
 import subprocess
 import sys
@@ -44,7 +45,10 @@ from lclusterd.units import SIGNATURES, _variant, unit_path
 
 SOCKET = "/run/lclusterd/lclusterd.sock"
 CONF = "/etc/lclusterd/lclusterd.conf"
-ETCD_METRICS = "http://127.0.0.1:2379/metrics"
+# The package's local etcd takes only its client certificate (root's).
+ETCD_TLS = {"ca_cert": "/etc/lclusterd/etcd/ca.pem", "cert_cert": "/etc/lclusterd/etcd/client.pem",
+            "cert_key": "/etc/lclusterd/etcd/client.key"}
+ETCD_METRICS = "https://127.0.0.1:2379/metrics"
 PREFIX = "/lcluster"
 
 # The sizes of the runs: (name, value). BENCH_SCALE < 1 shrinks them for a quick try.
@@ -158,7 +162,7 @@ class RecordWatch:
     terminal (and its record then)."""
 
     def __init__(self):
-        self.client = etcd3.client(timeout=30)
+        self.client = etcd_client(timeout=30)
         self.ended = {}  # uuid -> (time seen, record)
         self.cond = threading.Condition()
         events, self.cancel = self.client.watch_prefix(f"{PREFIX}/jobs/")
@@ -196,8 +200,14 @@ class RecordWatch:
         self.cancel()  # (closing the client too makes etcd3's watch thread complain)
 
 
+def etcd_client(timeout):
+    return etcd3.client(timeout=timeout, **ETCD_TLS)
+
+
 def etcd_counters():
-    text = urllib.request.urlopen(ETCD_METRICS, timeout=10).read().decode()
+    context = ssl.create_default_context(cafile=ETCD_TLS["ca_cert"])
+    context.load_cert_chain(ETCD_TLS["cert_cert"], ETCD_TLS["cert_key"])
+    text = urllib.request.urlopen(ETCD_METRICS, timeout=10, context=context).read().decode()
     values = {}
     for line in text.splitlines():
         m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
@@ -207,7 +217,7 @@ def etcd_counters():
 
 
 def etcd_keyspace():
-    c = etcd3.client(timeout=60)
+    c = etcd_client(timeout=60)
     try:
         keys = {"jobs": 0, "queue": 0, "other": 0}
         for _, meta in c.get_prefix(f"{PREFIX}/", keys_only=True):
