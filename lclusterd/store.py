@@ -145,13 +145,16 @@ class _Conn:
 
 
 class Store:
-    def __init__(self, endpoints, prefix="/lcluster", tls=None):
-        """tls: {"ca_cert", "cert_key", "cert_cert"} file paths, or None (plain)."""
+    def __init__(self, endpoints, prefix="/lcluster", tls=None, page_keys=PAGE_KEYS):
+        """tls: {"ca_cert", "cert_key", "cert_cert"} file paths, or None (plain).
+        page_keys: keys per range page at most."""
         self.endpoints = list(endpoints)
         self.prefix = prefix
+        self.page_keys = page_keys
         self.tls = {k: v for k, v in (tls or {}).items() if v}
         self._lock = threading.Lock()  # guards everything below
         self._conns = [None] * len(self.endpoints)
+        self.clients_made = 0  # one per endpoint, and one more after each failure
         self._current = 0  # the endpoint that answered last: tried first
         self._idem_lease = None  # (lease id, monotonic time to stop using it)
         self._compacted = 0
@@ -170,6 +173,7 @@ class Store:
             conn = self._conns[index]
             if conn is None:  # the client does not connect yet: cheap under the lock
                 conn = self._conns[index] = _Conn(index, self._connect(index))
+                self.clients_made += 1
             conn.users += 1
             return conn
 
@@ -291,7 +295,8 @@ class Store:
 
     def all_jobs(self):
         """Every record, as [(Job, revision)], read page by page at one revision."""
-        kvs = self._call(self._consistent(lambda c: _scan(c, f"{self.prefix}/jobs/")[0]))
+        kvs = self._call(self._consistent(
+            lambda c: _scan(c, f"{self.prefix}/jobs/", self.page_keys)[0]))
         # Decoding costs 4 times the read: a record decoded by the last call
         # and unchanged since (same revision, same bytes) is not decoded again.
         with self._lock:
@@ -312,7 +317,7 @@ class Store:
             return []  # etcd reads a limit of 0 as "everything"
         def read(c):
             heads = _range(c, f"{self.prefix}/queue/", _end(f"{self.prefix}/queue/"),
-                           limit=min(limit, PAGE_KEYS)).kvs
+                           limit=min(limit, self.page_keys)).kvs
             return _get_many(c, [self._job_key(kv.value.decode()) for kv in heads])
         found = [(_decode(kv.value), kv.mod_revision) for kv in self._call(read)]
         return [(job, rev) for job, rev in found if job.state == core.QUEUED]
@@ -470,9 +475,9 @@ class Store:
         """(live, members, failed, prime): {name: dict} three times and the
         primed node's name (or None), read page by page at one revision."""
         def read(c):
-            live, revision = _scan(c, self._key("nodes"))
-            members, _ = _scan(c, self._key("members"), revision=revision)
-            failed, _ = _scan(c, self._key("failed_nodes"), revision=revision)
+            live, revision = _scan(c, self._key("nodes"), self.page_keys)
+            members, _ = _scan(c, self._key("members"), self.page_keys, revision=revision)
+            failed, _ = _scan(c, self._key("failed_nodes"), self.page_keys, revision=revision)
             prime = _range(c, self._key("prime"), revision=revision).kvs
             return live, members, failed, prime
         *ranges, prime = self._call(self._consistent(read))
@@ -529,7 +534,8 @@ class Store:
 
     def warned(self):
         """{uuid: node} of the warned jobs."""
-        kvs = self._call(self._consistent(lambda c: _scan(c, f"{self.prefix}/warned_jobs/")[0]))
+        kvs = self._call(self._consistent(
+            lambda c: _scan(c, f"{self.prefix}/warned_jobs/", self.page_keys)[0]))
         return {kv.key.decode().rsplit("/", 1)[1]: kv.value.decode() for kv in kvs}
 
     def lock(self, name, holder, ttl):
@@ -738,10 +744,10 @@ def _next_size(kvs, most):
     return max(1, min(most, PAGE_BYTES * len(kvs) // max(1, size)))
 
 
-def _scan(c, prefix, keys_only=False, revision=0):
-    """Every key under prefix, in key order, a page at a time, all at one
-    revision: ([KeyValue], revision)."""
-    start, end, limit, kvs = _b(prefix), _end(prefix), PAGE_KEYS, []
+def _scan(c, prefix, page_keys, keys_only=False, revision=0):
+    """Every key under prefix, in key order, pages of page_keys keys at most,
+    all at one revision: ([KeyValue], revision)."""
+    start, end, limit, kvs = _b(prefix), _end(prefix), page_keys, []
     while True:
         try:
             # No sort order: etcd returns keys in order anyway, and a sorted
@@ -757,7 +763,7 @@ def _scan(c, prefix, keys_only=False, revision=0):
         if not answer.more or not answer.kvs:
             return kvs, revision
         start = answer.kvs[-1].key + b"\0"
-        limit = _next_size(answer.kvs, PAGE_KEYS)
+        limit = _next_size(answer.kvs, page_keys)
 
 
 def _get_many(c, keys):

@@ -6,12 +6,14 @@ records. A test may stop() and start() it (outages); the next test finds it
 running again.
 """
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 
 import etcd3
@@ -77,17 +79,16 @@ class Etcd:
             if self.process.poll() is not None:
                 last = f"etcd exited with status {self.process.returncode}"
                 break
-            # A fresh client each time: a gRPC channel that was refused once
-            # waits out a growing reconnect backoff (seconds) before it tries again.
-            client = etcd3.client(host="127.0.0.1", port=self.client_port, timeout=1)
+            # etcd's /health over plain HTTP ("true" once it has a leader), not
+            # a gRPC client: a closed channel's connection can outlive it, and
+            # the fault tests count this process's connections to etcd.
             try:
-                client.status()
-                client.get("/ready")  # status answers before the first leader; a read needs one
-                return
-            except Exception as e:  # noqa: BLE001 -- anything means 'not yet'
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as answer:
+                    if json.load(answer).get("health") == "true":
+                        return
+                    last = "no leader yet"
+            except (OSError, ValueError) as e:  # anything means 'not yet'
                 last = e
-            finally:
-                client.close()
             time.sleep(0.05)
         self.stop()
         pytest.fail(f"etcd at {self.endpoint} did not answer within {START_DEADLINE} s "

@@ -4,6 +4,7 @@ timeout, every unreachability as Unavailable, a node name held by another
 machine, etcd out of space, requests too large. Issue 9 items 10-12, issue
 10 items 9 and 11."""
 
+import os
 import socket
 import threading
 import time
@@ -18,29 +19,36 @@ from lclusterd.store import LeaseExpired, NameTaken, NoSpace, Store, TooLarge, U
 from tests.integration.test_store import make_job
 
 
-class Counted:
-    """Every etcd3 client a Store makes, and whether it was closed."""
+def connections_to(etcd):
+    """This process's established TCP connections to etcd's client port, read
+    from /proc: each etcd3 client (a gRPC channel) that has called holds one,
+    until it is closed."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            ours.add(target[8:-1])
+    found = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote_port, state, inode = int(fields[2].rsplit(":", 1)[1], 16), fields[3], fields[9]
+                if remote_port == etcd.client_port and state == "01" and inode in ours:
+                    found += 1
+    return found
 
-    def __init__(self, monkeypatch):
-        self.made, self.closed = [], set()
-        real = etcd3.client
 
-        def client(*args, **kwargs):
-            made = real(*args, **kwargs)
-            time.sleep(0.02)  # a slower constructor: races show, as on a busy node
-            close = made.close
-
-            def closing():
-                self.closed.add(id(made))
-                close()
-            made.close = closing
-            self.made.append(made)
-            return made
-        monkeypatch.setattr(etcd3, "client", client)
-
-    @property
-    def open(self):
-        return [c for c in self.made if id(c) not in self.closed]
+def settled_connections(etcd, at_most, within=3.0):
+    """The connection count once it is at_most (gRPC closes asynchronously), or
+    what it still is after within seconds."""
+    deadline = time.monotonic() + within
+    while (count := connections_to(etcd)) > at_most and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
 
 
 def run_threads(count, target):
@@ -52,8 +60,8 @@ def run_threads(count, target):
 
 # --- issue 9 item 12: one Store, many threads ---------------------------------------
 
-def test_concurrent_first_calls_make_one_client(etcd, prefix, monkeypatch):
-    counted = Counted(monkeypatch)
+def test_concurrent_first_calls_make_one_client(etcd, prefix):
+    before = connections_to(etcd)
     s = Store([etcd.endpoint], prefix=prefix)
     barrier = threading.Barrier(8)
     errors = []
@@ -67,16 +75,17 @@ def test_concurrent_first_calls_make_one_client(etcd, prefix, monkeypatch):
     for t in run_threads(8, first):
         t.join(10)
     assert errors == []
-    assert len(counted.made) == 1, f"8 concurrent first calls made {len(counted.made)} clients"
+    assert s.clients_made == 1, f"8 concurrent first calls made {s.clients_made} clients"
+    assert connections_to(etcd) - before == 1
     s.close()
-    assert counted.open == []
+    assert settled_connections(etcd, before) == before
 
 
-def test_threads_across_an_etcd_restart(etcd, prefix, monkeypatch):
+def test_threads_across_an_etcd_restart(etcd, prefix):
     """8 threads submit, read and list through one Store while etcd stops and
     starts again: during the outage they get Unavailable and nothing else,
     afterwards every call works, and no client is leaked."""
-    counted = Counted(monkeypatch)
+    before = connections_to(etcd)
     s = Store([etcd.endpoint], prefix=prefix)
     phase = ["up"]
     outcomes = {}  # (phase, "ok" | "unavailable") -> count
@@ -119,9 +128,10 @@ def test_threads_across_an_etcd_restart(etcd, prefix, monkeypatch):
     assert others == [], f"errors other than Unavailable: {others[:5]} ({len(others)} in all)"
     assert outcomes.get(("up", "ok")) and outcomes.get(("down", "unavailable"))
     assert outcomes.get(("after", "ok")) and not outcomes.get(("after", "unavailable")), outcomes
-    assert len(counted.open) <= 1, f"{len(counted.open)} clients left open for one endpoint"
+    left = settled_connections(etcd, before + 1) - before
+    assert left <= 1, f"{left} clients left open for one endpoint"
     s.close()
-    assert counted.open == [], f"{len(counted.open)} clients never closed"
+    assert settled_connections(etcd, before) == before, "clients never closed"
 
 
 # --- issue 9 item 11: unreachable is Unavailable; fast failover --------------------

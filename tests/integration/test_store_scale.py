@@ -62,23 +62,26 @@ def test_records_of_64_kib_in_the_queue(store):
     assert len(store.all_jobs()) == 150
 
 
-def test_small_pages_read_everything_at_one_revision(store, monkeypatch):
-    monkeypatch.setattr(store_module, "PAGE_KEYS", 7)
-    jobs = [make_job() for _ in range(30)]
-    for job in jobs:
-        store.submit(job)
-    for job in jobs[:20]:
-        starting = core.transition(job, core.STARTING, node="n1")
-        store.update(job, starting, store.get(job.uuid)[1])
-        running = core.transition(starting, core.RUNNING)
-        store.update(starting, running, store.get(job.uuid)[1])
-        store.update(running, core.warn(running, time.time(), "stuck"), store.get(job.uuid)[1])
-    assert set(store.warned()) == {job.uuid for job in jobs[:20]}
-    for i in range(17):
-        store.register({"name": f"n{i:02d}", "address": f"http://n{i}"}, store.grant(30))
-    live, members, failed, prime = store.cluster()
-    assert set(live) == set(members) == {f"n{i:02d}" for i in range(17)}
-    assert len(store.all_jobs()) == 30
+def test_small_pages_read_everything_at_one_revision(etcd, prefix):
+    store = Store([etcd.endpoint], prefix=prefix, page_keys=7)
+    try:
+        jobs = [make_job() for _ in range(30)]
+        for job in jobs:
+            store.submit(job)
+        for job in jobs[:20]:
+            starting = core.transition(job, core.STARTING, node="n1")
+            store.update(job, starting, store.get(job.uuid)[1])
+            running = core.transition(starting, core.RUNNING)
+            store.update(starting, running, store.get(job.uuid)[1])
+            store.update(running, core.warn(running, time.time(), "stuck"), store.get(job.uuid)[1])
+        assert set(store.warned()) == {job.uuid for job in jobs[:20]}
+        for i in range(17):
+            store.register({"name": f"n{i:02d}", "address": f"http://n{i}"}, store.grant(30))
+        live, members, failed, prime = store.cluster()
+        assert set(live) == set(members) == {f"n{i:02d}" for i in range(17)}
+        assert len(store.all_jobs()) == 30
+    finally:
+        store.close()
 
 
 # --- issue 10 item 8's quota (contract C6) ---------------------------------------------
