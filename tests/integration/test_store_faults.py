@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 
-import etcd3
 import grpc
 import pytest
 
