@@ -15,7 +15,6 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import inspect
 import json
 import logging
 import math
@@ -101,8 +100,7 @@ REFUSAL_LOG_EVERY = 60.0  # seconds between journal lines about one refused call
 
 # The app's own state; aiohttp >= 3.9 (Debian 13) warns about plain string keys.
 _key = getattr(web, "AppKey", lambda name, kind=None: name)
-NODE, TOKEN, IDEMPOTENT = _key("node", object), _key("token", object), _key("idempotent", bool)
-TRACKER = _key("tracker", object)
+NODE, TOKEN = _key("node", object), _key("token", object)
 
 
 def make_app(node, token=None):
@@ -111,8 +109,6 @@ def make_app(node, token=None):
     app[NODE] = node
     app[TOKEN] = token
     # Until node.submit takes idempotency_key= (contract C5), do not pass it.
-    app[IDEMPOTENT] = "idempotency_key" in inspect.signature(node.submit).parameters
-    app[TRACKER] = Tracker(node)
     app.router.add_get("/v1/nodes", nodes)
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
@@ -325,9 +321,8 @@ async def submit(request):
     key = _idempotency_key(request)
     caller = caller_of(request)
     count = body.pop("count", None)  # a batch: count copies, all queued or none
-    extra = {"idempotency_key": key} if key and request.app[IDEMPOTENT] else {}
-    job = await request.app[NODE].submit(body.pop("command"), caller, body, count, **extra)
-    request.app[TRACKER].submitted(job if count is not None else [job])
+    job = await request.app[NODE].submit(body.pop("command"), caller, body, count,
+                                         idempotency_key=key)
     if count is not None:
         return web.json_response({"jobs": [shown(j, caller) for j in job]}, status=201)
     return web.json_response({"job": shown(job, caller)}, status=201)
@@ -416,64 +411,14 @@ async def nodes(request):
 
 # --- metrics (issue 12 item 2) ---------------------------------------------------
 
-class Tracker:
-    """The counters of metrics.Counters, for as long as the node does not keep
-    them itself (node.counters): submissions are counted here, as they pass
-    through this API; starts, ends and dispatch latency are read off this
-    node's records at each scrape, each job counted once (by uuid), and only
-    those started or ended since this process began (counters restart with
-    the daemon; Prometheus handles the reset)."""
-
-    REMEMBER = 200_000  # uuids of submissions remembered against counting a retry twice
-
-    def __init__(self, node):
-        self.node = node
-        self.since = node.clock() if callable(getattr(node, "clock", None)) else 0.0
-        self.counters = metrics.Counters()
-        self._submitted = collections.OrderedDict()  # uuid: None, oldest first
-        self._started, self._ended = set(), set()
-
-    def submitted(self, jobs):
-        """Jobs an answer of POST /v1/jobs returned: a repeated Idempotency-Key
-        returns the same uuids, which count once."""
-        for job in jobs:
-            if job.uuid not in self._submitted:
-                self._submitted[job.uuid] = None
-                self.counters.submitted += 1
-        while len(self._submitted) > self.REMEMBER:
-            self._submitted.popitem(last=False)
-
-    def observe(self, jobs):
-        """Count the starts and ends of this node's jobs not counted yet."""
-        name = self.node.config.node_name
-        present = set()
-        for job in jobs:
-            if job.node != name:
-                continue
-            present.add(job.uuid)
-            if job.started_at is not None and job.started_at >= self.since \
-                    and job.uuid not in self._started:
-                self._started.add(job.uuid)
-                self.counters.started += 1
-                self.counters.dispatched(job.started_at - job.submitted_at)
-            if job.terminal and (job.ended_at or 0) >= self.since and job.uuid not in self._ended:
-                self._ended.add(job.uuid)
-                self.counters.end(job.state)
-        # A pruned record never comes back: forget it (the counts stay).
-        self._started &= present
-        self._ended &= present
-
-    async def snapshot(self):
-        node = self.node
-        jobs = await node.list(limit=None)
-        counters = getattr(node, "counters", None)
-        if counters is None:  # the node does not count: derive from its records
-            self.observe(jobs)
-            counters = self.counters
-        primed = bool(getattr(node, "primed", False))
-        return metrics.snapshot(node.config.node_name, jobs, counters, slots=node.config.slots,
-                                cpus=float(os.cpu_count() or 1), memory_bytes=_memory_bytes(),
-                                primed=primed, cluster_jobs=jobs if primed else None)
+async def metrics_snapshot(node):
+    """What /metrics shows: the node's own counters (Node.counters), and
+    gauges read off its records; the primed node also shows the cluster's."""
+    jobs = await node.list(limit=None)
+    primed = bool(node.primed)
+    return metrics.snapshot(node.config.node_name, jobs, node.counters, slots=node.config.slots,
+                            cpus=float(os.cpu_count() or 1), memory_bytes=_memory_bytes(),
+                            primed=primed, cluster_jobs=jobs if primed else None)
 
 
 def _memory_bytes():
@@ -485,7 +430,7 @@ def _memory_bytes():
 
 async def metrics_page(request):
     """Prometheus text format; over TCP the token (_token) guards it like any route."""
-    snapshot = await request.app[TRACKER].snapshot()
+    snapshot = await metrics_snapshot(request.app[NODE])
     body = metrics.render(snapshot)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
