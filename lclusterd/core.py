@@ -45,6 +45,18 @@ class QuotaExceeded(Exception):
     """The caller has as many jobs queued as the node allows (HTTP 429)."""
 
 
+class Conflict(Exception):
+    """A record kept changing under us; the caller may retry (HTTP 409)."""
+
+
+class Elsewhere(Exception):
+    """The job ran on another node, whose output we cannot fetch (HTTP 502)."""
+
+
+class Busy(Exception):
+    """The thing is in use and cannot be changed now, e.g. forget a live node (HTTP 409)."""
+
+
 def utf8(text: str, what: str) -> str:
     """text, if it can be sent on as UTF-8 (to etcd, over D-Bus): a lone
     surrogate (from undecodable bytes, or a JSON \\udc80 escape) cannot."""
@@ -58,7 +70,7 @@ def utf8(text: str, what: str) -> str:
 # --- lifecycle -------------------------------------------------------------
 
 QUEUED = "queued"
-STARTING = "starting"  # claimed by a node, its unit not started yet
+STARTING = "starting"  # assigned to a node (job.node), its unit not confirmed running yet
 RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
@@ -71,7 +83,7 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # Every allowed change of state, and why it happens. Anything else is refused.
 TRANSITIONS = {
-    (QUEUED, STARTING): "a node claimed the job from the queue",
+    (QUEUED, STARTING): "the primed node assigned it to a node (the record names it)",
     (QUEUED, CANCELLED): "removejob took it off the queue",
     (STARTING, RUNNING): "its unit started",
     (STARTING, QUEUED): "the node restarted before starting the unit: nothing ran, so requeue",
@@ -136,6 +148,16 @@ class Job:
     warned_at: Optional[float] = None  # when it became warned (kept once cleared)
     warning: Optional[str] = None  # why it was warned
     warned_from: Optional[str] = None  # the state it had then: what clearing returns to
+    # Scheduling (issue 11). after: parent uuids; after_mode: AFTER_OK/ANY/FAILED
+    # (None when after is empty). constraints: "KEY=VALUE" labels the node
+    # must have. array: the array's id (uuid4) for its members, array_index
+    # 0..N-1, max_running: the array's throttle (the same on every member).
+    after: tuple = ()
+    after_mode: Optional[str] = None
+    constraints: tuple = ()
+    array: Optional[str] = None
+    array_index: Optional[int] = None
+    max_running: Optional[int] = None
     # HMAC of what the job does and as whom (see sign): a node runs only what
     # a node of its cluster wrote. None: unsigned (never run where keys are set).
     signature: Optional[str] = None
@@ -159,6 +181,8 @@ class Job:
         fields = {k: v for k, v in record.items() if k in names}
         fields["env"] = tuple(fields.get("env") or ())  # a JSON list
         fields["attempts"] = tuple(fields.get("attempts") or ())  # a JSON list
+        fields["after"] = tuple(fields.get("after") or ())
+        fields["constraints"] = tuple(fields.get("constraints") or ())
         return cls(**fields)
 
     @property
@@ -414,7 +438,7 @@ MAX_ENV = 64  # variables per job
 MAX_ENV_BYTES = 32 * 1024
 MAX_PATH = 4096
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESERVED_ENV = ("LCLUSTER_JOB_ID",)  # set by lclusterd
+RESERVED_ENV = ("LCLUSTER_JOB_ID", "LCLUSTER_ARRAY_ID", "LCLUSTER_ARRAY_INDEX")  # set by lclusterd
 NAMESPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.I)
 
@@ -498,6 +522,19 @@ def job_spec(request: dict, policy) -> dict:
         spec["max_attempts"] = validate_attempts(request["max_attempts"])
     if request.get("priority") is not None:
         spec["priority"] = validate_priority(request["priority"])
+    after = validate_after(request.get("after"))
+    mode = request.get("after_mode")
+    if mode is not None and mode not in AFTER_MODES:
+        raise InvalidInput(f"after_mode must be one of {', '.join(AFTER_MODES)}, not '{str(mode)[:40]}'")
+    if mode is not None and not after:
+        raise InvalidInput("after_mode needs after (the parent jobs)")
+    if after:
+        spec["after"], spec["after_mode"] = after, mode or AFTER_OK
+    if request.get("constraints") is not None:
+        spec["constraints"] = validate_constraints(request["constraints"])
+    if request.get("max_running") is not None:
+        # the node keeps it only for arrays (count or commands): it throttles members
+        spec["max_running"] = validate_max_running(request["max_running"])
     return spec
 
 
@@ -534,6 +571,99 @@ def validate_attempts(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS:
         raise InvalidInput(f"retries must be a whole number from 1 to {MAX_ATTEMPTS} (attempts in all)")
     return value
+
+
+# --- dependencies, constraints, arrays ------------------------------------------
+
+# addjob --after (Slurm's afterok), --after-any (afterany), --after-failed (afternotok).
+AFTER_OK, AFTER_ANY, AFTER_FAILED = "ok", "any", "failed"
+AFTER_MODES = (AFTER_OK, AFTER_ANY, AFTER_FAILED)
+MAX_AFTER = 32  # parents per job: each is a key in submit's transaction
+MAX_CONSTRAINTS = 32
+MAX_RUNNING = 10 ** 6
+_LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+# No ',' (labels are listed comma-separated), no '=' and no blanks in a value.
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9_.:/+@-]{1,255}")
+
+
+def validate_after(value) -> tuple:
+    """Parent uuids from a list or a comma-separated string: full uuids
+    (lower-cased, repeats dropped, order kept); () for None or empty."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput("after must be a list of job uuids")
+    parents = []
+    for ref in value:
+        ref = ref.strip().lower()
+        if not _UUID.match(ref):
+            raise InvalidInput(f"after: '{ref[:40]}' is not a full job uuid")
+        if ref not in parents:
+            parents.append(ref)
+    if len(parents) > MAX_AFTER:
+        raise InvalidInput(f"after: at most {MAX_AFTER} parent jobs")
+    return tuple(parents)
+
+
+def _label(entry: str, what: str):
+    """(key, value) of one "KEY=VALUE"; InvalidInput naming what it is."""
+    key, eq, value = entry.strip().partition("=")
+    if not eq or not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+        raise InvalidInput(f"{what} '{entry.strip()[:60]}' is not KEY=VALUE (KEY: letters, digits, "
+                           "_ . -; VALUE: no blanks, commas or =)")
+    return key, value
+
+
+def validate_constraints(value) -> tuple:
+    """"KEY=VALUE" labels a node must have, from a list or a comma-separated
+    string; repeats dropped. Two values for one key could never be met: refused."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput("constraints must be a list of KEY=VALUE strings")
+    wanted = {}
+    for entry in value:
+        key, label = _label(entry, "constraint")
+        if wanted.get(key, label) != label:
+            raise InvalidInput(f"constraints ask {key}={wanted[key]} and {key}={label}: no node has both")
+        wanted[key] = label
+    if len(wanted) > MAX_CONSTRAINTS:
+        raise InvalidInput(f"at most {MAX_CONSTRAINTS} constraints")
+    return tuple(f"{k}={v}" for k, v in wanted.items())
+
+
+def validate_max_running(value) -> Optional[int]:
+    """An array's throttle: members running at once, at least 1; None: no throttle."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUNNING:
+        raise InvalidInput(f"max_running must be a whole number from 1 to {MAX_RUNNING}")
+    return value
+
+
+def parse_labels(text) -> dict:
+    """A node's labels from "rack=a,ssd=yes" (config labels =); {} for empty."""
+    labels = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        key, value = _label(entry, "label")
+        if key in labels:
+            raise InvalidInput(f"label {key} is given twice")
+        labels[key] = value
+    return labels
+
+
+def node_labels(name: str, labels: dict) -> dict:
+    """What a node registers as its labels: its config's, and node=<its name>
+    always (so --constraint node=n2 pins a job to n2)."""
+    return {**labels, "node": name}
 
 
 # --- history -----------------------------------------------------------------
@@ -750,7 +880,11 @@ def slot_holders(jobs, units, settled, node):
 RECORD_RUNNING = "record-running"  # unit runs, record says starting
 RECORD_END = "record-end"  # unit finished, record still live: record its outcome
 RELEASE_UNIT = "release-unit"  # record terminal, unit still loaded: stop/unload it
-REQUEUE = "requeue"  # claimed but never started (node restarted in between)
+START_UNIT = "start-unit"  # assigned to this node (starting), no unit yet: start it
+# No longer planned by reconcile (a starting job without a unit is started,
+# not requeued: the primed node chose this node for it); kept until node.py's
+# old claim path is gone.
+REQUEUE = "requeue"
 RECORD_VANISHED = "record-vanished"  # running, but its unit is gone (reboot, fencing): lose it
 RELEASE_ORPHAN = "release-orphan"  # a unit whose record is gone (deleted): stop and release it
 WARN = "warn"  # its unit would not stop: record it warned (it keeps its slot)
@@ -789,7 +923,7 @@ def reconcile(jobs, units, in_flight=frozenset(), node=None, now=None, stop_time
                 plan.append((RELEASE_UNIT, job_uuid))
         elif unit is None:
             if job.state == STARTING:
-                plan.append((REQUEUE, job_uuid))
+                plan.append((START_UNIT, job_uuid))
             elif job.state == RUNNING:
                 plan.append((RECORD_VANISHED, job_uuid))
         elif job.terminal:
@@ -886,6 +1020,13 @@ JOB_LOG_RATE_LIMIT = (
 )
 
 
+def array_env(job: Job) -> list:
+    """An array member learns which one it is (Slurm's SLURM_ARRAY_TASK_ID)."""
+    if job.array is None:
+        return []
+    return [f"LCLUSTER_ARRAY_ID={job.array}", f"LCLUSTER_ARRAY_INDEX={job.array_index}"]
+
+
 def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
                     namespace: Optional[str] = None, tmp_size: int = DEFAULT_JOB_TMP_SIZE):
     """The systemd properties of a job's transient service, as (name, value).
@@ -900,7 +1041,7 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
         # until the daemon has recorded it (even across a daemon restart).
         ("RemainAfterExit", True),
         ("Slice", JOB_SLICE),
-        ("Environment", [f"LCLUSTER_JOB_ID={job.uuid}", *job.env]),
+        ("Environment", [f"LCLUSTER_JOB_ID={job.uuid}", *array_env(job), *job.env]),
         ("KillSignal", 15),  # SIGTERM first ...
         ("TimeoutStopUSec", int(stop_timeout * 1_000_000)),  # ... SIGKILL after this
         *JOB_LOG_RATE_LIMIT,
@@ -955,6 +1096,10 @@ SIGNING_CONTEXT = b"lclusterd record signing v1"
 # fields a node changes later (state, node, times, attempts) are not signed.
 SIGNED_FIELDS = ("uuid", "command", "uid", "gid", "user", "env", "memory", "cpus", "tasks",
                  "timeout", "workdir", "network", "submitter", "submitter_uid")
+# Signed too, but only when set (not their default): records written before
+# these fields existed keep their signatures. Setting or clearing one changes
+# the signed bytes either way, so neither can be done without the key.
+SIGNED_IF_SET = ("after", "after_mode", "constraints", "array", "array_index", "max_running")
 
 
 def signing_key(token: str) -> bytes:
@@ -971,11 +1116,13 @@ def _signed_bytes(job: Job) -> bytes:
     def canonical(name, value):
         if name in ("cpus", "timeout") and value is not None:
             return repr(float(value))  # 600 and 600.0 are one timeout
-        if name == "env":
+        if name in ("env", "after", "constraints"):
             return list(value)
         return value
     # JSON with ASCII escapes: a canonical form even for lone surrogates.
     fields = [[name, canonical(name, getattr(job, name))] for name in SIGNED_FIELDS]
+    fields += [[name, canonical(name, getattr(job, name))] for name in SIGNED_IF_SET
+               if getattr(job, name) not in (None, ())]
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 

@@ -326,7 +326,7 @@ EXITED = unit("active", "exited", "success", core.CLD_EXITED, 0)
 
 
 @pytest.mark.parametrize("state,status,plan", [
-    (STARTING, None, [(core.REQUEUE, U1)]),
+    (STARTING, None, [(core.START_UNIT, U1)]),  # assigned to us: start its unit
     (RUNNING, None, [(core.RECORD_VANISHED, U1)]),
     (SUCCEEDED, EXITED, [(core.RELEASE_UNIT, U1)]),
     (FAILED, unit("failed", "failed", "exit-code", core.CLD_EXITED, 1), [(core.RELEASE_UNIT, U1)]),
@@ -359,7 +359,7 @@ def test_reconcile_whole_node_in_stable_order():
     jobs = {U3: job(STARTING, job_uuid=U3), U1: job(RUNNING, job_uuid=U1),
             U2: job(SUCCEEDED, job_uuid=U2)}
     units = {U2: EXITED, U1: EXITED, "ffff0000-0000-4000-8000-000000000000": ACTIVE}
-    plan = [(core.RECORD_END, U1), (core.RELEASE_UNIT, U2), (core.REQUEUE, U3)]
+    plan = [(core.RECORD_END, U1), (core.RELEASE_UNIT, U2), (core.START_UNIT, U3)]
     assert core.reconcile(jobs, units) == plan
     assert core.reconcile(dict(reversed(jobs.items())), dict(reversed(units.items()))) == plan
 
@@ -440,7 +440,8 @@ def test_job_to_dict_matches_the_api_documentation():
                                     "submitter_uid", "memory", "cpus", "tasks", "timeout",
                                     "env", "workdir", "network", "max_attempts", "attempts",
                                     "priority", "warned_at", "warning", "warned_from",
-                                    "signature"}
+                                    "signature", "after", "after_mode", "constraints", "array",
+                                    "array_index", "max_running"}
 
 
 def test_job_from_dict_ignores_unknown_keys():
@@ -727,3 +728,82 @@ def test_run_as_refuses_a_user_name_with_a_trailing_newline():
     with pytest.raises(core.InvalidInput):
         core.run_as(0, "root", "alice\n")
     assert core.run_as(0, "root", "alice") == "alice"
+
+
+# --- issue 11: dependencies, constraints, arrays in the record ---------------------
+
+P1, P2 = "3f2a1b2c-0000-4000-8000-000000000001", "3f2a1b2c-0000-4000-8000-000000000002"
+ARRAY = "a1b2c3d4-0000-4000-8000-00000000000a"
+
+
+def test_a_record_of_an_older_version_loads_with_the_new_fields_at_their_defaults():
+    record = {k: v for k, v in job(RUNNING).to_dict().items()
+              if k not in ("after", "after_mode", "constraints", "array", "array_index", "max_running")}
+    j = core.Job.from_dict(record)
+    assert (j.after, j.after_mode, j.constraints, j.array, j.array_index, j.max_running) == (
+        (), None, (), None, None, None)
+
+
+def test_the_new_fields_round_trip_through_json_lists():
+    j = job(after=(P1, P2), after_mode=core.AFTER_ANY, constraints=("gpu=1",), array=ARRAY,
+            array_index=3, max_running=2)
+    record = j.to_dict()
+    record["after"], record["constraints"] = list(j.after), list(j.constraints)  # as JSON has them
+    assert core.Job.from_dict(record) == j
+
+
+def test_a_signature_made_before_the_new_fields_still_verifies():
+    # Signed by the code of before issue 11 (git 8397ac1) with KEY.
+    old = job(memory=1 << 20, cpus=0.5, env=("A=1",), submitter="alice", submitter_uid=1000,
+              signature="0d9d9236ebcdb13c8b4e6e7fef47405a3320a2bb4401634fd0acfc0741f2d005")
+    assert core.verify(old, KEY)
+    assert core.verify(core.Job.from_dict(old.to_dict()), KEY)
+
+
+@pytest.mark.parametrize("change", [
+    {"after": (P2,)}, {"after": ()}, {"after_mode": core.AFTER_ANY}, {"constraints": ()},
+    {"constraints": ("gpu=2",)}, {"array": None}, {"array_index": 0}, {"array_index": None},
+    {"max_running": 5}, {"max_running": None},
+])
+def test_the_new_fields_are_signed_when_set(change):
+    j = core.sign(job(after=(P1,), after_mode=core.AFTER_OK, constraints=("gpu=1",), array=ARRAY,
+                      array_index=1, max_running=2), KEY)
+    assert core.verify(j, KEY) and core.verify(core.Job.from_dict(j.to_dict()), KEY)
+    assert not core.verify(dataclasses.replace(j, **change), KEY)
+
+
+@pytest.mark.parametrize("change", [{"after": (P1,)}, {"constraints": ("gpu=1",)},
+                                    {"array": ARRAY, "array_index": 0}, {"max_running": 1}])
+def test_setting_a_new_field_on_a_record_signed_without_it_does_not_verify(change):
+    assert not core.verify(dataclasses.replace(core.sign(job(), KEY), **change), KEY)
+
+
+def test_array_members_learn_their_array_and_index():
+    env = props(job(array=ARRAY, array_index=0, env=("A=1",)))["Environment"]
+    assert env == [f"LCLUSTER_JOB_ID={UUID}", f"LCLUSTER_ARRAY_ID={ARRAY}", "LCLUSTER_ARRAY_INDEX=0",
+                   "A=1"]
+    assert props(job())["Environment"] == [f"LCLUSTER_JOB_ID={UUID}"]
+
+
+@pytest.mark.parametrize("name", ["LCLUSTER_ARRAY_ID", "LCLUSTER_ARRAY_INDEX"])
+def test_a_job_cannot_set_the_array_variables(name):
+    with pytest.raises(core.InvalidInput, match="set by lclusterd"):
+        core.validate_env([f"{name}=7"])
+
+
+def test_the_exception_tree_has_conflict_elsewhere_and_busy():
+    for error in (core.Conflict, core.Elsewhere, core.Busy):
+        assert issubclass(error, Exception) and not issubclass(error, core.InvalidInput)
+
+
+def test_reconcile_starts_the_unit_of_a_job_assigned_here_only():
+    assigned = {U1: job(STARTING, job_uuid=U1, node="n1"), U2: job(STARTING, job_uuid=U2, node="n2")}
+    assert core.reconcile(assigned, {}, node="n1") == [(core.START_UNIT, U1)]
+    assert core.reconcile(assigned, {}, in_flight={U1}, node="n1") == []
+    # once its unit is up the record says running
+    assert core.reconcile(assigned, {U1: ACTIVE}, node="n1") == [(core.RECORD_RUNNING, U1)]
+
+
+def test_a_job_assigned_here_holds_a_slot_before_its_unit_starts():
+    jobs = {U1: job(STARTING, job_uuid=U1, node="n1"), U2: job(STARTING, job_uuid=U2, node="n2")}
+    assert core.slot_holders(jobs, {}, set(), "n1") == {U1}

@@ -206,3 +206,97 @@ def test_oom_seen_by_the_check_is_an_oom_kill():
     assert done.result == "oom-kill"
     ok = core.UnitStatus("active", "exited", "success", core.CLD_EXITED, 0, oom_killed=True)
     assert core.outcome(ok)[0] == FAILED  # a child was OOM-killed: oom-kill, as OOMPolicy=stop on v2 (issue 9 item 18)
+
+
+# --- issue 11: after, constraints, max_running, labels ------------------------------
+
+P1, P2 = "3f2a1b2c-0000-4000-8000-000000000001", "3f2a1b2c-0000-4000-8000-000000000002"
+
+
+@pytest.mark.parametrize("value, parents", [
+    (None, ()), ([], ()), ("", ()), ([P1], (P1,)), (f"{P1},{P2}", (P1, P2)),
+    ([P1.upper(), P1, P2], (P1, P2)), (f" {P2} , {P1} ", (P2, P1)),
+])
+def test_validate_after(value, parents):
+    assert core.validate_after(value) == parents
+
+
+@pytest.mark.parametrize("value", ["3f2a1b2c", [P1[:-1]], [P1 + "0"], "nope", [1], {"a": 1}, 5,
+                                   [P1.replace("-", "")]])
+def test_validate_after_refuses_what_is_not_a_list_of_full_uuids(value):
+    with pytest.raises(InvalidInput) as e:
+        core.validate_after(value)
+    assert "\n" not in str(e.value)
+
+
+def test_validate_after_bounds_the_parents():
+    many = [f"3f2a1b2c-0000-4000-8000-{n:012d}" for n in range(core.MAX_AFTER + 1)]
+    assert len(core.validate_after(many[:-1])) == core.MAX_AFTER
+    with pytest.raises(InvalidInput, match="at most"):
+        core.validate_after(many)
+
+
+@pytest.mark.parametrize("value, constraints", [
+    (None, ()), ([], ()), (["gpu=1"], ("gpu=1",)), ("rack=a,ssd=yes", ("rack=a", "ssd=yes")),
+    (["gpu=1", "gpu=1"], ("gpu=1",)), (["node=n2", "zone=eu-west/1"], ("node=n2", "zone=eu-west/1")),
+])
+def test_validate_constraints(value, constraints):
+    assert core.validate_constraints(value) == constraints
+
+
+@pytest.mark.parametrize("value, said", [
+    (["gpu"], "is not KEY=VALUE"), (["=1"], "is not KEY=VALUE"), (["gpu="], "is not KEY=VALUE"),
+    (["g pu=1"], "is not KEY=VALUE"), (["gpu=a b"], "is not KEY=VALUE"), (["a=b=c"], "is not KEY=VALUE"),
+    (["gpu=1", "gpu=2"], "no node has both"), ([3], "must be a list"), (7, "must be a list"),
+])
+def test_validate_constraints_refuses(value, said):
+    with pytest.raises(InvalidInput, match=said):
+        core.validate_constraints(value)
+
+
+@pytest.mark.parametrize("value, limit", [(None, None), (1, 1), (64, 64), ("4", 4)])
+def test_validate_max_running(value, limit):
+    assert core.validate_max_running(value) == limit
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "x", "", core.MAX_RUNNING + 1])
+def test_validate_max_running_refuses(value):
+    with pytest.raises(InvalidInput, match="max_running must be"):
+        core.validate_max_running(value)
+
+
+def test_parse_labels():
+    assert core.parse_labels("rack=a,ssd=yes") == {"rack": "a", "ssd": "yes"}
+    assert core.parse_labels(" rack=a , ") == {"rack": "a"}
+    assert core.parse_labels("") == {} and core.parse_labels(None) == {}
+    for bad, said in (("rack", "is not KEY=VALUE"), ("rack=a,rack=b", "given twice")):
+        with pytest.raises(InvalidInput, match=said):
+            core.parse_labels(bad)
+
+
+def test_node_labels_always_name_the_node():
+    assert core.node_labels("n2", {"rack": "a"}) == {"rack": "a", "node": "n2"}
+    assert core.node_labels("n2", {}) == {"node": "n2"}
+
+
+def test_job_spec_takes_after_constraints_and_max_running():
+    spec = core.job_spec({"after": [P1], "constraints": ["gpu=1"], "max_running": 3}, policy())
+    assert (spec["after"], spec["after_mode"], spec["constraints"], spec["max_running"]) == (
+        (P1,), core.AFTER_OK, ("gpu=1",), 3)
+    assert core.job_spec({"after": [P1, P2], "after_mode": "failed"}, policy())["after_mode"] == "failed"
+    plain = core.job_spec({}, policy())
+    assert not {"after", "after_mode", "constraints", "max_running"} & set(plain)
+    j = core.new_job("true", 1000, 1000, "alice", 1.0, **spec)
+    assert (j.after, j.constraints, j.max_running) == ((P1,), ("gpu=1",), 3)
+
+
+@pytest.mark.parametrize("request_, said", [
+    ({"after": [P1], "after_mode": "afterok"}, "after_mode must be one of ok, any, failed"),
+    ({"after_mode": "any"}, "after_mode needs after"),
+    ({"after": ["3f2a"]}, "not a full job uuid"),
+    ({"constraints": ["gpu"]}, "is not KEY=VALUE"),
+    ({"max_running": 0}, "max_running must be"),
+])
+def test_job_spec_refuses_bad_scheduling_requests(request_, said):
+    with pytest.raises(InvalidInput, match=said):
+        core.job_spec(request_, policy())
