@@ -19,6 +19,9 @@ LOCAL_ETCD_TLS = "https://127.0.0.1:2379"
 LOCAL_ETCD_PLAIN = "http://127.0.0.1:2379"  # when the package's certificates are not there
 JOB_TMP_SHARE = 0.10  # of the smaller of the filesystems holding /tmp and /var/tmp ...
 MIN_JOB_TMP = 64 * 1024 ** 2  # ... but at least this much
+MEMINFO = "/proc/meminfo"
+DEFAULT_MEMORY_RESERVE = 256 * 1024 ** 2  # left to the OS and the daemon itself
+PLACEMENTS = ("spread", "pack")
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,26 @@ class Config:
     job_tmp_size: int = dataclasses.field(default_factory=lambda: default_job_tmp_size())
     max_connections: int = 4096  # open API connections in total ...
     max_connections_per_uid: int = 256  # ... and per caller uid (unix socket) or TCP peer
+    # What this node offers the scheduler (its registration, contract K3):
+    # jobs reserve their --cpus and --memory of it.
+    cpus: float = dataclasses.field(default_factory=lambda: float(os.cpu_count() or 1))
+    memory_reserve: int = DEFAULT_MEMORY_RESERVE
+    memory: int = dataclasses.field(default_factory=lambda: mem_total() - DEFAULT_MEMORY_RESERVE)
+    labels: dict = dataclasses.field(default_factory=dict)  # node=<name> is implied (core.node_labels)
+    placement: str = "spread"  # how the primed node places: spread (least loaded first) or pack
+
+
+def mem_total(path=MEMINFO) -> int:
+    """The machine's RAM in bytes (MemTotal), or the kernel's page count when
+    /proc is not readable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_job_tmp_size(statvfs=os.statvfs):
@@ -102,10 +125,12 @@ def load(path: Optional[str] = None, **overrides) -> Config:
     return from_mapping(values)
 
 
-def from_mapping(values: dict, exists=os.path.isfile) -> Config:
+def from_mapping(values: dict, exists=os.path.isfile, total_memory=None) -> Config:
     """A Config from {setting: text or value}; exists(path) tells which of
-    the package's etcd certificate files are there."""
+    the package's etcd certificate files are there; total_memory: the
+    machine's RAM in bytes (default: MemTotal)."""
     config = Config()
+    config.memory = None  # worked out below, from memory_reserve unless given
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, raw in values.items():
         if key not in fields:
@@ -119,6 +144,14 @@ def from_mapping(values: dict, exists=os.path.isfile) -> Config:
             raise ConfigError(f"bad value for '{key}': {said}")
     if config.slots < 1:
         raise ConfigError("'slots' must be at least 1")
+    if config.memory is None:  # unset or empty: what the machine has less the reserve
+        total = mem_total() if total_memory is None else total_memory
+        if total - config.memory_reserve < core.MIN_MEMORY:
+            raise ConfigError(f"'memory_reserve' ({core.show_size(config.memory_reserve)}) leaves no "
+                              f"memory of this machine's {core.show_size(total)} for jobs")
+        config.memory = total - config.memory_reserve
+    if "node" in config.labels:
+        raise ConfigError("'labels': node=<name> is implied (the node's name), do not set it")
     if not config.prefix.startswith("/") or config.prefix.endswith("/"):
         raise ConfigError("'prefix' must start with / and not end with /")
     for name, _, show in core.LIMITS:
@@ -231,4 +264,18 @@ def _parse(key, raw):
         return host.strip("[]"), int(port)
     if key == "node_name":
         return raw or socket.gethostname()
+    if key == "cpus":
+        return core.parse_cpus(raw) if raw else float(os.cpu_count() or 1)
+    if key == "memory":
+        return core.parse_size(raw) if raw else None  # None: MemTotal less memory_reserve
+    if key == "memory_reserve":
+        if not raw:
+            return DEFAULT_MEMORY_RESERVE
+        return 0 if raw == "0" else core.parse_size(raw)  # 0: jobs may have it all
+    if key == "labels":
+        return core.parse_labels(raw)
+    if key == "placement":
+        if raw not in PLACEMENTS:
+            raise ValueError(f"must be spread or pack, not '{raw[:40]}'")
+        return raw
     return raw

@@ -230,6 +230,8 @@ def lose(job: Job, node: str, now: float) -> Job:
 # --- the cluster: nodes, the prime, failures ---------------------------------
 
 READY, PRIMED, FAILED_NODE = "ready", "primed", "failed"  # node states (lclusterc nodes)
+# Drained by lclusterc drain: no new placements; draining while its jobs still run.
+DRAINING, DRAINED = "draining", "drained"
 
 
 def lost_jobs(jobs, live_nodes):
@@ -259,23 +261,46 @@ def prime_action(holds: bool, free: int) -> str:
     return PRIME_POLICY[(holds, free > 0)]
 
 
-def node_rows(members, live, failed, prime):
+def node_rows(members, live, failed, prime, drains=None, loads=None):
     """The table of `lclusterc nodes`: members {name: registration}, live
     {name: registration} (with a lease), failed {name: failure record},
-    prime: the primed node's name or None. A member without a lease is
-    failed (failed_at: when that was recorded, None until it is)."""
+    prime: the primed node's name or None, drains {name: drain record}
+    (store.drains()), loads {name: scheduler.Load} (what its assigned jobs
+    reserve). A member without a lease is failed (failed_at: when that was
+    recorded, None until it is); a drained one is draining while jobs still
+    run there, then drained. state: failed, else drained/draining, else
+    primed/ready (prime says whether it holds the prime whatever its state)."""
+    drains = drains or {}
     rows = []
     for name in sorted(set(members) | set(live)):
         alive = name in live
         info = live[name] if alive else members[name]
-        rows.append({"name": name, "address": info.get("address"),
-                     "state": (PRIMED if name == prime else READY) if alive else FAILED_NODE,
+        load = (loads or {}).get(name)
+        # with loads, the assigned keys count (a node absent there runs nothing);
+        # else what the node last registered
+        count = (load.jobs if load is not None else 0) if loads is not None else info.get("running", 0)
+        running = count if alive else 0
+        drain = drains.get(name)
+        if not alive:
+            state = FAILED_NODE
+        elif drain is not None:
+            state = DRAINING if running else DRAINED
+        else:
+            state = PRIMED if name == prime else READY
+        rows.append({"name": name, "address": info.get("address"), "state": state,
+                     "prime": alive and name == prime,
                      "slots": info.get("slots"),
-                     "running": info.get("running", 0) if alive else 0,
+                     "running": running,
                      "free": info.get("free") if alive else 0,
                      "failed_at": None if alive else (failed.get(name) or {}).get("at"),
                      # the limits it can enforce (None: a node too old to say)
-                     "enforces": info.get("enforces")})
+                     "enforces": info.get("enforces"),
+                     # capacity (None: a node too old to say) and what is reserved of it
+                     "cpus": info.get("cpus"), "memory": info.get("memory"),
+                     "labels": info.get("labels") or {},
+                     "reserved_cpus": load.cpus if load is not None else 0.0,
+                     "reserved_memory": load.memory if load is not None else 0,
+                     "drain_reason": drain.get("reason") if drain is not None else None})
     return rows
 
 

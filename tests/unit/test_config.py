@@ -288,3 +288,54 @@ def configparser_section(text):
 def test_a_bad_number_says_so_plainly(tmp_path):
     with pytest.raises(ConfigError, match=r"^bad value for 'slots': 'lots' is not a number$"):
         config.load(write(tmp_path, "[lclusterd]\nslots = lots\n"))
+
+
+# --- issue 11: what a node offers the scheduler ------------------------------------
+
+def test_capacity_defaults(no_default_file):
+    c = config.load()
+    assert c.cpus == float(os.cpu_count() or 1) and isinstance(c.cpus, float)
+    assert c.memory_reserve == 256 << 20
+    assert c.memory == config.mem_total() - (256 << 20)
+    assert (c.labels, c.placement) == ({}, "spread")
+
+
+def test_mem_total_reads_meminfo(tmp_path):
+    path = write(tmp_path, "MemTotal:       24731184 kB\nMemFree:        22650372 kB\n", "meminfo")
+    assert config.mem_total(path) == 24731184 * 1024
+    assert config.mem_total(str(tmp_path / "absent")) > 0  # the kernel's page count instead
+
+
+@pytest.mark.parametrize("values, memory", [
+    ({}, (8 << 30) - (256 << 20)),
+    ({"memory_reserve": "1G"}, 7 << 30),
+    ({"memory_reserve": "0"}, 8 << 30),
+    ({"memory": "2G", "memory_reserve": "1G"}, 2 << 30),  # given: the reserve does not apply
+    ({"memory": ""}, (8 << 30) - (256 << 20)),
+])
+def test_memory_is_the_machine_less_the_reserve_unless_given(values, memory):
+    assert config.from_mapping(values, total_memory=8 << 30).memory == memory
+
+
+def test_capacity_and_labels_from_file(tmp_path):
+    c = config.load(write(tmp_path, "[lclusterd]\ncpus = 3.5\nmemory = 6G\nlabels = rack=a, ssd=yes\n"
+                                    "placement = pack\n"))
+    assert (c.cpus, c.memory, c.labels, c.placement) == (3.5, 6 << 30, {"rack": "a", "ssd": "yes"}, "pack")
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("cpus", "lots", "not a number of CPUs"), ("cpus", "0", "not a number of CPUs"),
+    ("memory", "huge", "not a size"), ("memory_reserve", "-1", "not a size"),
+    ("labels", "rack", "is not KEY=VALUE"), ("labels", "a=1,a=2", "given twice"),
+    ("labels", "node=n9", "node=<name> is implied"),
+    ("placement", "random", "must be spread or pack, not 'random'"),
+])
+def test_bad_scheduling_settings_are_one_line(tmp_path, key, value, said):
+    with pytest.raises(ConfigError, match=said) as e:
+        config.load(write(tmp_path, f"[lclusterd]\n{key} = {value}\n"))
+    assert f"'{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_reserve_over_the_machine_is_refused():
+    with pytest.raises(ConfigError, match="'memory_reserve' \\(8G\\) leaves no memory"):
+        config.from_mapping({"memory_reserve": "8G"}, total_memory=8 << 30)

@@ -807,3 +807,34 @@ def test_reconcile_starts_the_unit_of_a_job_assigned_here_only():
 def test_a_job_assigned_here_holds_a_slot_before_its_unit_starts():
     jobs = {U1: job(STARTING, job_uuid=U1, node="n1"), U2: job(STARTING, job_uuid=U2, node="n2")}
     assert core.slot_holders(jobs, {}, set(), "n1") == {U1}
+
+
+# --- lclusterc nodes: capacity, reservations, drains ---------------------------------
+
+class _Load:  # what scheduler.Load has, without importing it here
+    def __init__(self, cpus, memory, jobs):
+        self.cpus, self.memory, self.jobs = cpus, memory, jobs
+
+
+def test_node_rows_show_capacity_reservations_and_drains():
+    reg = {n: {"name": n, "address": f"http://{n}:7800", "slots": 4, "cpus": 4.0, "memory": 8 << 30,
+               "labels": {"node": n}, "running": 1, "free": 3} for n in "abcd"}
+    live = {n: reg[n] for n in "abc"}
+    drains = {"a": {"reason": "disk swap", "at": 5.0, "by": "root"},
+              "b": {"reason": "", "at": 6.0, "by": "root"}, "d": {"reason": "dead", "at": 1.0, "by": "root"}}
+    loads = {"a": _Load(2.0, 1 << 30, 2), "c": _Load(0.5, 0, 1)}
+    rows = core.node_rows(reg, live, {}, "b", drains=drains, loads=loads)
+    assert [(r["name"], r["state"], r["prime"], r["running"], r["drain_reason"]) for r in rows] == [
+        ("a", core.DRAINING, False, 2, "disk swap"), ("b", core.DRAINED, True, 0, ""),
+        ("c", core.READY, False, 1, None), ("d", core.FAILED_NODE, False, 0, "dead")]
+    assert [(r["reserved_cpus"], r["reserved_memory"]) for r in rows] == [
+        (2.0, 1 << 30), (0.0, 0), (0.5, 0), (0.0, 0)]
+    assert rows[0]["cpus"] == 4.0 and rows[0]["memory"] == 8 << 30 and rows[0]["labels"] == {"node": "a"}
+
+
+def test_node_rows_of_old_callers_and_old_registrations():
+    reg = {"a": {"name": "a", "slots": 2, "running": 1, "free": 1}}
+    [row] = core.node_rows(reg, reg, {}, "a")
+    assert (row["state"], row["running"], row["cpus"], row["memory"], row["labels"]) == (
+        core.PRIMED, 1, None, None, {})
+    assert (row["reserved_cpus"], row["reserved_memory"], row["drain_reason"]) == (0.0, 0, None)
