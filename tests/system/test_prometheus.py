@@ -203,7 +203,9 @@ def test_prometheus_scrapes_known_jobs_with_the_token(prometheus):
     assert by_job["wrong-token"]["health"] == "down"
     assert "401" in by_job["wrong-token"]["lastError"], by_job["wrong-token"]["lastError"]
 
-    # What Prometheus measured of the scrapes with the token, over the last minute.
+    # What Prometheus measured of the scrapes with the token: 10 at least, for a figure.
+    wait_for("10 scrapes with the token", lambda: one(query(
+        box, 'count_over_time(scrape_duration_seconds{job="lclusterd"}[1m])')[0]) >= 10)
     took = values(box, **{f: f'{f}_over_time(scrape_duration_seconds{{job="lclusterd"}}[1m])'
                           for f in ("min", "avg", "max", "count")})
     assert took["max"] < 1  # within scrape_timeout
