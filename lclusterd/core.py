@@ -441,6 +441,15 @@ def show_size(size: int) -> str:
     return str(size)
 
 
+def human_size(size) -> str:
+    """A size rounded for people: 8.0G, 3.1G, 512.0M (show_size is exact, for
+    values given back as the user may write them)."""
+    for unit in ("T", "G", "M", "K"):
+        if size >= SIZE_UNITS[unit]:
+            return f"{size / SIZE_UNITS[unit]:.1f}{unit}"
+    return f"{int(size)}B"
+
+
 def show_duration(seconds: float) -> str:
     for unit in ("d", "h", "m"):
         if seconds % DURATION_UNITS[unit] == 0:
