@@ -24,11 +24,25 @@ Keyspace (PREFIX is the `prefix` setting, /lcluster by default):
                                        value is the job's node
     PREFIX/locks/<name>                held under a lease by one node at a time
                                        (history pruning); the value names it
+    PREFIX/assigned/<node>/<uuid>      {"cpus", "memory", "array"}: present
+                                       exactly while the record is starting,
+                                       running or warned with node set (what it
+                                       reserves there: the scheduler's load)
+    PREFIX/drained/<name>              {"reason", "at", "by"}: no new jobs go
+                                       there; no lease (drain() until resume())
+    PREFIX/arrays/<id>                 {"id", "uuids", "max_running",
+                                       "submitter_uid", "at"}: written with its
+                                       members; deleted with the last of them
+    PREFIX/dependents/<parent>/<child> "": child was submitted with parent in its
+                                       `after`; deleted with the child's record
 
 Every change of a record is one transaction guarded by the record's
-mod_revision, and moves the queue key (and its queued_by index) in the same
-transaction, so a job is never claimed twice and the queue never disagrees
-with the records.
+mod_revision, and moves the index keys that follow it (queue, queued_by,
+warned_jobs, assigned; dependents on submission and deletion: the rules
+are index_changes()) in the same transaction, so a job is never assigned
+twice and no index ever disagrees with the records. update_many() writes
+many such changes in few transactions, each change still guarded by its
+own record (and all of them, for the primed node's placer, by the prime).
 
 Every read of a prefix is paginated (PAGE_KEYS keys, and sized to about
 PAGE_BYTES from the page before; a page gRPC refuses as over its 4 MiB is
@@ -52,6 +66,12 @@ record's queue keys; timeout= on ping, grant, renew, revoke, register and
 update_registration: seconds per endpoint tried (the heartbeat's budget),
 and the endpoint that answered is tried first next time.
 
+Calls added for the cluster scheduler (contract K4): update_many(changes,
+prime=None), get_many(uuids), assigned(node=None), dependents(parent),
+queue_position(job), drain/resume/drains/forget, get_array(id), and
+watch(kind, callback, node=None) -> cancel: one gRPC watch stream per call,
+on the Store's channels, resumed from the last revision seen after an error.
+
 Maintenance: compact() keeps etcd's history short (the prune pass calls it)
 and, while NOSPACE is raised, also defragments every member and disarms the
 alarm (recover_space() does that on demand; lock() is granted to every caller
@@ -67,6 +87,7 @@ closed only once no call uses it any more.
 import copy
 import hashlib
 import json
+import logging
 import re
 import ssl
 import threading
@@ -81,6 +102,8 @@ import grpc
 from etcd3 import etcdrpc
 
 from lclusterd import core
+
+log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 2  # seconds, per endpoint tried; etcd answers in milliseconds.
                   # The heartbeat passes a shorter timeout= (a dead member must
@@ -130,6 +153,62 @@ class NameTaken(Exception):
         self.name, self.address = name, address
         super().__init__(f"node name {name} is already live on another machine "
                          f"(at {address or 'an unknown address'}): give this node another node_name")
+
+
+# A job holds its reservation on a node (PREFIX/assigned/<node>/<uuid>) in
+# these states: from the placer's assignment until its unit is gone.
+HOLDS_NODE = frozenset((core.STARTING, core.RUNNING, core.WARNED))
+
+
+def reservation(job):
+    """What a job holds on its node, as the assigned key's value."""
+    return {"cpus": float(job.cpus or 0), "memory": int(job.memory or 0),
+            "array": getattr(job, "array", None)}
+
+
+def _assigned_key(prefix, job):
+    if job is None or job.state not in HOLDS_NODE or not job.node:
+        return None
+    return f"{prefix}/assigned/{job.node}/{job.uuid}"
+
+
+def index_changes(prefix, old, new):
+    """The keys that follow a record from old to new (None: no record,
+    i.e. submitted or deleted): ({key: value} to put, [keys] to delete).
+    Pure, the one statement of the keyspace's invariants; MemStore uses it too."""
+    puts, deletes = {}, []
+
+    def follow(old_key, new_key, value, changed=False):
+        if old_key is not None and old_key != new_key:
+            deletes.append(old_key)
+        if new_key is not None and (new_key != old_key or changed):
+            puts[new_key] = value
+
+    def when(job, state, key):
+        return key if job is not None and job.state == state else None
+
+    ref = new or old
+    follow(when(old, core.QUEUED, f"{prefix}/queue/{core.queue_rank(old)}" if old else None),
+           when(new, core.QUEUED, f"{prefix}/queue/{core.queue_rank(new)}" if new else None),
+           ref.uuid)
+    follow(when(old, core.QUEUED, f"{prefix}/queued_by/{old.uid}/{old.uuid}" if old else None),
+           when(new, core.QUEUED, f"{prefix}/queued_by/{new.uid}/{new.uuid}" if new else None),
+           ref.uuid)
+    follow(when(old, core.WARNED, f"{prefix}/warned_jobs/{ref.uuid}"),
+           when(new, core.WARNED, f"{prefix}/warned_jobs/{ref.uuid}"),
+           (new.node or "") if new is not None else "")
+    held = reservation(new) if new is not None else None
+    follow(_assigned_key(prefix, old), _assigned_key(prefix, new),
+           json.dumps(held, separators=(",", ":")),
+           changed=old is not None and held is not None and reservation(old) != held)
+    if old is None or new is None:  # a record made or dropped: its parents' dependents index
+        for parent in getattr(ref, "after", ()) or ():
+            key = f"{prefix}/dependents/{parent}/{ref.uuid}"
+            if old is None:
+                puts[key] = ""
+            else:
+                deletes.append(key)
+    return puts, deletes
 
 
 class _Compacted(Exception):
@@ -327,6 +406,54 @@ class Store:
         prefix = f"{self.prefix}/queued_by/{int(uid)}/"
         return self._call(lambda c: _range(c, prefix, _end(prefix), count_only=True).count)
 
+    def get_many(self, uuids):
+        """{uuid: (Job, revision)} of those records that exist (a few
+        transactions of gets, bounded like every read)."""
+        kvs = self._call(lambda c: _get_many(c, [self._job_key(u) for u in uuids]))
+        return {kv.key.decode().rsplit("/", 1)[1]: (_decode(kv.value), kv.mod_revision) for kv in kvs}
+
+    def assigned(self, node=None):
+        """{node: {uuid: reservation}} of the jobs that hold a place on a
+        node (starting, running, warned); given node, that node's only (and
+        it is in the answer even with nothing assigned)."""
+        prefix = self._key("assigned", f"{node}/" if node is not None else "")
+        kvs = self._call(self._consistent(lambda c: _scan(c, prefix, self.page_keys)[0]))
+        found = {node: {}} if node is not None else {}
+        for kv in kvs:
+            name, job_uuid = kv.key.decode()[len(self._key("assigned")):].split("/", 1)
+            found.setdefault(name, {})[job_uuid] = _loads(kv.value)
+        return found
+
+    def dependents(self, parent_uuid):
+        """The uuids of the jobs submitted with parent_uuid in their `after`
+        (those whose records still exist), in uuid order."""
+        prefix = self._key("dependents", f"{parent_uuid}/")
+        kvs = self._call(self._consistent(
+            lambda c: _scan(c, prefix, self.page_keys, keys_only=True)[0]))
+        return [kv.key.decode().rsplit("/", 1)[1] for kv in kvs]
+
+    def queue_position(self, job):
+        """(ahead, total): how many queue keys sort before the job's, and how
+        many there are, counted (not read) at one revision."""
+        prefix = f"{self.prefix}/queue/"
+        def count(c):
+            total = _range(c, prefix, _end(prefix), count_only=True)
+            ahead = _range(c, prefix, self._queue_key(job), count_only=True,
+                           revision=total.header.revision)
+            return ahead.count, total.count
+        return self._call(self._consistent(count))
+
+    def drains(self):
+        """{name: {"reason", "at", "by"}} of the drained nodes."""
+        kvs = self._call(self._consistent(
+            lambda c: _scan(c, self._key("drained"), self.page_keys)[0]))
+        return {kv.key.decode().rsplit("/", 1)[1]: _loads(kv.value) for kv in kvs}
+
+    def get_array(self, array_id):
+        """The array's {"id", "uuids", "max_running", "submitter_uid", "at"}, or None."""
+        value, _ = self._call(lambda c: c.get(self._key("arrays", array_id)))
+        return None if value is None else _loads(value)
+
     # -- writes -------------------------------------------------------------
 
     def submit(self, job):
@@ -334,15 +461,21 @@ class Store:
 
     def submit_many(self, jobs, idempotency_key=None):
         """Queue new jobs, all or none, in one transaction (core.MAX_BATCH at
-        most). idempotency_key: when a submission of the same user with that
+        most), with their index keys: queue, queued_by, dependents/<parent>/
+        <uuid> for each of a job's `after`, and arrays/<id> for the members
+        of an array (jobs with `array` set; the array must be new). idempotency_key: when a submission of the same user with that
         key was written already, write nothing and return its uuids (a list);
         otherwise record the key with ours in the same transaction. Returns
         None when it wrote."""
         keys = [self._job_key(job.uuid) for job in jobs]
         compares = [_version(key, 0) for key in keys]
-        ops = [op for job, key in zip(jobs, keys)
-               for op in (_put(key, _encode(job)), _put(self._queue_key(job), job.uuid),
-                          _put(self._by_user_key(job), job.uuid))]
+        ops = []
+        for job, key in zip(jobs, keys):
+            puts, _ = index_changes(self.prefix, None, job)
+            ops += [_put(key, _encode(job))] + [_put(k, v) for k, v in puts.items()]
+        for array_id, value in _arrays(jobs).items():
+            compares.append(_version(self._key("arrays", array_id), 0))
+            ops.append(_put(self._key("arrays", array_id), json.dumps(value, separators=(",", ":"))))
         idem = None
         if idempotency_key is not None:
             digest = hashlib.sha256(str(idempotency_key).encode("utf-8", "surrogatepass")).hexdigest()
@@ -390,29 +523,62 @@ class Store:
 
     def update(self, old, new, revision, prime=None):
         """Replace old with new if the record is still at revision; moves the
-        queue key when the job enters or leaves the queue. Returns the
-        record's new revision, or False if someone changed it first. prime:
-        a node name; then only while that node holds the prime (a claim by a
-        node whose lease expired fails)."""
-        def write(c):
-            key = self._job_key(new.uuid)
-            ops = [c.transactions.put(key, _encode(new))]
-            if old.state == core.QUEUED != new.state:
-                ops.append(c.transactions.delete(self._queue_key(old)))
-                ops.append(c.transactions.delete(self._by_user_key(old)))
-            if new.state == core.QUEUED != old.state:
-                ops.append(c.transactions.put(self._queue_key(new), new.uuid))
-                ops.append(c.transactions.put(self._by_user_key(new), new.uuid))
-            if old.state == core.WARNED != new.state:
-                ops.append(c.transactions.delete(self._warned_key(old.uuid)))
-            if new.state == core.WARNED != old.state:
-                ops.append(c.transactions.put(self._warned_key(new.uuid), new.node or ""))
-            compare = [c.transactions.mod(key) == revision]
+        index keys (queue, queued_by, warned_jobs, assigned) with it in the
+        same transaction. Returns the record's new revision, or False if
+        someone changed it first. prime: a node name; then only while that
+        node holds the prime (a claim by a node whose lease expired fails)."""
+        written = self.update_many([(old, new, revision)], prime=prime)[0]
+        return written if written is not None else False
+
+    def update_many(self, changes, prime=None):
+        """Write changes [(old Job, new Job, revision)], each guarded by its
+        record's mod_revision (and, with prime=name, all by PREFIX/prime ==
+        name), in as few transactions as etcd's limits allow (MAX_TXN_OPS
+        ops or compares, about PAGE_BYTES). Returns, per change, the
+        record's new revision, or None: it was not written (its record
+        moved, or the prime is not ours: re-read). A transaction that fails
+        on a moved record is sent again without it, so one cancelled job does
+        not undo a whole placement; a lost prime stops them all."""
+        changes = list(changes)
+        if len({new.uuid for _, new, _ in changes}) != len(changes):
+            raise ValueError("update_many: a job may change only once per call")
+        results = [None] * len(changes)
+        prime_key = self._key("prime")
+        guards = 1 if prime is not None else 0
+        ops = [self._change_ops(old, new) for old, new, _ in changes]
+
+        def send(c, batch):
+            compares = [_mod(self._job_key(changes[i][1].uuid), changes[i][2]) for i in batch]
             if prime is not None:
-                compare.append(c.transactions.value(self._key("prime")) == prime)
-            ok, responses = c.transaction(compare=compare, success=ops, failure=[])
-            return ok and responses[0].response_put.header.revision
-        return self._call(write)
+                compares.append(_value(prime_key, prime))
+            failure = [_get(self._job_key(changes[i][1].uuid), keys_only=True) for i in batch]
+            if prime is not None:
+                failure.append(_get(prime_key))
+            return _txn(c, compares, [op for i in batch for op in ops[i]], failure)
+
+        for batch in _batches(ops, MAX_TXN_OPS - guards):
+            while batch:
+                answer = self._call(lambda c: send(c, batch))
+                if answer.succeeded:
+                    for i in batch:
+                        results[i] = answer.header.revision
+                    break
+                found = [r.response_range.kvs for r in answer.responses]
+                if prime is not None:
+                    holder = found.pop()
+                    if not holder or holder[0].value.decode() != prime:
+                        return results  # not primed (any more): nothing else may be written
+                still = [i for i, kvs in zip(batch, found)
+                         if kvs and kvs[0].mod_revision == changes[i][2]]
+                if len(still) == len(batch):
+                    break  # nothing moved that we can see: let the caller re-read
+                batch = still
+        return results
+
+    def _change_ops(self, old, new):
+        puts, deletes = index_changes(self.prefix, old, new)
+        return ([_put(self._job_key(new.uuid), _encode(new))]
+                + [_delete(key) for key in deletes] + [_put(k, v) for k, v in puts.items()])
 
     # -- the cluster: leases, registrations, the prime --------------------------
 
@@ -516,21 +682,68 @@ class Store:
     def delete(self, records):
         """Delete records [(uuid or Job, revision)] whose record is still at
         that revision (a batch in which one moved is skipped: the next pass
-        sees it again). Given a Job, its queue and queued_by keys go too (a
-        queued record deleted leaves nothing behind). Returns how many were
-        deleted."""
+        sees it again), with every index key that follows the record (queue,
+        queued_by, warned_jobs, assigned, its dependents keys); an array
+        whose last member goes loses its arrays/<id> too. Given a uuid, the
+        record is read first to learn its keys. Returns how many were deleted."""
         def write(c, batch):
-            compares, ops = [], []
+            unknown = [self._job_key(r) for r, _ in batch if not isinstance(r, core.Job)]
+            read = {kv.key.decode(): (kv.mod_revision, kv.value) for kv in _get_many(c, unknown)}
+            compares, ops, arrays = [], [], set()
             for record, rev in batch:
                 job_uuid = record.uuid if isinstance(record, core.Job) else record
-                compares.append(_mod(self._job_key(job_uuid), rev))
-                ops.append(_delete(self._job_key(job_uuid)))
-                if isinstance(record, core.Job) and record.state == core.QUEUED:
-                    ops += [_delete(self._queue_key(record)), _delete(self._by_user_key(record))]
-            return len(batch) if _txn(c, compares, _nested(ops, len(compares))).succeeded else 0
+                key = self._job_key(job_uuid)
+                compares.append(_mod(key, rev))
+                ops.append(_delete(key))
+                job = record if isinstance(record, core.Job) else None
+                if job is None and key in read and read[key][0] == rev:
+                    job = _decode(read[key][1])
+                if job is not None:
+                    ops += [_delete(k) for k in index_changes(self.prefix, job, None)[1]]
+                    if getattr(job, "array", None):
+                        arrays.add(job.array)
+            if not _txn(c, compares, _nested(ops, len(compares))).succeeded:
+                return 0
+            for array_id in arrays:
+                self._drop_array_if_empty(c, array_id)
+            return len(batch)
         step = MAX_TXN_OPS // 2
         return sum(self._call(lambda c: write(c, records[i:i + step]))
                    for i in range(0, len(records), step))
+
+    def _drop_array_if_empty(self, c, array_id):
+        key = self._key("arrays", array_id)
+        kvs = _range(c, key).kvs
+        if not kvs:
+            return
+        uuids = _loads(kvs[0].value).get("uuids") or []
+        # Members are made only with their array: once none is left, none comes back.
+        for i in range(0, len(uuids), MAX_TXN_OPS - 1):
+            if _get_many(c, [self._job_key(u) for u in uuids[i:i + MAX_TXN_OPS - 1]]):
+                return
+        _txn(c, [_mod(key, kvs[0].mod_revision)], [_delete(key)])
+
+    def drain(self, name, info):
+        """Mark a node drained (info: {"reason", "at", "by"}): no lease, it
+        stays until resume() or forget()."""
+        value = json.dumps(info, separators=(",", ":"))
+        self._call(lambda c: _txn(c, [], [_put(self._key("drained", name), value)]))
+
+    def resume(self, name):
+        """Undo drain(); False if the node was not drained."""
+        answer = self._call(lambda c: _txn(c, [], [_delete(self._key("drained", name))]))
+        return answer.responses[0].response_delete_range.deleted > 0
+
+    def forget(self, name):
+        """Drop a node that is not live from the table: its members,
+        failed_nodes and drained keys. False if there was none of them;
+        core.Busy if the node is live (checked in the same transaction)."""
+        keys = [self._key(kind, name) for kind in ("members", "failed_nodes", "drained")]
+        live = self._key("nodes", name)
+        answer = self._call(lambda c: _txn(c, [_version(live, 0)], [_delete(k) for k in keys]))
+        if not answer.succeeded:
+            raise core.Busy(f"node {name} is live: stop it before forgetting it")
+        return any(r.response_delete_range.deleted for r in answer.responses)
 
     def warned(self):
         """{uuid: node} of the warned jobs."""
@@ -559,6 +772,32 @@ class Store:
             return self._call(take)
         except NoSpace:
             return True
+
+    # -- watches ---------------------------------------------------------------
+
+    WATCHED = ("queue", "nodes", "assigned", "prime", "drained")
+
+    def watch(self, kind, callback, node=None):
+        """Call callback(events) from a thread of its own for every change
+        under one kind of key: "queue", "nodes", "assigned" (node given: that
+        node's only), "prime", "drained". events: [(key suffix, deleted)],
+        the suffix being the key less the watched prefix ("<node>/<uuid>"
+        for all of assigned, "<uuid>" for one node's, "" for the prime). The
+        watch starts at the revision current when watch() returns, and
+        after an error resumes where it stopped; if etcd compacted that
+        history meanwhile, callback([]) says "events were missed: read
+        again". Returns cancel(): stops the thread and ends its stream."""
+        if kind not in self.WATCHED:
+            raise ValueError(f"watch: unknown kind {kind!r}")
+        if kind == "prime":
+            key, end = self._key("prime"), b""
+        else:
+            key = self._key(kind, f"{node}/" if kind == "assigned" and node is not None else "")
+            end = _end(key)
+        revision = self._call(lambda c: _range(c, key, end, count_only=True).header.revision)
+        watcher = _Watch(self, key, end, callback, revision + 1)
+        watcher.start()
+        return watcher.cancel
 
     # -- maintenance: etcd's history and space -----------------------------------
 
@@ -663,6 +902,99 @@ class Store:
                 "--quota-backend-bytes")
 
 
+class _Watch:
+    """One watch stream, on the Store's channels, re-established after errors."""
+
+    BACKOFF = (0.1, 1.0)  # seconds: first and longest wait before reconnecting
+
+    def __init__(self, store, key, end, callback, start_revision):
+        self.store, self.key, self.end, self.callback = store, _b(key), _b(end), callback
+        self.next_revision = start_revision
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._stream = None
+        self._thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def cancel(self):
+        self._stop.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        if threading.current_thread() is not self._thread:  # cancelled from its callback: it ends by itself
+            self._thread.join()
+
+    def _requests(self, done):
+        create = etcdrpc.WatchCreateRequest(key=self.key, range_end=self.end,
+                                            start_revision=self.next_revision)
+        yield etcdrpc.WatchRequest(create_request=create)
+        # The stream stays open until this attempt is over (half-closing it
+        # would end the watch); then gRPC's thread that reads this ends too.
+        done.wait()
+
+    def _run(self):
+        wait = self.BACKOFF[0]
+        while not self._stop.is_set():
+            with self.store._lock:
+                index = self.store._current
+            conn = self.store._acquire(index)
+            failed, done = False, threading.Event()
+            try:
+                c = conn.client
+                # hasleader: a member cut off from its cluster ends the stream
+                # (else it would stay open and silent).
+                stream = etcdrpc.WatchStub(c.channel).Watch(
+                    self._requests(done), credentials=c.call_credentials,
+                    metadata=(c.metadata or ()) + (("hasleader", "true"),))
+                with self._lock:
+                    self._stream = stream
+                if self._stop.is_set():
+                    stream.cancel()
+                for answer in stream:
+                    wait = self.BACKOFF[0]
+                    if answer.compact_revision:
+                        # The history we would resume from is gone: start from
+                        # what is left, and say that something was missed.
+                        self.next_revision = answer.compact_revision
+                        self._deliver([])
+                        break
+                    if answer.canceled:
+                        break
+                    events = []
+                    for event in answer.events:
+                        events.append((event.kv.key[len(self.key):].decode(),
+                                       event.type == event.DELETE))
+                        self.next_revision = event.kv.mod_revision + 1
+                    if events:
+                        self._deliver(events)
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    break
+                failed = _kind(e) == "unreachable" or e.code() == grpc.StatusCode.UNAVAILABLE
+                log.debug("watch of %s broke: %s", self.key.decode(), _describe(e))
+            except Exception:  # noqa: BLE001 -- a bug of ours: logged, and the watch goes on
+                log.exception("watch of %s failed", self.key.decode())
+            finally:
+                done.set()
+                with self._lock:
+                    self._stream = None
+                self.store._release(conn, failed)
+            if self._stop.wait(wait):
+                break
+            wait = min(self.BACKOFF[1], wait * 2)
+
+    def _deliver(self, events):
+        if self._stop.is_set():
+            return
+        try:
+            self.callback(events)
+        except Exception:  # noqa: BLE001 -- a caller's bug must not end the watch
+            log.exception("watch callback for %s failed", self.key.decode())
+
+
 # -- requests built by hand (python3-etcd3 0.12 drops limit=, revision=,
 #    count_only=, nested transactions and lease compares) --------------------------
 
@@ -683,8 +1015,13 @@ def _delete(key):
     return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=_b(key)))
 
 
-def _get(key):
-    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=_b(key)))
+def _get(key, keys_only=False):
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=_b(key), keys_only=keys_only))
+
+
+def _value(key, value):
+    return etcdrpc.Compare(key=_b(key), target=etcdrpc.Compare.VALUE,
+                           result=etcdrpc.Compare.EQUAL, value=_b(value))
 
 
 def _version(key, version):
@@ -718,6 +1055,22 @@ def _nested(ops, compares):
         size -= 1
     return [etcdrpc.RequestOp(request_txn=etcdrpc.TxnRequest(success=ops[i:i + size]))
             for i in range(0, len(ops), size)]
+
+
+def _batches(ops, most):
+    """Indexes of ops (a list of op lists, one per guarded change) in
+    batches of at most `most` changes, MAX_TXN_OPS ops and about PAGE_BYTES
+    (etcd takes 1.5 MiB a request); a change bigger than that goes alone."""
+    batch, count, size = [], 0, 0
+    for i, change in enumerate(ops):
+        n, b = len(change), sum(op.ByteSize() for op in change)
+        if batch and (len(batch) + 1 > most or count + n > MAX_TXN_OPS or size + b > PAGE_BYTES):
+            yield batch
+            batch, count, size = [], 0, 0
+        batch.append(i)
+        count, size = count + n, size + b
+    if batch:
+        yield batch
 
 
 def _range(c, key, end=b"", limit=0, revision=0, keys_only=False, count_only=False):
@@ -813,6 +1166,19 @@ def _kind(error):
 
 def _nospace_raised(c):
     return any(a.alarm_type == etcdrpc.NOSPACE for a in c.list_alarms())
+
+
+def _arrays(jobs):
+    """{array id: its arrays/<id> value} for the arrays among jobs."""
+    found = {}
+    for job in jobs:
+        array_id = getattr(job, "array", None)
+        if array_id:
+            entry = found.setdefault(array_id, {
+                "id": array_id, "uuids": [], "max_running": getattr(job, "max_running", None),
+                "submitter_uid": job.submitter_uid, "at": job.submitted_at})
+            entry["uuids"].append(job.uuid)
+    return found
 
 
 def _encode(job):
