@@ -52,9 +52,10 @@ clean:
 BUILD_DEPS := debhelper dh-python python3-all python3-setuptools fakeroot lintian git
 RUN_DEPS   := python3-etcd3 python3-dbus-next python3-systemd python3-pyroute2 \
               python3-click python3-aiohttp python3-prometheus-client iproute2 openssl
-# chromium, chromium-driver and python3-selenium: the status page's browser test.
+# chromium, chromium-driver and python3-selenium: the status page's browser test;
+# prometheus: the scrape test.
 TEST_DEPS  := python3-pytest etcd-server etcd-client systemd-container debootstrap \
-              procps util-linux chromium chromium-driver python3-selenium
+              procps util-linux chromium chromium-driver python3-selenium prometheus
 
 deps:
 	@missing=$$(for p in $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS); do \
