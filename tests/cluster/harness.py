@@ -63,6 +63,14 @@ class Node(Box):
         """Job units with processes that may run (a fenced one stays loaded, failed)."""
         return self.units("--state=active,activating,deactivating,reloading")
 
+    def primed(self):
+        """The name of the node this one's table says is primed, or None."""
+        return next((name for name, row in self.nodes().items() if row["state"] == "primed"), None)
+
+    def poweroff(self):
+        """Pull the plug (no shutdown: its leases expire, its jobs die with it)."""
+        self.c.poweroff_hard()
+
 
 def etcd_config(node, tag):
     peers = ",".join(f"n{i}=http://{SUBNET}.{i}:2380" for i in range(1, NODES + 1))
@@ -94,7 +102,7 @@ def etcd_config(node, tag):
             f"ETCD_PEER_TRUSTED_CA_FILE=\n")
 
 
-def lclusterd_config(node, slots=SLOTS):
+def lclusterd_config(node, slots=SLOTS, extra=""):
     # Its own etcd member first, the others to fail over to.
     order = [node.index] + [i for i in range(1, NODES + 1) if i != node.index]
     endpoints = ",".join(f"http://{SUBNET}.{i}:2379" for i in order)
@@ -104,7 +112,8 @@ def lclusterd_config(node, slots=SLOTS):
             f"slots = {slots}\n"
             f"lease_ttl = {LEASE_TTL}\n"
             f"listen = 0.0.0.0:{PORT}\n"
-            f"address = {node.url}\n")
+            f"address = {node.url}\n"
+            + extra)  # a node's own lines: cpus, memory, labels, placement ...
 
 
 def _network_up(nodes, bridge, undo):
@@ -127,13 +136,15 @@ def _del_link(name):
         ip("link", "del", name)
 
 
-def _setup_node(node, tag, slots):
+def _setup_node(node, tag, slots, extra, resource_control):
     node.c.start(timeout=300)
+    if resource_control:  # before the daemon starts: it finds what it can enforce at start-up
+        node.c.enable_resource_control()
     node.sh("cat > /etc/default/etcd", input=etcd_config(node, tag))
     node.sh("systemctl restart --no-block etcd")  # it waits for a quorum: start all, then wait
     node.sh("apt-get install -y --no-install-recommends /mnt/debs/lclusterd_*_all.deb", timeout=600)
     node.sh("umask 077 && cat > /etc/lclusterd/token", input=TOKEN + "\n")
-    node.sh("cat > /etc/lclusterd/lclusterd.conf", input=lclusterd_config(node, slots))
+    node.sh("cat > /etc/lclusterd/lclusterd.conf", input=lclusterd_config(node, slots, extra))
 
 
 def wait_for(what, check, timeout, interval=0.3):
@@ -152,9 +163,14 @@ def wait_for(what, check, timeout, interval=0.3):
 
 
 @contextlib.contextmanager
-def booted(rootfs, deb_dir, binds_ro=None, slots=SLOTS):
+def booted(rootfs, deb_dir, binds_ro=None, slots=SLOTS, node_config=None, resource_control=False):
     """The three nodes, registered; on the way out (failures too) the
-    containers, namespaces, veths and bridge are removed."""
+    containers, namespaces, veths and bridge are removed.
+
+    node_config: {node name: lines for its lclusterd.conf} (cpus = 2,
+    memory = 1G, labels = rack=a ...). resource_control: make the cgroup
+    controllers writable first (a cgroup v1 host's nspawn mounts them
+    read-only), so that nodes enforce and accept --memory and --cpus."""
     tag = os.urandom(2).hex()
     nodes = [Node(i, tag, rootfs, Path(deb_dir).resolve(), binds_ro) for i in range(1, NODES + 1)]
     with contextlib.ExitStack() as undo:
@@ -162,7 +178,8 @@ def booted(rootfs, deb_dir, binds_ro=None, slots=SLOTS):
         for n in nodes:
             undo.callback(n.c.stop)  # before the namespaces go (ExitStack unwinds in reverse)
         with ThreadPoolExecutor(NODES) as pool:
-            for f in [pool.submit(_setup_node, n, tag, slots) for n in nodes]:
+            for f in [pool.submit(_setup_node, n, tag, slots, (node_config or {}).get(n.name, ""),
+                                  resource_control) for n in nodes]:
                 f.result()
         wait_for("a healthy 3-member etcd", lambda: nodes[0].sh(
             "etcdctl endpoint health --cluster 2>&1", check=False).stdout.count("is healthy") == NODES, 120)
