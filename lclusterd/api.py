@@ -30,7 +30,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from dbus_next.errors import DBusError
 
 from lclusterd import __version__, core, metrics, store
-from lclusterd.node import Caller, Conflict, Elsewhere
+from lclusterd.node import Caller
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Unavailable as UnitsUnavailable
 
@@ -57,20 +57,24 @@ ERRORS = (
     (core.AmbiguousRef, 409, None),  # a prefix names several jobs
     (KeyError, 500, INTERNAL),  # a LookupError, but a bug of ours, not "no such job"
     (IndexError, 500, INTERNAL),
-    (LookupError, 404, None),  # no such job
-    (Conflict, 409, None),  # a record kept changing under us: retry
+    (LookupError, 404, None),  # no such job, array or node
+    (core.Conflict, 409, None),  # a record kept changing under us: retry
     (core.IllegalTransition, 409, None),  # the job moved on meanwhile (it ended, say)
+    (core.Busy, 409, None),  # in use: forget of a node that is still live
     (StoreNoSpace, 507, None),  # etcd's quota is full: the message says the admin's fix
     (StoreTooLarge, 413, None),  # etcd finds the request too large
     (StoreUnavailable, 503, None),  # "etcd is unreachable at ...": nothing was written
     (UnitsUnavailable, 503, "systemd is unreachable"),
     (DBusError, 503, "systemd is unreachable"),
-    (Elsewhere, 502, None),  # the job's output is on a node we cannot reach
+    (core.Elsewhere, 502, None),  # the job's output is on a node we cannot reach
 )
 
 # command, and what the job asks for (core.job_spec, core.run_as).
-SUBMIT_FIELDS = {"command", "count", "user", "memory", "cpus", "tasks", "timeout", "env", "workdir",
-                 "network", "max_attempts", "priority"}
+SUBMIT_FIELDS = {"command", "count", "commands", "user", "memory", "cpus", "tasks", "timeout", "env",
+                 "workdir", "network", "max_attempts", "priority", "after", "after_mode",
+                 "constraints", "max_running"}
+DRAIN_FIELDS = {"reason"}
+MAX_DRAIN_REASON = 200  # characters: it is shown in a column of `lclusterc nodes`
 REMOTE = Caller(uid=0, gid=0, user="root")  # who a TCP caller with the token is
 MAX_BODY = 2 * core.MAX_COMMAND_BYTES  # JSON escaping can double a command
 MAX_DEPTH = 32  # JSON nesting a request may have (ours needs 2)
@@ -108,8 +112,10 @@ def make_app(node, token=None):
     app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
     app[NODE] = node
     app[TOKEN] = token
-    # Until node.submit takes idempotency_key= (contract C5), do not pass it.
     app.router.add_get("/v1/nodes", nodes)
+    app.router.add_post("/v1/nodes/{name}/drain", drain)
+    app.router.add_post("/v1/nodes/{name}/resume", resume)
+    app.router.add_delete("/v1/nodes/{name}", forget)
     app.router.add_post("/v1/jobs", submit)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{ref}", check)
@@ -294,7 +300,7 @@ def _encodable(body):
     """Refuse at submission what could never be sent on to etcd or systemd
     (issue 10 item 7): lone surrogates, keys with newlines. A batch is bounded
     by bytes, not only by count."""
-    command = core.validate_command(body.get("command"))
+    commands = _commands(body)
     env = core.validate_env(body["env"]) if body.get("env") is not None else ()
     workdir = core.validate_workdir(body["workdir"]) if body.get("workdir") is not None else None
     if body.get("network") is not None:
@@ -302,8 +308,31 @@ def _encodable(body):
     if isinstance(body.get("user"), str):
         core.utf8(body["user"], "user")
     if body.get("count") is not None:
-        core.validate_count(body["count"], command)
-        core.validate_batch_bytes(body["count"], command, env, workdir)
+        core.validate_count(body["count"], commands[0])
+        core.validate_batch_bytes(body["count"], commands[0], env, workdir)
+    elif "commands" in body:
+        if len(commands) > core.MAX_BATCH:
+            raise core.InvalidInput(f"commands: at most {core.MAX_BATCH} per request")
+        # each member carries its own command and the same env and workdir
+        core.validate_batch_bytes(1, "".join(commands), env * len(commands),
+                                  (workdir or "") * len(commands))
+    if body.get("max_running") is not None and body.get("count") is None and "commands" not in body:
+        raise core.InvalidInput("max_running throttles an array: it needs count or commands")
+
+
+def _commands(body):
+    """The submission's commands: [command], or the array's from commands
+    (addjob --file: one job per line); exactly one of the two."""
+    if "commands" in body:
+        if "command" in body or body.get("count") is not None:
+            raise core.InvalidInput("commands makes an array of its own: not with command or count")
+        commands = body["commands"]
+        if not isinstance(commands, list) or not commands:
+            raise core.InvalidInput("commands must be a non-empty list of commands")
+        return [core.validate_command(c) for c in commands]
+    if "command" not in body:
+        raise core.InvalidInput("missing field: command")
+    return [core.validate_command(body["command"])]
 
 
 def _idempotency_key(request):
@@ -315,22 +344,67 @@ def _idempotency_key(request):
 
 async def submit(request):
     body = await _body(request, SUBMIT_FIELDS)
-    if "command" not in body:
-        raise core.InvalidInput("missing field: command")
     _encodable(body)
     key = _idempotency_key(request)
     caller = caller_of(request)
-    count = body.pop("count", None)  # a batch: count copies, all queued or none
-    job = await request.app[NODE].submit(body.pop("command"), caller, body, count,
-                                         idempotency_key=key)
-    if count is not None:
-        return web.json_response({"jobs": [shown(j, caller) for j in job]}, status=201)
-    return web.json_response({"job": shown(job, caller)}, status=201)
+    count = body.pop("count", None)  # an array of count copies, all queued or none
+    commands = body.pop("commands", None)  # an array of one job per command
+    array = {} if commands is None else {"commands": commands}
+    made = await request.app[NODE].submit(body.pop("command", None), caller, body, count,
+                                          idempotency_key=key, **array)
+    if count is not None or commands is not None:
+        array_id, jobs = made
+        return web.json_response({"array": array_id, "jobs": [shown(j, caller) for j in jobs]},
+                                 status=201)
+    return web.json_response({"job": shown(made, caller)}, status=201)
+
+
+async def _waiting(node, jobs):
+    """{uuid: why it waits} for the queued ones among jobs (node.waiting)."""
+    queued = [job for job in jobs if job.state == core.QUEUED]
+    return await node.waiting(queued) if queued else {}
+
+
+async def _shown_with_waiting(node, jobs, caller):
+    waiting = await _waiting(node, jobs)
+    rows = []
+    for job in jobs:
+        row = shown(job, caller)
+        if job.uuid in waiting:
+            row["waiting"] = waiting[job.uuid]
+        rows.append(row)
+    return rows
+
+
+def _counts(jobs):
+    """Members by state, every state present (zeros too) so that a script
+    may index it."""
+    counts = dict.fromkeys(core.STATES, 0)
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    return counts
 
 
 async def check(request):
-    job = await request.app[NODE].find(request.match_info["ref"])
-    return web.json_response({"job": shown(job, caller_of(request))})
+    node, caller = request.app[NODE], caller_of(request)
+    ref = request.match_info["ref"]
+    try:
+        job = await node.find(ref)
+    except LookupError as missing:
+        # KeyError, IndexError: bugs (ERRORS); an ambiguous prefix stays one.
+        if isinstance(missing, (KeyError, IndexError, core.AmbiguousRef)):
+            raise
+        try:
+            array = await node.find_array(ref)  # not a job: an array's id?
+        except (KeyError, IndexError):
+            raise
+        except LookupError:
+            raise missing from None  # neither: the job's "no job matches"
+        jobs = list(array["jobs"])
+        return web.json_response({"array": array["id"], "max_running": array.get("max_running"),
+                                  "counts": _counts(jobs),
+                                  "jobs": await _shown_with_waiting(node, jobs, caller)})
+    return web.json_response({"job": (await _shown_with_waiting(node, [job], caller))[0]})
 
 
 async def unit_properties(request):
@@ -342,8 +416,11 @@ async def unit_properties(request):
 
 async def remove(request):
     caller = caller_of(request)
-    job = await request.app[NODE].remove(request.match_info["ref"], caller)
-    return web.json_response({"job": shown(job, caller)})
+    removed = await request.app[NODE].remove(request.match_info["ref"], caller)
+    if isinstance(removed, dict):  # an array: every live member cancelled
+        return web.json_response({"array": removed["id"], "cancelled": list(removed["cancelled"]),
+                                  "jobs": [shown(j, caller) for j in removed["jobs"]]})
+    return web.json_response({"job": shown(removed, caller)})
 
 
 def _number(request, name, kind=_finite, default=None):
@@ -365,8 +442,8 @@ async def list_jobs(request):
         limit=max(0, limit), state=state, node=request.query.get("node"),
         user=request.query.get("user"), since=_number(request, "since"),
         until=_number(request, "until"))
-    caller = caller_of(request)
-    return web.json_response({"jobs": [shown(job, caller) for job in jobs]})
+    return web.json_response({"jobs": await _shown_with_waiting(request.app[NODE], jobs,
+                                                                caller_of(request))})
 
 
 async def logs(request):
@@ -409,16 +486,74 @@ async def nodes(request):
     return web.json_response({"nodes": await request.app[NODE].nodes()})
 
 
+def _root_only(request, what):
+    """Drain, resume, forget: root on the socket, or the token over TCP
+    (caller_of makes that root). The node checks again (K6)."""
+    caller = caller_of(request)
+    if caller.uid != 0:
+        raise core.Forbidden(f"permission denied: only root may {what} a node")
+    return caller
+
+
+async def _node_row(node, name):
+    """The node's row of `nodes` after a change ({"name"} if it is gone)."""
+    return next((row for row in await node.nodes() if row.get("name") == name), {"name": name})
+
+
+def _drain_reason(body):
+    reason = body.get("reason")
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise core.InvalidInput("reason must be a string")
+    reason = " ".join(core.utf8(reason, "reason").split())  # one line, as `nodes` shows it
+    if len(reason) > MAX_DRAIN_REASON:
+        raise core.InvalidInput(f"reason is longer than {MAX_DRAIN_REASON} characters")
+    return reason or None
+
+
+async def drain(request):
+    """No new placements on the node; its running jobs finish (draining,
+    then drained)."""
+    caller = _root_only(request, "drain")
+    # The body is optional: `{}`, `{"reason": "..."}` or nothing at all.
+    body = await _body(request, DRAIN_FIELDS) if request.can_read_body else {}
+    name, node = request.match_info["name"], request.app[NODE]
+    await node.drain(name, _drain_reason(body), caller)
+    return web.json_response({"node": await _node_row(node, name)})
+
+
+async def resume(request):
+    caller = _root_only(request, "resume")
+    name, node = request.match_info["name"], request.app[NODE]
+    await node.resume(name, caller)
+    return web.json_response({"node": await _node_row(node, name)})
+
+
+async def forget(request):
+    """Drop a failed node from the table (a live one: 409, core.Busy)."""
+    caller = _root_only(request, "forget")
+    name = request.match_info["name"]
+    await request.app[NODE].forget(name, caller)
+    return web.json_response({"forgotten": name})
+
+
 # --- metrics (issue 12 item 2) ---------------------------------------------------
 
 async def metrics_snapshot(node):
     """What /metrics shows: the node's own counters (Node.counters), and
-    gauges read off its records; the primed node also shows the cluster's."""
+    gauges read off its records; the primed node also shows the cluster's:
+    every job by state, and each node's capacity and reservations."""
     jobs = await node.list(limit=None)
     primed = bool(node.primed)
-    return metrics.snapshot(node.config.node_name, jobs, node.counters, slots=node.config.slots,
-                            cpus=float(os.cpu_count() or 1), memory_bytes=_memory_bytes(),
-                            primed=primed, cluster_jobs=jobs if primed else None)
+    config = node.config
+    # The capacity placement counts with (config cpus, memory: K3), else the machine's.
+    cpus = getattr(config, "cpus", None) or float(os.cpu_count() or 1)
+    memory = getattr(config, "memory", None) or _memory_bytes()
+    return metrics.snapshot(config.node_name, jobs, node.counters, slots=config.slots,
+                            cpus=float(cpus), memory_bytes=int(memory), primed=primed,
+                            cluster_jobs=jobs if primed else None,
+                            cluster_nodes=await node.nodes() if primed else None)
 
 
 def _memory_bytes():

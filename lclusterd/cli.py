@@ -31,7 +31,8 @@ EXIT_TABLE = (
     (0, "ok"),
     (1, "the job failed (addjob --wait: the job's own status), or a bad answer"),
     (2, "bad input or usage (HTTP 400)"),
-    (3, "no such job, or ambiguous uuid prefix (HTTP 404, 409)"),
+    (3, "no such job, array or node; ambiguous uuid prefix; a conflict, e.g. forgetting a live "
+        "node (HTTP 404, 409)"),
     (4, "permission denied, or over a quota (HTTP 401, 403, 429, the socket's file mode, "
         "the token file, an HTTPS certificate that --ca does not trust)"),
     (5, "daemon unreachable (not running: no socket, refused, closed, no answer)"),
@@ -54,6 +55,7 @@ POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait and wait
 MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
 NODE_COLUMN = 16  # longer node and user names are cut in list
 CHECKJOB_LINES = 5  # lines of output checkjob shows
+REASON_COLUMN = 48  # list cuts a queued job's reason to this many characters
 
 # The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
 OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
@@ -86,6 +88,11 @@ def _usage_line(error):
 
 
 # --- early checks (the daemon checks again) ----------------------------------
+
+def _usage(message):
+    """Options that do not go together: a usage error, as click's own."""
+    return click.UsageError(message, click.get_current_context())
+
 
 def _checked(check, value):
     """core's validation (the daemon checks again), as a Failure."""
@@ -184,7 +191,8 @@ def _describe(job, output=None):
         ("workdir", job.get("workdir")),
         ("env", " ".join(shlex.quote(e) for e in job.get("env") or ()) or None),
         ("attempts", _attempts(job.get("attempts"))),
-    ) + ((("warned", f"{_local_time(warned)}: {_text(job.get('warning'))}"),) if warned else ())
+    ) + ((("warned", f"{_local_time(warned)}: {_text(job.get('warning'))}"),) if warned else ()) \
+        + _scheduling_rows(job)
     width = max(len(key) for key, _ in rows) + 1
     lines = [f"{key + ':':<{width}} {_text(value)}" for key, value in rows]
     if output:
@@ -203,7 +211,14 @@ COLUMNS = (
     ("USER", 3, lambda j: _text(j.get("user"))[:NODE_COLUMN]),
     ("NODE", 2, lambda j: _text(j.get("node"))[:NODE_COLUMN]),
     ("SUBMITTED", 1, lambda j: _text(_local_time(j.get("submitted_at"), "%Y-%m-%d %H:%M"))),
+    # only when some job waits in the queue (list of finished jobs: none)
+    ("REASON", 5, lambda j: _cut(_text(_reason(j.get("waiting"))) if j.get("waiting") else "",
+                                 REASON_COLUMN)),
 )
+
+
+def _cut(text, width):
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _limits(job):
@@ -228,6 +243,64 @@ def _property(name, value):
     else:
         text = str(value)
     return f"{name}={_text(text)}"
+def _reason(waiting):
+    """Why a queued job waits, as list's REASON column and checkjob say it:
+    'priority (3 of 10 ahead)', 'resources: no node has 8.0G free; ...'."""
+    if not isinstance(waiting, dict):
+        return None
+    kind, text = _text(waiting.get("kind")), waiting.get("text")
+    ahead, total = waiting.get("ahead"), waiting.get("total")
+    if kind == "priority" and isinstance(ahead, int) and isinstance(total, int):
+        return f"priority ({ahead} of {total} ahead)"
+    if isinstance(text, str) and text and text != kind:
+        return f"{kind}: {_text(text)}"
+    return kind
+
+
+def _scheduling_rows(job):
+    """checkjob's rows for what only some jobs have: its place in the queue
+    and why it waits, its parents, constraints and array."""
+    rows = []
+    waiting = job.get("waiting")
+    if isinstance(waiting, dict):
+        ahead, total = waiting.get("ahead"), waiting.get("total")
+        if isinstance(ahead, int) and isinstance(total, int):
+            rows.append(("position", f"{ahead + 1} of {total} in the queue ({ahead} ahead)"))
+        rows.append(("waiting", _reason(waiting)))
+    after = job.get("after")
+    if after:
+        mode = {"ok": "all succeed", "any": "all end", "failed": "one fails"}.get(
+            job.get("after_mode") or "ok", job.get("after_mode"))
+        rows.append(("after", f"{', '.join(map(_text, after))} (runs once {mode})"))
+    if job.get("constraints"):
+        rows.append(("constraints", ", ".join(map(_text, job["constraints"]))))
+    if job.get("array"):
+        throttle = job.get("max_running")
+        rows.append(("array", f"{_text(job['array'])} index {_text(job.get('array_index'))}"
+                     + (f", at most {_text(throttle)} running" if throttle else "")))
+    return tuple(rows)
+
+
+def _describe_array(answer):
+    """checkjob ARRAY: the array, its members by state, then one line each."""
+    jobs = answer.get("jobs") or []
+    counts = answer.get("counts") or {}
+    by_state = ", ".join(f"{_text(n)} {_text(state)}" for state, n in counts.items() if n) or "none"
+    throttle = answer.get("max_running")
+    lines = [f"array:       {_text(answer.get('array'))}",
+             f"jobs:        {len(jobs)}",
+             f"states:      {by_state}",
+             f"max running: {_text(throttle) if throttle else 'no limit'}"]
+    rows = [("INDEX", "UUID", "STATE", "NODE", "REASON")]
+    for job in jobs:
+        rows.append((_text(job.get("array_index")), _text(job.get("uuid")), _text(job.get("state")),
+                     _text(job.get("node")), _text(_reason(job.get("waiting")) or job.get("reason"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def _attempts(attempts):
     """checkjob's attempts: `node (outcome), ...`."""
     if not isinstance(attempts, list) or not attempts:
@@ -236,27 +309,59 @@ def _attempts(attempts):
                      for a in attempts if isinstance(a, dict))
 
 
+def _size(size):
+    """Bytes as nodes shows them: 3.1G, 512M."""
+    if not isinstance(size, (int, float)) or isinstance(size, bool):
+        return None
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f}{unit}"
+    return f"{int(size)}"
+
+
+def _number(value):
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _used(reserved, capacity, show):
+    """'reserved/capacity' (what placement counts), or what of it is known."""
+    if show(capacity) is None:
+        return show(reserved)
+    return f"{show(reserved) or '0'}/{show(capacity)}"
+
+
 def _nodes_table(nodes):
-    rows = [("NAME", "ADDRESS", "STATE", "RUNNING", "SLOTS", "WARNED", "ENFORCES", "FAILED AT")]
+    """nodes' human output. CPUS, MEMORY and JOBS are reserved/capacity (a
+    job reserves its --cpus, --memory and one slot); REASON is a drain's."""
+    rows = [("NAME", "STATE", "ADDRESS", "CPUS", "MEMORY", "JOBS", "LABELS", "WARNED", "ENFORCES",
+             "FAILED AT", "REASON")]
     for n in nodes:
         enforces = n.get("enforces")  # the limits it can enforce (older nodes do not say)
         enforces = (",".join(map(str, enforces)) or "none") if isinstance(enforces, list) else None
-        rows.append(tuple(_text(v) for v in (n.get("name"), n.get("address"), n.get("state"),
-                                             n.get("running"), n.get("slots"),
-                                             len(n.get("warned") or ()), enforces,
-                                             _local_time(n.get("failed_at")))))
+        labels = n.get("labels")
+        labels = (",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "node") or None
+                  if isinstance(labels, dict) else None)
+        jobs = f"{_text(n.get('running'))}/{_text(n.get('slots'))}"
+        rows.append(tuple(_text(v) for v in (
+            n.get("name"), n.get("state"), n.get("address"),
+            _used(n.get("reserved_cpus"), n.get("cpus"), _number),
+            _used(n.get("reserved_memory"), n.get("memory"), _size), jobs, labels,
+            len(n.get("warned") or ()), enforces, _local_time(n.get("failed_at")),
+            n.get("drain_reason"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _table(jobs, width):
     """list's human output, at most width characters a line."""
-    columns = [(name, [name] + [cell(job) for job in jobs], drop) for name, drop, cell in COLUMNS]
+    waits = any(isinstance(job.get("waiting"), dict) for job in jobs)
+    columns = [(name, [name] + [cell(job) for job in jobs], drop) for name, drop, cell in COLUMNS
+               if name != "REASON" or waits]
     commands = ["COMMAND"] + [_text(job.get("command")) for job in jobs]
 
     def used(cols):
         return sum(max(map(len, cells)) + 2 for _, cells, _ in cols)
-    for rank in (1, 2, 3, 4):  # drop columns until COMMAND has room
+    for rank in (1, 2, 3, 4, 5):  # drop columns until COMMAND has room
         if width - used(columns) >= MIN_COMMAND_COLUMN:
             break
         columns = [c for c in columns if c[2] != rank]
@@ -363,31 +468,77 @@ def lclusterc(ctx, socket_path, server, token_file, ca, cert, key):
         raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
 
 
-def _addjob_batch(client, command, count, as_json, spec):
-    """Batches of core.MAX_BATCH, each queued all or none; uuids printed as
-    each batch is accepted, so a failure part way leaves no doubt."""
+def _read_file(name):
+    """addjob --file: one command per non-empty line of FILE, or of stdin
+    for '-'. Empty or unreadable: a Failure (exit 2), nothing sent."""
     from lclusterd import core
-    _checked(lambda c: core.validate_count(min(count, core.MAX_BATCH), c), command)  # 0, -1 too
-    jobs = []
-    while len(jobs) < count:
-        batch = client.add_jobs(command, min(core.MAX_BATCH, count - len(jobs)), **spec)
-        jobs += batch
-        if not as_json:
-            click.echo("\n".join(job["uuid"] for job in batch))
+    where = "stdin" if name == "-" else name
+    try:
+        if name == "-":
+            data = click.get_binary_stream("stdin").read()
+        else:
+            with open(name, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise Failure(f"cannot read {where}: {e.strerror or e}", EXIT_USAGE) from None
+    # Undecodable bytes stay as surrogates, so that core says which line is not UTF-8.
+    lines = data.decode("utf-8", "surrogateescape").splitlines()
+    commands = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            commands.append(core.validate_command(line))
+        except core.InvalidInput as e:
+            raise Failure(f"{where} line {number}: {e}", EXIT_USAGE) from None
+    if not commands:
+        raise Failure(f"{where} has no commands (one job per non-empty line)", EXIT_USAGE)
+    if len(commands) > core.MAX_BATCH:
+        raise Failure(f"{where} has {len(commands)} commands; an array holds at most "
+                      f"{core.MAX_BATCH}", EXIT_USAGE)
+    return commands
+
+
+def _after(after, after_any, after_failed):
+    """(parents, mode) of --after / --after-any / --after-failed (one of them)."""
+    from lclusterd import core
+    given = [(value, mode) for value, mode in ((after, core.AFTER_OK), (after_any, core.AFTER_ANY),
+                                               (after_failed, core.AFTER_FAILED)) if value]
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise _usage("give one of --after, --after-any and --after-failed")
+    value, mode = given[0]
+    parents = _checked(core.validate_after, ",".join(value))
+    if not parents:
+        raise Failure("--after needs a job uuid", EXIT_USAGE)
+    return list(parents), mode
+
+
+def _addjob_array(client, as_json, spec, command=None, count=None, commands=None):
+    """--count or --file: one array, queued all or none; prints its id on
+    the first line, then the members' uuids."""
+    from lclusterd import core
+    if count is not None:
+        _checked(lambda c: core.validate_count(count, c), command)  # 0, -1, too many
+    answer = client.add_array(command, count=count, commands=commands, **spec)
     if as_json:
-        _echo_json(jobs)
+        _echo_json(answer)
+    else:
+        click.echo("\n".join([answer["array"], *(job["uuid"] for job in answer["jobs"])]))
 
 
 @lclusterc.command()
-@click.argument("command")
+@click.argument("command", required=False)
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
 @click.option("--retries", type=click.IntRange(1, MAX_ATTEMPTS), metavar="N",
               help=f"Attempts in all when its nodes die (default {DEFAULT_ATTEMPTS}).")
 @click.option("--priority", type=click.IntRange(MIN_PRIORITY, MAX_PRIORITY), metavar="N",
               help="Higher runs first (default 0; from -100 to 100).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
-@click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 256M, 2G (OOM-killed past it).")
-@click.option("--cpus", metavar="N", help="CPU time limit in CPUs, e.g. 0.5.")
+@click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 256M, 2G (OOM-killed past it); "
+              "placement reserves it.")
+@click.option("--cpus", metavar="N", help="CPU time limit in CPUs, e.g. 0.5; placement reserves it.")
 @click.option("--tasks", metavar="N", help="Most processes and threads at once.")
 @click.option("--timeout", metavar="TIME", help="Stop it after this long, e.g. 90s, 10m, 2h.")
 @click.option("--env", metavar="KEY=VAL", multiple=True, help="Set a variable (repeatable).")
@@ -397,12 +548,36 @@ def _addjob_batch(client, command, count, as_json, spec):
 @click.option("--user", metavar="NAME",
               help="Run as this user (root only; root's jobs run as nobody without it).")
 @click.option("--count", type=int, metavar="N",
-              help=f"Queue N copies, {MAX_BATCH} per request; print their uuids.")
+              help=f"An array of N copies (at most {MAX_BATCH}); print its id, then their uuids.")
+@click.option("--file", "file_name", metavar="FILE",
+              help="An array of one job per non-empty line of FILE ('-': stdin), instead of COMMAND.")
+@click.option("--max-running", metavar="K", help="With --count or --file: at most K members "
+              "run at once.")
+@click.option("--after", "after", metavar="UUID[,UUID]", multiple=True,
+              help="Run once these jobs have all succeeded (cancelled if one cannot).")
+@click.option("--after-any", metavar="UUID[,UUID]", multiple=True,
+              help="Run once these jobs have ended, whatever their outcome.")
+@click.option("--after-failed", metavar="UUID[,UUID]", multiple=True,
+              help="Run once these jobs have failed (cancelled if one succeeds).")
+@click.option("--constraint", metavar="KEY=VALUE", multiple=True,
+              help="Only on nodes with this label (repeatable; node=NAME pins it to one).")
 @click.pass_obj
 def addjob(client, command, wait, retries, priority, as_json, memory, cpus, tasks, timeout, env,
-           workdir, network, user, count):
+           workdir, network, user, count, file_name, max_running, after, after_any, after_failed,
+           constraint):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
     from lclusterd import core
+    if (command is None) == (file_name is None):
+        raise _usage("give COMMAND or --file FILE (one of them)")
+    if file_name is not None and count is not None:
+        raise _usage("--file makes one job per line: not with --count")
+    if wait and (count is not None or file_name is not None):
+        raise _usage(f"--wait takes one job, not {'--count' if count is not None else '--file'} "
+                     "(lclusterc wait ARRAY waits for an array)")
+    if max_running is not None:
+        if count is None and file_name is None:
+            raise _usage("--max-running throttles an array: give --count or --file")
+        max_running = _checked(core.validate_max_running, max_running)
     checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
               "timeout": core.parse_duration, "workdir": core.validate_workdir,
               "network": core.validate_network}
@@ -413,12 +588,17 @@ def addjob(client, command, wait, retries, priority, as_json, memory, cpus, task
             _checked(checks[name], value)  # the daemon parses the text again
     if env:
         _checked(core.validate_env, list(env))
+    parents, mode = _after(after, after_any, after_failed)
+    constraints = list(_checked(core.validate_constraints, list(constraint))) if constraint else None
+    spec = dict(env=list(env) or None, user=user, max_attempts=retries, priority=priority,
+                after=parents, after_mode=mode, constraints=constraints, **given)
+    if file_name is not None:
+        _addjob_array(client, as_json, dict(spec, max_running=max_running),
+                      commands=_read_file(file_name))
+        return
     command = _checked(core.validate_command, command)
-    spec = dict(env=list(env) or None, user=user, max_attempts=retries, priority=priority, **given)
     if count is not None:
-        if wait:
-            raise Failure("--wait takes one job, not --count", EXIT_USAGE)
-        _addjob_batch(client, command, count, as_json, spec)
+        _addjob_array(client, as_json, dict(spec, max_running=max_running), command, count=count)
         return
     job = client.add_job(command, **spec)
     if not as_json:
@@ -441,12 +621,14 @@ def addjob(client, command, wait, retries, priority, as_json, memory, cpus, task
 
 @lclusterc.command()
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole job (or array) record.")
 @click.option("--unit-properties", "properties", is_flag=True,
               help="Print the systemd properties of the job's unit (its sandbox and limits).")
 @click.pass_obj
 def checkjob(client, ref, as_json, properties):
-    """Show a job: state, exit status, node, times, user, limits."""
+    """Show a job: state, exit status, node, times, user, limits; for a
+    queued one, its place in the queue and why it waits. REF may be an
+    array's id: its members, counted by state."""
     from lclusterd import core
     from lclusterd.client import ClientError
     if properties:
@@ -456,7 +638,14 @@ def checkjob(client, ref, as_json, properties):
         else:
             click.echo("\n".join(_property(name, value) for name, value in props))
         return
-    job = client.get_job(_checked(core.validate_ref, ref))
+    answer = client.lookup(_checked(core.validate_ref, ref))
+    if "array" in answer:
+        if as_json:
+            _echo_json(answer)
+        else:
+            click.echo(_describe_array(answer))
+        return
+    job = answer["job"]
     if as_json:
         _echo_json(job)
         return
@@ -475,9 +664,13 @@ def checkjob(client, ref, as_json, properties):
 @click.option("--json", "as_json", is_flag=True, help="Print the whole job record after removal.")
 @click.pass_obj
 def removejob(client, ref, as_json):
-    """Take a queued job off the queue, or stop a running one."""
+    """Take a queued job off the queue, or stop a running one. REF may be
+    an array's id: every live member is cancelled."""
     from lclusterd import core
     job = client.remove_job(_checked(core.validate_ref, ref))
+    if "array" in job:
+        _removed_array(job, as_json)
+        return
     if as_json:
         _echo_json(job)
     else:
@@ -485,6 +678,24 @@ def removejob(client, ref, as_json):
     if job["state"] == "warned":
         raise Failure(f"job {job['uuid']} did not stop: {_text(job.get('warning'))}; it is "
                       "watched and leaves 'warned' once its processes are gone", EXIT_FAILED)
+
+
+def _removed_array(answer, as_json):
+    """removejob ARRAY: a line per member it cancelled (as for one job)."""
+    jobs = {job["uuid"]: job for job in answer["jobs"]}
+    if as_json:
+        _echo_json(answer)
+    else:
+        for uuid in answer["cancelled"]:
+            click.echo(f"{_text((jobs.get(uuid) or {}).get('state', 'cancelled'))} {_text(uuid)}")
+        if not answer["cancelled"]:
+            click.echo(f"lclusterc: array {_text(answer['array'])} has no live job to cancel",
+                       err=True)
+    warned = [job["uuid"] for job in answer["jobs"] if job["state"] == "warned"]
+    if warned:
+        raise Failure(f"{len(warned)} job(s) of array {_text(answer['array'])} did not stop "
+                      f"({', '.join(warned[:3])}{'…' if len(warned) > 3 else ''}); they are "
+                      "watched and leave 'warned' once their processes are gone", EXIT_FAILED)
 
 
 def _when(text):
@@ -557,40 +768,82 @@ def logs(client, ref, follow, tail, since):
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
 @click.pass_obj
 def wait(client, refs):
-    """Wait until the jobs have ended; print each one's state. Exit 0 only if
-    all of them succeeded, else 1."""
+    """Wait until the jobs have ended; print each one's state. REF may be an
+    array's id: all its members. Exit 0 only if all of them succeeded, else 1."""
     from lclusterd import core
     wanted = list(dict.fromkeys(_checked(core.validate_ref, ref) for ref in refs))
     pending, ended = list(wanted), {}
     try:
         while pending:
             for ref in list(pending):
-                job = client.get_job(ref)
-                if job["state"] in TERMINAL:
-                    ended[ref] = job
+                answer = client.lookup(ref)
+                jobs = answer["jobs"] if "array" in answer else [answer["job"]]
+                if all(job["state"] in TERMINAL for job in jobs):
+                    ended[ref] = jobs
                     pending.remove(ref)
             if pending:
                 time.sleep(POLL_INTERVAL)
     except KeyboardInterrupt:
         raise Failure("stopped waiting; the jobs go on", EXIT_INTERRUPTED) from None
-    for ref in wanted:  # in the order given
-        job = ended[ref]
-        click.echo(f"{_text(job['state'])} {job['uuid']}")
-        _say_if_unsuccessful(job)
-    failed = any(job["state"] != "succeeded" for job in ended.values())
+    shown = {}
+    for ref in wanted:  # in the order given; an array's members in their order
+        for job in ended[ref]:
+            if job["uuid"] not in shown:
+                shown[job["uuid"]] = job
+                click.echo(f"{_text(job['state'])} {job['uuid']}")
+                _say_if_unsuccessful(job)
+    failed = any(job["state"] != "succeeded" for job in shown.values())
     click.get_current_context().exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 @lclusterc.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the node records.")
+@click.option("--forget", metavar="NODE", help="Drop a failed node from the table (root only).")
 @click.pass_obj
-def nodes(client, as_json):
-    """List the cluster's nodes: ready, primed (takes the next jobs) or failed."""
+def nodes(client, as_json, forget):
+    """List the cluster's nodes: primed (places the cluster's jobs), ready,
+    draining, drained or failed, with what they offer and have reserved."""
+    if forget is not None:
+        client.forget(_node_name(forget))
+        click.echo(f"forgot {_text(forget)}")
+        return
     found = client.nodes()
     if as_json:
         _echo_json(found)
     else:
         click.echo(_nodes_table(found))
+
+
+def _node_name(name):
+    # The daemon says whether there is such a node; this only keeps a name
+    # that could never be one (blank, a path) from being sent at all.
+    if not name.strip() or "/" in name or not name.isprintable():
+        raise Failure(f"'{_text(name)}' is not a node name", EXIT_USAGE)
+    return name
+
+
+def _node_changed(row, name):
+    reason = row.get("drain_reason")
+    click.echo(f"{_text(row.get('state') or '-')} {_text(row.get('name') or name)}"
+               + (f" ({_text(reason)})" if reason else ""))
+
+
+@lclusterc.command()
+@click.argument("node")
+@click.option("--reason", metavar="TEXT", help="Why, as `lclusterc nodes` shows it.")
+@click.pass_obj
+def drain(client, node, reason):
+    """Place no new jobs on NODE; its running jobs finish (draining, then
+    drained). Root only."""
+    _node_changed(client.drain(_node_name(node), reason), node)
+
+
+@lclusterc.command()
+@click.argument("node")
+@click.pass_obj
+def resume(client, node):
+    """Let a drained NODE take jobs again. Root only."""
+    _node_changed(client.resume(_node_name(node)), node)
 
 
 def main(argv=None):

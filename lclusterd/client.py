@@ -344,31 +344,110 @@ class Client:
         time.sleep(RETRY_PAUSE)
         return self._request("POST", "/v1/jobs", body, extra_headers=key)
 
+    @staticmethod
+    def _spec(spec):
+        """The body's optional fields: None is "not asked for"; after and
+        constraints may be given as a list or tuple (or one comma-separated
+        string, as core reads it)."""
+        body = {}
+        for name, value in spec.items():
+            if value is None:
+                continue
+            body[name] = list(value) if isinstance(value, tuple) else value
+        return body
+
     def add_job(self, command, **spec):
         """spec: user, memory, cpus, tasks, timeout, env, workdir, network,
-        max_attempts, priority (docs/api.md); None means 'not asked for'."""
-        body = {"command": command, **{k: v for k, v in spec.items() if v is not None}}
-        return self._job(self._submit(body))
+        max_attempts, priority, after, after_mode, constraints (docs/api.md);
+        None means 'not asked for'."""
+        return self._job(self._submit({"command": command, **self._spec(spec)}))
 
     def nodes(self):
         return self._field(self._request("GET", "/v1/nodes"), "nodes", list)
 
+    def add_array(self, command=None, count=None, commands=None, **spec):
+        """An array in one request, all queued or none: count copies of
+        command, or one job per entry of commands (addjob --file).
+        spec as add_job's, plus max_running (members running at once).
+        Returns {"array": id, "jobs": [JOB, ...]} in member order."""
+        if (commands is None) == (count is None):
+            raise ValueError("add_array takes count (with command) or commands")
+        body = ({"command": command, "count": count} if commands is None
+                else {"commands": list(commands)})
+        answer = self._submit({**body, **self._spec(spec)})
+        jobs = [self._job({"job": job}) for job in self._field(answer, "jobs", list)]
+        return {"array": self._field(answer, "array", str), "jobs": jobs}
+
     def add_jobs(self, command, count, **spec):
-        """count copies of command in one request (core.MAX_BATCH at most); spec as add_job's."""
-        body = {"command": command, "count": count, **{k: v for k, v in spec.items() if v is not None}}
-        jobs = self._field(self._submit(body), "jobs", list)
-        return [self._job({"job": job}) for job in jobs]
+        """count copies of command in one request (an array; core.MAX_BATCH
+        at most); spec as add_array's. Returns their records."""
+        answer = self._submit({"command": command, "count": count, **self._spec(spec)})
+        return [self._job({"job": job}) for job in self._field(answer, "jobs", list)]
+
+    def lookup(self, ref):
+        """GET /v1/jobs/{ref} as it answers: {"job": JOB} for a job (a queued
+        one with "waiting"), or {"array": id, "counts": {state: n},
+        "max_running": K, "jobs": [JOB, ...]} for an array's id."""
+        answer = self._request("GET", self._job_path(ref))
+        if "array" in answer:
+            return self._array(answer)
+        return {"job": self._job(answer)}
+
+    def _array(self, answer):
+        self._field(answer, "array", str)
+        self._field(answer, "jobs", list)
+        answer["jobs"] = [self._job({"job": job}) for job in answer["jobs"]]
+        return answer
 
     def get_job(self, ref):
-        return self._job(self._request("GET", self._job_path(ref)))
+        answer = self.lookup(ref)
+        if "array" in answer:
+            raise ClientError(f"{answer['array']} is an array of {len(answer['jobs'])} jobs, "
+                              "not a job", 400)
+        return answer["job"]
+
+    def get_array(self, ref):
+        """An array by its id: {"array", "counts", "max_running", "jobs"}."""
+        answer = self.lookup(ref)
+        if "array" not in answer:
+            raise ClientError(f"{answer['job']['uuid']} is a job, not an array", 400)
+        return answer
 
     def unit_properties(self, ref):
         return self._field(self._request("GET", self._job_path(ref) + "/unit-properties"),
                            "properties", list)
 
     def remove_job(self, ref):
+        """Take a job off the queue or stop it; returns its record after
+        removal. For an array's id: every live member is cancelled, and the
+        answer is {"array": id, "cancelled": [uuids], "jobs": [JOB, ...]}."""
         answer = self._request("DELETE", self._job_path(ref), timeout=max(self.timeout, REMOVE_TIMEOUT))
+        if "array" in answer:
+            self._field(answer, "cancelled", list)
+            return self._array(answer)
         return self._job(answer)
+
+    # -- nodes: root only (root on the socket, or the token over TCP) ------------
+
+    @staticmethod
+    def _node_path(name):
+        import urllib.parse
+        return "/v1/nodes/" + urllib.parse.quote(name, safe="")
+
+    def drain(self, name, reason=None):
+        """No new jobs on node name; its running ones finish. Returns its row."""
+        body = {"reason": reason} if reason is not None else {}
+        return self._field(self._request("POST", self._node_path(name) + "/drain", body),
+                           "node", dict)
+
+    def resume(self, name):
+        """Undo drain: the node takes jobs again. Returns its row."""
+        return self._field(self._request("POST", self._node_path(name) + "/resume", {}),
+                           "node", dict)
+
+    def forget(self, name):
+        """Drop a failed node from the table (a live one: ClientError 409)."""
+        self._request("DELETE", self._node_path(name))
 
     @staticmethod
     def _query(path, **params):

@@ -56,6 +56,9 @@ class Snapshot:
     prime_changes: int = 0  # times this node took or gave up the prime
     fenced: int = 0  # times this node fenced itself: it stopped its jobs, its lease lost
     fenced_jobs: int = 0  # jobs recorded lost because a fence (ours or lclusterd-fence) killed their unit
+    # The nodes' table (node.nodes() rows: cpus, memory, reserved_*, state):
+    # the primed node only, as cluster_states.
+    cluster_nodes: Optional[Sequence[Mapping]] = None
 
 
 class _Collector:
@@ -130,6 +133,39 @@ class _Collector:
                       "and stopped its jobs.", s.fenced)
         yield counter("lclusterd_fenced_jobs", "Jobs of this node recorded lost because a fence "
                       "(the daemon's or lclusterd-fence) killed their unit.", s.fenced_jobs)
+        if s.cluster_nodes is not None:
+            yield from _cluster_nodes(s.cluster_nodes)
+
+
+# Per-node gauges of the primed node's table: (name, help, the row's key).
+CLUSTER_NODE_GAUGES = (
+    ("lclusterd_cluster_node_cpus", "CPUs a node offers for placement.", "cpus"),
+    ("lclusterd_cluster_node_cpus_reserved", "CPUs reserved by the jobs placed on a node.",
+     "reserved_cpus"),
+    ("lclusterd_cluster_node_memory_bytes", "Memory a node offers for placement.", "memory"),
+    ("lclusterd_cluster_node_memory_reserved_bytes", "Memory reserved by the jobs placed on a node.",
+     "reserved_memory"),
+    ("lclusterd_cluster_node_slots", "Jobs a node runs at once.", "slots"),
+)
+NODE_TABLE_STATES = ("primed", "ready", "draining", "drained", "failed")
+
+
+def _cluster_nodes(rows):
+    """The cluster's nodes as gauges labelled node=NAME (from the primed
+    node); a state gauge per node is 1 for its state, 0 for the others."""
+    for name, doc, key in CLUSTER_NODE_GAUGES:
+        g = GaugeMetricFamily(name, doc + " (from the primed node)", labels=["node"])
+        for row in rows:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                g.add_metric([str(row.get("name"))], value)
+        yield g
+    state = GaugeMetricFamily("lclusterd_cluster_node_state", "1 for the state each node is in "
+                              "(from the primed node).", labels=["node", "state"])
+    for row in rows:
+        for name in dict.fromkeys([*NODE_TABLE_STATES, str(row.get("state"))]):
+            state.add_metric([str(row.get("name")), name], int(row.get("state") == name))
+    yield state
 
 
 # Seconds from queued to started: from an idle node's few milliseconds to a
@@ -205,10 +241,12 @@ class Counters:
         return tuple(out)
 
 
-def snapshot(node, jobs, counters, *, slots, cpus, memory_bytes, primed=False, cluster_jobs=None):
+def snapshot(node, jobs, counters, *, slots, cpus, memory_bytes, primed=False, cluster_jobs=None,
+             cluster_nodes=None):
     """A Snapshot from the node's own job records (live ones: jobs whose
     record names this node), its Counters and its capacity. cluster_jobs:
-    every record of the cluster (the primed node passes them), else None."""
+    every record of the cluster, cluster_nodes: the nodes' table (the
+    primed node passes them), else None."""
     own = [j for j in jobs if j.node == node]
     live = [j for j in own if not j.terminal]
     running = [j for j in own if j.state in (core.STARTING, core.RUNNING, core.WARNED)]
@@ -235,6 +273,7 @@ def snapshot(node, jobs, counters, *, slots, cpus, memory_bytes, primed=False, c
         prime_changes=counters.prime_changes,
         fenced=counters.fenced,
         fenced_jobs=counters.fenced_jobs,
+        cluster_nodes=None if cluster_nodes is None else [dict(row) for row in cluster_nodes],
     )
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 import zlib
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from dbus_next.errors import DBusError
 
 from lclusterd import api, core, metrics
 from lclusterd.client import UnixHTTPConnection
-from lclusterd.node import Caller, Conflict, Elsewhere
+from lclusterd.node import Caller
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Unavailable as UnitsUnavailable
 
@@ -36,7 +37,7 @@ def job(uid=ALICE, **changes):
 
 
 class FakeNode:
-    """What api.py calls of lclusterd.node.Node."""
+    """What api.py calls of lclusterd.node.Node (contract K6)."""
 
     def __init__(self):
         self.config = SimpleNamespace(node_name="node1", slots=4, max_connections=40,
@@ -47,6 +48,12 @@ class FakeNode:
         self.calls = []  # (verb, args) in order
         self.counters = metrics.Counters()  # what Node counts (tested with the Node itself)
         self.primed = False
+        self.arrays = {}  # array id: {"id", "max_running", "uuids"}
+        self.rows = [{"name": "node1", "state": "primed", "cpus": 4.0, "memory": 8 << 30,
+                      "reserved_cpus": 1.0, "reserved_memory": 1 << 30, "slots": 4},
+                     {"name": "node2", "state": "failed", "cpus": 2.0, "memory": 4 << 30,
+                      "reserved_cpus": 0.0, "reserved_memory": 0, "slots": 2}]
+        self.why = {}  # uuid: what waiting() says of it
 
     def _maybe_fail(self, verb, *args):
         self.calls.append((verb, args))
@@ -57,16 +64,62 @@ class FakeNode:
         self.jobs[j.uuid] = j
         return j
 
-    async def submit(self, command, caller, request=None, count=None, idempotency_key=None):
-        self._maybe_fail("submit", command, caller, request, count, idempotency_key)
-        core.job_spec(request, POLICY)  # as Node.submit parses what the job asks for
+    async def submit(self, command, caller, request=None, count=None, idempotency_key=None,
+                     commands=None):
+        self._maybe_fail("submit", command, caller, request, count, idempotency_key, commands)
+        spec = core.job_spec(request, POLICY)  # as Node.submit parses what the job asks for
         if count is not None:
             core.validate_count(count, command)
-        made = [self.add(core.new_job(command, caller.uid, caller.gid, caller.user, time.time(),
-                                      submitter=caller.user, submitter_uid=caller.uid,
-                                      env=tuple(request.get("env") or ())))
-                for _ in range(count or 1)]
-        return made if count is not None else made[0]
+        array = str(uuid.uuid4()) if count is not None or commands is not None else None
+        made = [self.add(core.Job.from_dict({
+                    **core.new_job(c, caller.uid, caller.gid, caller.user, time.time(),
+                                   submitter=caller.user, submitter_uid=caller.uid,
+                                   env=tuple(request.get("env") or ())).to_dict(),
+                    "after": list(spec.get("after", ())), "after_mode": spec.get("after_mode"),
+                    "constraints": list(spec.get("constraints", ())), "array": array,
+                    "array_index": i if array else None,
+                    "max_running": spec.get("max_running") if array else None}))
+                for i, c in enumerate(commands or [command] * (count or 1))]
+        if array is None:
+            return made[0]
+        self.arrays[array] = {"id": array, "max_running": spec.get("max_running"),
+                              "uuids": [j.uuid for j in made]}
+        return array, made
+
+    async def find_array(self, ref):
+        self._maybe_fail("find_array", ref)
+        found = self.arrays.get(ref)
+        if found is None:
+            raise LookupError(f"no array '{ref}'")
+        return {"id": ref, "max_running": found["max_running"],
+                "jobs": [self.jobs[u] for u in found["uuids"]]}
+
+    async def waiting(self, jobs):
+        self.calls.append(("waiting", [j.uuid for j in jobs]))
+        return {j.uuid: self.why.get(j.uuid, {"kind": "priority", "text": "1 of 2 ahead",
+                                              "ahead": 1, "total": 2})
+                for j in jobs if j.state == core.QUEUED}
+
+    async def drain(self, name, reason, caller):
+        self._maybe_fail("drain", name, reason, caller)
+        row = self._row(name)
+        row.update(state="draining", drain_reason=reason)
+
+    async def resume(self, name, caller):
+        self._maybe_fail("resume", name, caller)
+        self._row(name).update(state="ready", drain_reason=None)
+
+    async def forget(self, name, caller):
+        self._maybe_fail("forget", name, caller)
+        if self._row(name)["state"] != "failed":
+            raise core.Busy(f"node {name} is live: only a failed node is forgotten")
+        self.rows = [r for r in self.rows if r["name"] != name]
+
+    def _row(self, name):
+        for row in self.rows:
+            if row["name"] == name:
+                return row
+        raise LookupError(f"no node '{name}'")
 
     async def find(self, ref):
         self._maybe_fail("find", ref)
@@ -84,6 +137,14 @@ class FakeNode:
 
     async def remove(self, ref, caller):
         self._maybe_fail("remove", ref, caller)
+        if ref in self.arrays:
+            jobs = [self.jobs[u] for u in self.arrays[ref]["uuids"]]
+            live = [j for j in jobs if not j.terminal]
+            for j in live:
+                self.jobs[j.uuid] = core.transition(j, core.CANCELLED, ended_at=time.time(),
+                                                    reason=f"removed by {caller.user}")
+            return {"id": ref, "cancelled": [j.uuid for j in live],
+                    "jobs": [self.jobs[j.uuid] for j in jobs]}
         return await self.find(ref)
 
     async def output(self, j, caller, follow=False, tail=None, since=None):
@@ -97,7 +158,7 @@ class FakeNode:
 
     async def nodes(self):
         self._maybe_fail("nodes")
-        return []
+        return [dict(row) for row in self.rows]
 
 
 class Served:
@@ -199,9 +260,10 @@ def assert_one_line_json(status_type_payload, status):
      "etcd is out of space"),
     (api.StoreTooLarge("etcd refused the request as too large"), 413, "too large"),
     (core.IllegalTransition("job x cannot go from succeeded to cancelled"), 409, "cannot go"),
-    (Conflict("job x kept changing; try again"), 409, "kept changing"),
+    (core.Conflict("job x kept changing; try again"), 409, "kept changing"),
+    (core.Busy("node n2 is live: only a failed node is forgotten"), 409, "is live"),
     (core.QuotaExceeded("alice has 10000 jobs queued, the most per user"), 429, "10000 jobs"),
-    (Elsewhere("node2 is not reachable"), 502, "node2"),
+    (core.Elsewhere("node2 is not reachable"), 502, "node2"),
     (core.Forbidden("permission denied: job x belongs to bob"), 403, "belongs to bob"),
     (LookupError("no job matches 'abcd'"), 404, "no job matches"),
     (core.InvalidInput("bad\nthing"), 400, "bad\\nthing"),

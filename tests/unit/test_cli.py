@@ -42,6 +42,8 @@ class FakeDaemon:
         self.output = {}  # uuid: bytes, a job's output for GET .../logs
         self.headers = []  # the headers of every request, in order
         self.drop = 0  # this many requests are read, then the connection closed unanswered
+        self.arrays = {}  # array id: [member uuids]
+        self.nodes = {}  # name: NODE row (drain, resume, forget)
 
     def add(self, job):
         self.jobs[job["uuid"]] = job
@@ -51,9 +53,29 @@ class FakeDaemon:
         if self.force:
             return self.force
         route, _, query = path.partition("?")
-        if method == "POST" and route == "/v1/jobs" and "count" in body:
-            return 201, {"jobs": [self.add(record(str(uuidlib.uuid4()), body["command"], state="queued"))
-                                  for _ in range(body["count"])]}
+        if method == "POST" and route == "/v1/jobs" and ("count" in body or "commands" in body):
+            array = str(uuidlib.uuid4())
+            commands = body.get("commands") or [body["command"]] * body["count"]
+            jobs = [self.add(record(str(uuidlib.uuid4()), command, state="queued", array=array,
+                                    array_index=i, max_running=body.get("max_running")))
+                    for i, command in enumerate(commands)]
+            self.arrays[array] = [job["uuid"] for job in jobs]
+            return 201, {"array": array, "jobs": jobs}
+        if route.startswith("/v1/nodes/"):
+            name, _, verb = route[len("/v1/nodes/"):].partition("/")
+            if name not in self.nodes:
+                return 404, {"error": f"no node '{name}'"}
+            row = self.nodes[name]
+            if method == "DELETE":
+                if row["state"] != "failed":
+                    return 409, {"error": f"node {name} is live: only a failed node is forgotten"}
+                del self.nodes[name]
+                return 200, {"forgotten": name}
+            if verb == "drain":
+                row.update(state="draining", drain_reason=body.get("reason"))
+            elif verb == "resume":
+                row.update(state="ready", drain_reason=None)
+            return 200, {"node": row}
         if method == "POST" and route == "/v1/jobs":
             job = self.add(record(str(uuidlib.uuid4()), body["command"], state="queued", started_at=None,
                                   ended_at=None, exit_status=None, result=None, reason=None))
@@ -76,6 +98,20 @@ class FakeDaemon:
                 state, status = self.finish
                 self.jobs[ref].update(state=state, exit_status=status, reason=f"status {status}")
             return 200, output
+        if route.startswith("/v1/jobs/") and route[len("/v1/jobs/"):] in self.arrays:
+            array = route[len("/v1/jobs/"):]
+            jobs = [self.jobs[u] for u in self.arrays[array]]
+            if method == "DELETE":
+                live = [j for j in jobs if j["state"] not in cli.TERMINAL]
+                for j in live:
+                    j.update(state="cancelled", reason="removed by alice")
+                return 200, {"array": array, "cancelled": [j["uuid"] for j in live], "jobs": jobs}
+            if self.finish:
+                for j in jobs:
+                    j.update(state=self.finish[0], exit_status=self.finish[1])
+            counts = {state: sum(j["state"] == state for j in jobs) for state in cli.STATES}
+            return 200, {"array": array, "counts": counts, "max_running": jobs[0].get("max_running"),
+                         "jobs": jobs}
         if route.startswith("/v1/jobs/"):
             ref = route[len("/v1/jobs/"):]
             matches = [u for u in self.jobs if u.startswith(ref)]
@@ -147,9 +183,10 @@ def fast_polls(monkeypatch):
     monkeypatch.setattr(cli, "POLL_INTERVAL", 0.01)
 
 
-def run(fake_or_path, *args, env=None):
+def run(fake_or_path, *args, env=None, input=None):
     path = fake_or_path if isinstance(fake_or_path, str) else fake_or_path.socket
-    return CliRunner(mix_stderr=False).invoke(cli.lclusterc, ["--socket", path, *args], env=env)
+    return CliRunner(mix_stderr=False).invoke(cli.lclusterc, ["--socket", path, *args], env=env,
+                                              input=input)
 
 
 def one_error_line(result):
@@ -170,14 +207,22 @@ def test_addjob_prints_the_full_uuid_only(fake):
     assert result.stdout.strip() in fake.jobs
 
 
-def test_addjob_count_sends_batches_and_prints_every_uuid(fake):
-    result = run(fake, "addjob", "--count", "150", "true")
+def test_addjob_count_makes_one_array_and_prints_its_id_then_every_uuid(fake):
+    result = run(fake, "addjob", "--count", "5", "true")
     assert result.exit_code == 0, result.stderr
-    uuids = result.stdout.split()
-    assert len(uuids) == 150 and len(set(uuids)) == 150 and all(UUID.match(u) for u in uuids)
-    assert set(uuids) == set(fake.jobs)
-    assert fake.requests == [("POST", "/v1/jobs", {"command": "true", "count": n})
-                             for n in (64, 64, 22)]
+    array, *uuids = result.stdout.split()
+    assert array in fake.arrays and uuids == fake.arrays[array]
+    assert len(set(uuids)) == 5 and all(UUID.match(u) for u in uuids)
+    assert fake.requests == [("POST", "/v1/jobs", {"command": "true", "count": 5})]
+
+
+def test_addjob_count_json_prints_the_array_and_its_jobs(fake):
+    result = run(fake, "addjob", "--count", "3", "--max-running", "2", "--json", "true")
+    assert result.exit_code == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert set(answer) == {"array", "jobs"} and len(answer["jobs"]) == 3
+    assert [j["uuid"] for j in answer["jobs"]] == fake.arrays[answer["array"]]
+    assert fake.requests[0][2] == {"command": "true", "count": 3, "max_running": 2}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -185,6 +230,7 @@ def test_addjob_count_sends_batches_and_prints_every_uuid(fake):
     (["--count", "-3", "true"], "count must be a whole number of at least 1"),
     (["--count", "2", "--wait", "true"], "--wait takes one job"),
     (["--count", "64", "x" * 20000], "count x command length"),
+    (["--count", "65", "true"], "count must be at most 64"),
 ])
 def test_addjob_count_refused(fake, args, message):
     result = run(fake, "addjob", *args)
@@ -373,7 +419,7 @@ def test_the_largest_command_is_sent(fake):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["addjob"], "Missing argument 'COMMAND'"), (["list", "--limit", "0"], "'--limit'"),
+    (["addjob"], "give COMMAND or --file FILE"), (["list", "--limit", "0"], "'--limit'"),
     (["list", "--state", "bogus"], "'bogus' is not one of"), (["nosuchcommand"], "No such command"),
     (["--bogus"], "No such option: --bogus"), (["logs", "--tail", "-1", JOB_A], "'--tail'"),
 ])
@@ -649,7 +695,8 @@ def test_checkjob_unit_properties(fake):
 
 def test_every_submission_carries_an_idempotency_key(fake):
     assert run(fake, "addjob", "true").exit_code == 0
-    assert run(fake, "addjob", "--count", "70", "true").exit_code == 0
+    assert run(fake, "addjob", "--count", "64", "true").exit_code == 0
+    assert run(fake, "addjob", "--file", "-", input="true\nfalse\n").exit_code == 0
     keys = [h.get("Idempotency-Key") for h in fake.headers]
     assert len(keys) == 3 and all(UUID.match(k or "") for k in keys) and len(set(keys)) == 3
     assert run(fake, "list").exit_code == 0

@@ -28,11 +28,15 @@ class Daemon:
         self.output = {}  # uuid: [bytes chunks]
         self.ends = {}  # uuid: (state, exit_status) it ends with
         self.between_chunks = threading.Event()  # a follow stream waits on it after chunk 1
+        self.arrays = {}  # id: [uuids]
+        self.nodes = {"node1": {"name": "node1", "state": "primed"},
+                      "node2": {"name": "node2", "state": "failed"}}
 
     def new(self, body):
         job = {"uuid": str(uuidlib.uuid4()), "command": body["command"], "state": "queued",
                "user": "alice", "node": None, "submitted_at": time.time(), "exit_status": None,
-               "reason": None, **{k: v for k, v in body.items() if k not in ("command", "count")}}
+               "reason": None, **{k: v for k, v in body.items()
+                                  if k not in ("command", "count", "commands")}}
         self.jobs[job["uuid"]] = job
         return job
 
@@ -87,9 +91,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         route, _, query = self.path.partition("?")
         args = dict(p.split("=", 1) for p in query.split("&") if p)
         if self.command == "POST" and route == "/v1/jobs":
-            if "count" in body:
-                return self.answer(201, {"jobs": [d.new(body) for _ in range(body["count"])]})
+            if "count" in body or "commands" in body:
+                array = str(uuidlib.uuid4())
+                commands = body.get("commands") or [body["command"]] * body["count"]
+                jobs = [d.new({**body, "command": c, "array": array, "array_index": i})
+                        for i, c in enumerate(commands)]
+                d.arrays[array] = [j["uuid"] for j in jobs]
+                return self.answer(201, {"array": array, "jobs": jobs})
             return self.answer(201, {"job": d.new(body)})
+        if route.startswith("/v1/nodes/"):
+            name, _, verb = route[len("/v1/nodes/"):].partition("/")
+            if name not in d.nodes:
+                return self.answer(404, {"error": f"no node '{name}'"})
+            if self.command == "DELETE":
+                del d.nodes[name]
+                return self.answer(200, {"forgotten": name})
+            d.nodes[name].update(state="draining" if verb == "drain" else "ready",
+                                 drain_reason=(body or {}).get("reason"))
+            return self.answer(200, {"node": d.nodes[name]})
+        if route.startswith("/v1/jobs/") and route[len("/v1/jobs/"):] in d.arrays:
+            array = route[len("/v1/jobs/"):]
+            jobs = [d.jobs[u] for u in d.arrays[array]]
+            if self.command == "DELETE":
+                live = [j for j in jobs if j["state"] not in TERMINAL]
+                for j in live:
+                    j.update(state="cancelled")
+                return self.answer(200, {"array": array, "cancelled": [j["uuid"] for j in live],
+                                         "jobs": jobs})
+            for j in jobs:
+                d.step(j)
+            counts = {s: sum(j["state"] == s for j in jobs) for s in ("queued", "running", "succeeded")}
+            return self.answer(200, {"array": array, "counts": counts, "max_running": None,
+                                     "jobs": jobs})
         if self.command == "GET" and route == "/v1/jobs":
             jobs = sorted(d.jobs.values(), key=lambda j: -j["submitted_at"])
             jobs = [j for j in jobs if j["state"] == args.get("state", j["state"])]
@@ -226,3 +259,46 @@ def test_errors_are_one_client_error_with_a_cause(daemon, tmp_path):
     with pytest.raises(ClientError) as e:
         lclient.read_token(str(tmp_path / "no-token"))
     assert e.value.cause == lclient.DENIED and "no-token" in e.value.message
+
+
+def test_an_array_with_dependencies_and_constraints(daemon):
+    client = Client(daemon.socket)
+    parent = client.add_job("make")
+    made = client.add_array(commands=["./run a", "./run b"], after=(parent["uuid"],),
+                            after_mode="ok", constraints=["rack=a"], max_running=1)
+    assert daemon.requests[-1][2] == {"commands": ["./run a", "./run b"], "after": [parent["uuid"]],
+                                      "after_mode": "ok", "constraints": ["rack=a"],
+                                      "max_running": 1}
+    assert [j["command"] for j in made["jobs"]] == ["./run a", "./run b"]
+    array = made["array"]
+    copies = client.add_array("true", count=3)
+    assert len(copies["jobs"]) == 3 and copies["array"] != array
+    with pytest.raises(ValueError):
+        client.add_array("true")  # neither count nor commands
+    # waiting for an array: read it until every member has ended
+    while not all(j["state"] in TERMINAL for j in client.get_array(array)["jobs"]):
+        time.sleep(0.01)
+    assert client.get_array(array)["counts"]["succeeded"] == 2
+    with pytest.raises(ClientError) as e:
+        client.get_job(array)
+    assert e.value.cause == 400 and "is an array of 2 jobs" in e.value.message
+    with pytest.raises(ClientError) as e:
+        client.get_array(parent["uuid"])
+    assert e.value.cause == 400 and "is a job, not an array" in e.value.message
+    removed = client.remove_job(copies["array"])
+    assert removed["array"] == copies["array"] and len(removed["cancelled"]) == 3
+    assert {j["state"] for j in removed["jobs"]} == {"cancelled"}
+
+
+def test_drain_resume_forget(daemon):
+    client = Client(daemon.socket)
+    assert client.drain("node1", reason="new disk") == {"name": "node1", "state": "draining",
+                                                         "drain_reason": "new disk"}
+    assert daemon.requests[-1][:3] == ("POST", "/v1/nodes/node1/drain", {"reason": "new disk"})
+    assert client.resume("node1")["state"] == "ready"
+    assert daemon.requests[-1][:3] == ("POST", "/v1/nodes/node1/resume", {})
+    assert client.forget("node2") is None
+    assert daemon.requests[-1][:2] == ("DELETE", "/v1/nodes/node2")
+    with pytest.raises(ClientError) as e:
+        client.drain("nosuch")
+    assert e.value.cause == 404
