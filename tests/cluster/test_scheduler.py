@@ -76,6 +76,11 @@ def submit_array(node, options, command=None, input=None):
     return answer["array"], members
 
 
+def counted(array):
+    """checkjob --json ARRAY's counts by state, the states with none left out."""
+    return {state: n for state, n in array["counts"].items() if n}
+
+
 def after(mode, *parents):
     return f"{AFTER[mode]} {','.join(parents)}"
 
@@ -343,7 +348,7 @@ def test_an_array_with_max_running(cluster):
         assert out == f"index {j['array_index']} of {array}\n", out
 
     shown = json.loads(a.lc(f"checkjob --json {array}").stdout)
-    assert shown["array"] == array and shown["counts"] == {"succeeded": 6}, shown
+    assert shown["array"] == array and counted(shown) == {"succeeded": 6}, shown
     assert sorted(j["uuid"] for j in shown["jobs"]) == sorted(uuids)
     text = a.lc(f"checkjob {array}").stdout
     assert array in text and re.search(r"succeeded\D+6|6\D+succeeded", text), text
@@ -361,7 +366,7 @@ def test_removejob_of_an_array_cancels_every_live_member(cluster):
     finally:
         removed(a, uuids)
     assert all(j["state"] == "cancelled" for j in done.values())
-    assert json.loads(a.lc(f"checkjob --json {array}").stdout)["counts"] == {"cancelled": 4}
+    assert counted(json.loads(a.lc(f"checkjob --json {array}").stdout)) == {"cancelled": 4}
     assert a.lc(f"wait {array}", check=False).returncode == 1  # 0 only if all succeeded
     for n in cluster:
         wait_for(f"no member's unit left on {n.name}", lambda n=n: not [
@@ -417,7 +422,8 @@ def test_drain_lets_running_jobs_finish_places_nothing_new_and_resume_undoes_it(
         assert all(j["state"] == "succeeded" and target.name not in nodes_used(j)
                    for j in done.values()), done
         reason = waiting_of(a, pinned)
-        assert reason["kind"] in ("drained", "constraint") and target.name in reason["text"], reason
+        assert reason["kind"] == "drained" or (
+            reason["kind"] == "constraint" and target.name in reason["text"]), reason
         # Its running jobs finish, not killed; then it is drained, the reason kept.
         finished = wait_ended(a, running, timeout=60)
         assert all(j["state"] == "succeeded" and nodes_used(j) == [target.name]
@@ -512,8 +518,10 @@ def test_power_off_of_the_primed_node_with_200_jobs_queued(cluster):
     # (whose new leader renews every lease for a TTL).
     move_etcd_leader(cluster, alive[0])
     asker = alive[0]
-    array, members = submit_array(alive[1], "--count 200", "echo ran $LCLUSTER_JOB_ID; sleep 0.5")
-    uuids = [j["uuid"] for j in members]
+    uuids = []
+    for i in range(4):  # an array holds at most 64 (core.MAX_BATCH): 4 x 50, at both survivors
+        _, members = submit_array(alive[i % 2], "--count 50", "echo ran $LCLUSTER_JOB_ID; sleep 0.5")
+        uuids += [j["uuid"] for j in members]
     t_off = time.time()
     dead.poweroff()
     new = wait_for("another node primed", lambda: (
