@@ -13,9 +13,10 @@ Placement in short:
   node that fits: not drained, with every label the job's constraints name,
   enforcing every limit it asks for, with a free slot, and with its cpus and
   memory free (a job reserves job.cpus or 0, job.memory or 0 and one slot);
-- spread (the default) picks the node least loaded once the job is on it,
-  pack the most loaded that still fits; load is the highest of the node's
-  shares of slots, cpus and memory in use;
+- spread (the default) picks the node least loaded once the job is on it
+  (ties: fewer jobs, then a hash of job and node), pack the most loaded that
+  still fits (ties: more jobs, then the first name); load is the highest of
+  the node's shares of slots, cpus and memory in use;
 - a job that fits nowhere waits and does NOT block the jobs behind it
   (backfill without reservations: a big job can be overtaken by small ones
   for as long as they keep coming; its reason says so and priority is the
@@ -25,6 +26,7 @@ Placement in short:
 """
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -193,11 +195,24 @@ def _choose(job, nodes, labels, current, placement):
         if node.drained or not _suits(job, node, labels[node.name]) or not _room(job, node, load):
             continue
         share = _load_after(job, node, load)
-        # spread: least loaded, then fewer jobs, then name; pack: the most loaded
-        key = (share, load.jobs, node.name) if placement != PACK else (-share, -load.jobs, node.name)
-        if best_key is None or key < best_key:
+        # spread: least loaded, then fewer jobs; pack: the most loaded, then more jobs
+        key = (share, load.jobs) if placement != PACK else (-share, -load.jobs)
+        if best_key is None or key < best_key or (key == best_key and _tie(job, node.name, placement)
+                                                   < _tie(job, best, placement)):
             best, best_key = node.name, key
     return best
+
+
+def _tie(job, name, placement):
+    """Among equally loaded nodes: pack takes the first by name (it fills n1,
+    then n2); spread a hash of job and node (rendezvous hashing), so that
+    jobs that each find every node idle (short jobs, one at a time) still
+    spread evenly instead of all going to the first name. blake2b, not
+    hash(): the same on every node and every run (crc32 is too linear to
+    rank names evenly)."""
+    if placement == PACK:
+        return name
+    return hashlib.blake2b(f"{job.uuid}/{name}".encode(), digest_size=8).digest()
 
 
 def _throttled(job, live) -> Optional[Waiting]:
@@ -211,7 +226,7 @@ def _throttled(job, live) -> Optional[Waiting]:
 
 def _free_text(what, job_value, nodes, free):
     """'no node has 8.0G free; most free: n2 3.1G' over nodes (free: node -> amount)."""
-    show = core.human_size if what == "memory" else (lambda v: f"{v:g} CPUs")
+    show = core.human_size if what == "memory" else _cpus
     ask = show(job_value)
     if not nodes:
         return f"no node has {ask} free"
@@ -239,6 +254,11 @@ def _why_not(job, nodes, labels, current) -> Waiting:
         return Waiting(RESOURCES, f"no free slot: {slots} of {slots} in use on the "
                                   f"{_nodes(len(open_))} that fit")
     return Waiting(RESOURCES, "no node has its cpus, memory and a slot free at once")
+
+
+def _cpus(value):
+    value = round(value, 3)  # sums of floats: 1.1e-16 is 0
+    return f"{value:g} CPU" if value == 1 else f"{value:g} CPUs"
 
 
 def _nodes(count):
@@ -354,8 +374,8 @@ def never_fits(job, nodes) -> Optional[str]:
                 f"{most.name} {core.human_size(most.memory)}")
     if job.cpus and not any(job.cpus <= n.cpus + EPSILON for n in suited):
         most = max(suited, key=lambda n: n.cpus)
-        return f"no node has {job.cpus:g} CPUs; the most: {most.name} {most.cpus:g}"
+        return f"no node has {_cpus(job.cpus)}; the most: {most.name} {_cpus(most.cpus)}"
     # each need is met somewhere, but not all on one node
     asks = [core.human_size(job.memory)] if job.memory else []
-    asks += [f"{job.cpus:g} CPUs"] if job.cpus else []
+    asks += [_cpus(job.cpus)] if job.cpus else []
     return f"no node has {' and '.join(asks + ['a slot'])} at once"
