@@ -239,6 +239,7 @@ class Store:
         self._compacted = 0
         self._quota = None
         self._decoded = {}  # key -> (mod_revision, value, Job) of the last all_jobs()
+        self._watches = set()  # live _Watch objects: close() cancels them
 
     # -- plumbing -----------------------------------------------------------
 
@@ -322,6 +323,10 @@ class Store:
         return run
 
     def close(self):
+        with self._lock:
+            watches, self._watches = list(self._watches), set()
+        for watcher in watches:  # first: they hold channels
+            watcher.cancel()
         with self._lock:
             conns, self._conns = self._conns, [None] * len(self.endpoints)
             for conn in conns:
@@ -796,6 +801,8 @@ class Store:
             end = _end(key)
         revision = self._call(lambda c: _range(c, key, end, count_only=True).header.revision)
         watcher = _Watch(self, key, end, callback, revision + 1)
+        with self._lock:
+            self._watches.add(watcher)
         watcher.start()
         return watcher.cancel
 
@@ -920,6 +927,8 @@ class _Watch:
 
     def cancel(self):
         self._stop.set()
+        with self.store._lock:
+            self.store._watches.discard(self)
         with self._lock:
             stream = self._stream
         if stream is not None:

@@ -24,6 +24,7 @@ deterministic for tests; the real Store calls from a thread of its own.
 import hashlib
 import itertools
 import json
+import logging
 import threading
 import time
 
@@ -31,6 +32,8 @@ from lclusterd import core
 from lclusterd import store as etcd_store
 from lclusterd.store import (IDEMPOTENCY_TTL, MAX_TXN_OPS, LeaseExpired, NameTaken, NoSpace,
                              Unavailable, index_changes)
+
+log = logging.getLogger(__name__)
 
 
 class MemStore:
@@ -145,7 +148,10 @@ class MemStore:
                     watch_id, events = self._pending.pop(0)
                     watch = self._watches.get(watch_id)
                 if watch is not None:
-                    watch[2](events)
+                    try:
+                        watch[2](events)
+                    except Exception:  # noqa: BLE001 -- as Store: logged, the watch goes on
+                        log.exception("watch callback for %s failed", watch[0])
         except BaseException:
             with self._lock:
                 self._delivering = False
