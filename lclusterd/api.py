@@ -377,12 +377,11 @@ async def _shown_with_waiting(node, jobs, caller):
 
 
 def _counts(jobs):
-    """Members by state, every state present (zeros too) so that a script
-    may index it."""
-    counts = dict.fromkeys(core.STATES, 0)
+    """Members by state, the states they are in only, in core.STATES order."""
+    counts = {state: 0 for state in core.STATES}
     for job in jobs:
         counts[job.state] = counts.get(job.state, 0) + 1
-    return counts
+    return {state: n for state, n in counts.items() if n}
 
 
 async def check(request):

@@ -55,7 +55,7 @@ POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait and wait
 MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
 NODE_COLUMN = 16  # longer node and user names are cut in list
 CHECKJOB_LINES = 5  # lines of output checkjob shows
-REASON_COLUMN = 48  # list cuts a queued job's reason to this many characters
+REASON_COLUMN = 60  # list cuts a queued job's reason to this many characters
 
 # The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
 OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
@@ -249,12 +249,9 @@ def _reason(waiting):
     if not isinstance(waiting, dict):
         return None
     kind, text = _text(waiting.get("kind")), waiting.get("text")
-    ahead, total = waiting.get("ahead"), waiting.get("total")
-    if kind == "priority" and isinstance(ahead, int) and isinstance(total, int):
-        return f"priority ({ahead} of {total} ahead)"
-    if isinstance(text, str) and text and text != kind:
-        return f"{kind}: {_text(text)}"
-    return kind
+    if not isinstance(text, str) or not text or text == kind:
+        return kind
+    return f"priority ({_text(text)})" if kind == "priority" else f"{kind}: {_text(text)}"
 
 
 def _scheduling_rows(job):
@@ -509,10 +506,25 @@ def _after(after, after_any, after_failed):
     if len(given) > 1:
         raise _usage("give one of --after, --after-any and --after-failed")
     value, mode = given[0]
-    parents = _checked(core.validate_after, ",".join(value))
+    option = {core.AFTER_OK: "--after", core.AFTER_ANY: "--after-any",
+              core.AFTER_FAILED: "--after-failed"}[mode]
+    parents = []
+    # A job's uuid, a unique prefix of one, or an array's id (all its
+    # members): the daemon resolves them and refuses one it does not know.
+    for ref in (part.strip() for text in value for part in text.split(",")):
+        if not ref:
+            continue
+        try:
+            ref = core.validate_ref(ref)
+        except core.InvalidInput as e:
+            raise Failure(f"{option}: {e}", EXIT_USAGE) from None
+        if ref not in parents:
+            parents.append(ref)
     if not parents:
-        raise Failure("--after needs a job uuid", EXIT_USAGE)
-    return list(parents), mode
+        raise Failure(f"{option} needs a job uuid", EXIT_USAGE)
+    if len(parents) > core.MAX_AFTER:
+        raise Failure(f"{option}: at most {core.MAX_AFTER} parent jobs", EXIT_USAGE)
+    return parents, mode
 
 
 def _addjob_array(client, as_json, spec, command=None, count=None, commands=None):

@@ -703,3 +703,185 @@ def test_metrics_over_tcp_need_the_token(node):
     status, text = asyncio.run(_over_tcp(api.make_app(node, token), "/metrics",
                                          {"Authorization": f"Bearer {token}"}))
     assert status == 200 and "lclusterd_slots" in text
+
+
+def test_the_primed_node_shows_each_nodes_capacity_and_reservations(served, node):
+    node.primed = True
+    node.config.cpus, node.config.memory = 3.5, 6 << 30  # the config's capacity (K3)
+    samples = scrape(served)
+    assert samples[("lclusterd_cpus", (("node", "node1"),))] == 3.5
+    assert samples[("lclusterd_memory_bytes", (("node", "node1"),))] == 6 << 30
+    assert samples[("lclusterd_cluster_node_cpus", (("node", "node2"),))] == 2.0
+    assert samples[("lclusterd_cluster_node_cpus_reserved", (("node", "node1"),))] == 1.0
+    assert samples[("lclusterd_cluster_node_memory_bytes", (("node", "node1"),))] == 8 << 30
+    assert samples[("lclusterd_cluster_node_memory_reserved_bytes", (("node", "node1"),))] == 1 << 30
+    assert samples[("lclusterd_cluster_node_state", (("node", "node2"), ("state", "failed")))] == 1
+    assert samples[("lclusterd_cluster_node_state", (("node", "node2"), ("state", "ready")))] == 0
+    node.primed = False
+    assert not [k for k in scrape(served) if k[0].startswith("lclusterd_cluster_node")]
+
+
+# --- issue 11: arrays, dependencies, constraints, why a job waits, drain -----------------
+
+PARENT = "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"
+
+
+def test_submit_passes_dependencies_and_constraints_on(served, node):
+    code, _, payload = served.call("POST", "/v1/jobs", {
+        "command": "true", "after": [PARENT], "after_mode": "any", "constraints": ["rack=a"]})
+    assert code == 201, payload
+    request = node.calls[-1][1][2]
+    assert request == {"after": [PARENT], "after_mode": "any", "constraints": ["rack=a"]}
+    assert payload["job"]["after"] == [PARENT] and payload["job"]["constraints"] == ["rack=a"]
+
+
+def test_count_and_commands_make_an_array(served, node):
+    code, _, payload = served.call("POST", "/v1/jobs", {"command": "true", "count": 3,
+                                                        "max_running": 2})
+    assert code == 201 and set(payload) == {"array", "jobs"}
+    assert [j["array_index"] for j in payload["jobs"]] == [0, 1, 2]
+    assert {j["array"] for j in payload["jobs"]} == {payload["array"]}
+    code, _, payload = served.call("POST", "/v1/jobs", {"commands": ["echo a", "echo b"]})
+    assert code == 201 and [j["command"] for j in payload["jobs"]] == ["echo a", "echo b"]
+    verb, args = node.calls[-1]
+    assert verb == "submit" and args[0] is None and args[5] == ["echo a", "echo b"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"commands": []}, "non-empty list"),
+    ({"commands": "echo a"}, "non-empty list"),
+    ({"commands": ["echo a", ""]}, "command is empty"),
+    ({"commands": ["true"] * 65}, "at most 64"),
+    ({"commands": ["true"], "command": "true"}, "not with command or count"),
+    ({"commands": ["true"], "count": 2}, "not with command or count"),
+    ({"command": "true", "max_running": 2}, "needs count or commands"),
+    ({"command": "true", "count": 2, "max_running": 0}, "max_running must be"),
+    ({"command": "true", "after": ["nonsense"]}, "not a full job uuid"),
+    ({"command": "true", "after_mode": "ok"}, "after_mode needs after"),
+    ({"command": "true", "constraints": ["rack"]}, "is not KEY=VALUE"),
+    ({}, "missing field: command"),
+])
+def test_bad_arrays_and_dependencies_are_400_and_nothing_is_queued(served, node, body, words):
+    assert words in assert_one_line_json(served.call("POST", "/v1/jobs", body), 400)
+    assert not node.jobs
+
+
+def test_commands_are_bounded_by_bytes_as_a_batch(served, node):
+    env = [f"K{i}=" + "x" * 480 for i in range(64)]
+    message = assert_one_line_json(served.call("POST", "/v1/jobs", {"commands": ["true"] * 64,
+                                                                    "env": env}), 413)
+    assert "batch must stay under" in message and not node.jobs
+
+
+def test_a_queued_job_says_why_it_waits(served, node):
+    queued = node.add(job())
+    ended = node.add(job(state=core.SUCCEEDED, node="node1"))
+    node.why[queued.uuid] = {"kind": "resources", "text": "no node has 8.0G free; most free: "
+                             "node1 3.1G", "ahead": 0, "total": 1}
+    _, _, payload = served.call("GET", f"/v1/jobs/{queued.uuid}")
+    assert payload["job"]["waiting"] == node.why[queued.uuid]
+    _, _, payload = served.call("GET", f"/v1/jobs/{ended.uuid}")
+    assert "waiting" not in payload["job"]
+    assert ("waiting", [ended.uuid]) not in node.calls  # asked for queued jobs only
+    _, _, payload = served.call("GET", "/v1/jobs")
+    rows = {row["uuid"]: row for row in payload["jobs"]}
+    assert rows[queued.uuid]["waiting"]["kind"] == "resources" and "waiting" not in rows[ended.uuid]
+    assert node.calls[-1] == ("waiting", [queued.uuid])  # one call for the whole list
+
+
+def test_an_arrays_id_is_read_and_removed_as_a_whole(served, node, as_uid):
+    as_uid(ALICE)
+    _, _, made = served.call("POST", "/v1/jobs", {"command": "sleep 60", "count": 3})
+    array = made["array"]
+    first = made["jobs"][0]["uuid"]
+    node.jobs[first] = core.Job.from_dict({**node.jobs[first].to_dict(), "state": core.SUCCEEDED})
+    code, _, payload = served.call("GET", f"/v1/jobs/{array}")
+    assert code == 200 and payload["array"] == array and payload["max_running"] is None
+    assert payload["counts"] == {"queued": 2, "succeeded": 1}
+    assert [j["uuid"] for j in payload["jobs"]] == [j["uuid"] for j in made["jobs"]]
+    assert "waiting" in payload["jobs"][1] and "waiting" not in payload["jobs"][0]
+    code, _, payload = served.call("DELETE", f"/v1/jobs/{array}")
+    assert code == 200 and payload["array"] == array
+    assert payload["cancelled"] == [j["uuid"] for j in made["jobs"][1:]]
+    assert [j["state"] for j in payload["jobs"]] == ["succeeded", "cancelled", "cancelled"]
+    _, _, payload = served.call("GET", f"/v1/jobs/{array}")
+    assert payload["counts"] == {"succeeded": 1, "cancelled": 2}
+
+
+def test_neither_job_nor_array_is_404_with_the_jobs_message(served, node):
+    message = assert_one_line_json(served.call("GET", f"/v1/jobs/{PARENT}"), 404)
+    assert message == f"no job matches '{PARENT}'"
+    assert ("find_array", (PARENT,)) in node.calls
+
+
+def test_an_ambiguous_prefix_is_not_looked_up_as_an_array(served, node):
+    node.fail = core.AmbiguousRef("'0b5e' matches 2 jobs: give more of the uuid")
+    assert "matches 2 jobs" in assert_one_line_json(served.call("GET", "/v1/jobs/0b5e"), 409)
+    assert [verb for verb, _ in node.calls] == ["find"]
+
+
+def test_root_drains_and_resumes_a_node(served, node, as_uid):
+    as_uid(0)
+    code, _, payload = served.call("POST", "/v1/nodes/node1/drain", {"reason": "new\ndisk  now"})
+    assert code == 200 and payload["node"]["state"] == "draining"
+    assert payload["node"]["drain_reason"] == "new disk now"  # one line, as `nodes` shows it
+    verb, (name, reason, caller) = node.calls[-2]  # then nodes(), for the row
+    assert (verb, name, reason, caller.uid) == ("drain", "node1", "new disk now", 0)
+    code, _, payload = served.call("POST", "/v1/nodes/node1/drain")  # no body: no reason
+    assert code == 200 and payload["node"]["drain_reason"] is None
+    code, _, payload = served.call("POST", "/v1/nodes/node1/resume", {})
+    assert code == 200 and payload["node"]["state"] == "ready"
+
+
+def test_root_forgets_a_failed_node_but_not_a_live_one(served, node, as_uid):
+    as_uid(0)
+    assert "is live" in assert_one_line_json(served.call("DELETE", "/v1/nodes/node1"), 409)
+    code, _, payload = served.call("DELETE", "/v1/nodes/node2")
+    assert code == 200 and payload == {"forgotten": "node2"}
+    assert [r["name"] for r in node.rows] == ["node1"]
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/nodes/node1/drain"),
+                                          ("POST", "/v1/nodes/node1/resume"),
+                                          ("DELETE", "/v1/nodes/node2")])
+def test_only_root_changes_nodes(served, node, as_uid, method, path):
+    as_uid(ALICE)
+    assert "only root" in assert_one_line_json(served.call(method, path, {}), 403)
+    assert not [c for c in node.calls if c[0] in ("drain", "resume", "forget")]
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/nodes/nosuch/drain"),
+                                          ("POST", "/v1/nodes/nosuch/resume"),
+                                          ("DELETE", "/v1/nodes/nosuch")])
+def test_an_unknown_node_is_404(served, node, as_uid, method, path):
+    as_uid(0)
+    assert "no node 'nosuch'" in assert_one_line_json(served.call(method, path, {}), 404)
+    assert node.rows[0]["state"] == "primed" and len(node.rows) == 2
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"reason": 5}, "reason must be a string"),
+    ({"reason": "x" * 201}, "longer than 200"),
+    ({"why": "x"}, "unknown field(s): why"),
+])
+def test_a_bad_drain_is_400_and_nothing_is_drained(served, node, as_uid, body, words):
+    as_uid(0)
+    assert words in assert_one_line_json(served.call("POST", "/v1/nodes/node1/drain", body), 400)
+    assert node.rows[0]["state"] == "primed"
+
+
+async def _post_over_tcp(app, path, headers):
+    from aiohttp.test_utils import TestClient, TestServer
+    async with TestClient(TestServer(app)) as client:
+        answer = await client.post(path, json={"reason": "tcp"}, headers=headers)
+        return answer.status, await answer.json()
+
+
+@pytest.mark.allow_io("socket")
+def test_the_token_over_tcp_may_drain(node):
+    token = "t" * 32
+    status, _ = asyncio.run(_post_over_tcp(api.make_app(node, token), "/v1/nodes/node1/drain", {}))
+    assert status == 401 and node.rows[0]["state"] == "primed"
+    status, payload = asyncio.run(_post_over_tcp(api.make_app(node, token), "/v1/nodes/node1/drain",
+                                                 {"Authorization": f"Bearer {token}"}))
+    assert status == 200 and payload["node"]["drain_reason"] == "tcp"

@@ -771,3 +771,178 @@ def test_checkjob_of_a_warned_job_shows_when_its_stop_began(fake):
     out = run(fake, "checkjob", JOB_B).stdout
     began = datetime.datetime.fromtimestamp(1764431016.0).astimezone().isoformat(timespec="seconds")
     assert re.search(rf"^stop began: +{re.escape(began)}$", out, re.M) and "ended:" not in out
+
+
+# --- issue 11: dependencies, constraints, arrays, why a job waits --------------------------
+
+@pytest.mark.parametrize("option, mode", [("--after", "ok"), ("--after-any", "any"),
+                                          ("--after-failed", "failed")])
+def test_addjob_after_sends_the_parents_and_the_mode(fake, option, mode):
+    result = run(fake, "addjob", option, f"{JOB_A},{JOB_B}", option, "7f00bb22", "true")
+    assert result.exit_code == 0, result.stderr
+    assert fake.requests == [("POST", "/v1/jobs", {"command": "true", "after": [JOB_A, JOB_B, "7f00bb22"],
+                                                   "after_mode": mode})]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--after", "nonsense"], "--after: 'nonsense' is not a job uuid"),
+    (["--after-any", "0b5e/../x"], "--after-any: '0b5e/../x' is not a job uuid"),
+    (["--after-failed", "ab"], "--after-failed: job uuid prefix 'ab' is too short"),
+    (["--after", ","], "--after needs a job uuid"),
+    (["--after", JOB_A, "--after-any", JOB_B], "give one of --after, --after-any and --after-failed"),
+    (["--constraint", "rack"], "constraint 'rack' is not KEY=VALUE"),
+    (["--constraint", "rack=a", "--constraint", "rack=b"], "no node has both"),
+    (["--count", "3", "--max-running", "0"], "max_running must be a whole number"),
+    (["--count", "3", "--max-running", "two"], "max_running must be a whole number"),
+    (["--max-running", "2"], "--max-running throttles an array"),
+])
+def test_bad_scheduling_options_are_one_line_and_nothing_is_sent(fake, args, words):
+    result = run(fake, "addjob", *args, "true")
+    assert result.exit_code == cli.EXIT_USAGE
+    assert words in one_error_line(result)
+    assert fake.requests == []
+
+
+def test_addjob_constraints_are_sent(fake):
+    result = run(fake, "addjob", "--constraint", "rack=a", "--constraint", "ssd=yes", "true")
+    assert result.exit_code == 0, result.stderr
+    assert fake.requests[-1][2] == {"command": "true", "constraints": ["rack=a", "ssd=yes"]}
+
+
+def test_addjob_file_makes_an_array_of_one_job_per_line(fake, tmp_path):
+    commands = tmp_path / "commands"
+    commands.write_text("./run a\n\n   \n./run 'b c'\r\n./run d")
+    result = run(fake, "addjob", "--file", str(commands), "--max-running", "2", "--after", JOB_A,
+                 "--memory", "1G")
+    assert result.exit_code == 0, result.stderr
+    array, *uuids = result.stdout.split()
+    assert uuids == fake.arrays[array] and len(uuids) == 3
+    assert fake.requests == [("POST", "/v1/jobs", {
+        "commands": ["./run a", "./run 'b c'", "./run d"], "max_running": 2, "after": [JOB_A],
+        "after_mode": "ok", "memory": "1G"})]
+    assert [fake.jobs[u]["command"] for u in uuids] == ["./run a", "./run 'b c'", "./run d"]
+
+
+def test_addjob_file_from_stdin_with_json(fake):
+    result = run(fake, "addjob", "--json", "--file", "-", input="echo 1\necho 2\n")
+    assert result.exit_code == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert [j["command"] for j in answer["jobs"]] == ["echo 1", "echo 2"]
+    assert answer["array"] in fake.arrays
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "has no commands"),
+    (b"\n  \n\t\n", "has no commands"),
+    (b"echo ok\necho \xff\n", "line 2: command is not valid UTF-8"),
+    (b"echo\x00x\n", "line 1: command contains a NUL byte"),
+    (b"true\n" * 65, "has 65 commands; an array holds at most 64"),
+])
+def test_an_unusable_file_is_one_line_exit_2_nothing_sent(fake, tmp_path, content, words):
+    path = tmp_path / "commands"
+    path.write_bytes(content)
+    result = run(fake, "addjob", "--file", str(path))
+    assert result.exit_code == cli.EXIT_USAGE
+    assert words in one_error_line(result)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--file", "/nonexistent/commands"], "cannot read /nonexistent/commands: No such file"),
+    (["--file", "/"], "cannot read /: Is a directory"),
+    (["--file", "-"], "stdin has no commands"),
+    (["--file", "/dev/null", "true"], "give COMMAND or --file FILE"),
+    (["--file", "/dev/null", "--count", "2"], "not with --count"),
+    (["--file", "/dev/null", "--wait"], "--wait takes one job, not --file"),
+])
+def test_file_refusals(fake, args, words):
+    result = run(fake, "addjob", *args, input="")
+    assert result.exit_code == cli.EXIT_USAGE
+    assert words in one_error_line(result)
+    assert fake.requests == []
+
+
+def _array(fake, states):
+    array = str(uuidlib.uuid4())
+    fake.arrays[array] = []
+    for i, state in enumerate(states):
+        job = fake.add(record(str(uuidlib.uuid4()), f"./run {i}", state=state, array=array,
+                              array_index=i, exit_status=0 if state == "succeeded" else None))
+        fake.arrays[array].append(job["uuid"])
+    return array
+
+
+def test_checkjob_of_an_array_counts_its_members_by_state(fake):
+    array = _array(fake, ["succeeded", "running", "queued", "queued"])
+    fake.jobs[fake.arrays[array][2]]["waiting"] = {"kind": "throttled", "text": "array limit 1 reached",
+                                                   "ahead": 0, "total": 2}
+    result = run(fake, "checkjob", array)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"array:       {array}"
+    assert "jobs:        4" in lines and "states:      2 queued, 1 running, 1 succeeded" in lines
+    rows = [line.split(None, 3) for line in lines[lines.index("") + 1:]]
+    assert rows[0][:3] == ["INDEX", "UUID", "STATE"] and rows[0][3].split() == ["NODE", "REASON"]
+    assert rows[3][:3] == ["2", fake.arrays[array][2], "queued"]
+    assert rows[3][3].endswith("throttled: array limit 1 reached")
+    answer = json.loads(run(fake, "checkjob", "--json", array).stdout)
+    assert answer["array"] == array and answer["counts"]["queued"] == 2
+
+
+def test_removejob_of_an_array_prints_each_cancelled_member(fake):
+    array = _array(fake, ["succeeded", "running", "queued"])
+    result = run(fake, "removejob", array)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [f"cancelled {u}" for u in fake.arrays[array][1:]]
+    again = run(fake, "removejob", array)
+    assert again.exit_code == 0 and again.stdout == ""
+    assert "has no live job to cancel" in one_error_line(again)
+
+
+@pytest.mark.parametrize("finish, code", [(("succeeded", 0), 0), (("failed", 1), 1)])
+def test_wait_for_an_array_waits_for_every_member(fake, finish, code):
+    array = _array(fake, ["queued", "running"])
+    fake.finish = finish
+    result = run(fake, "wait", array, fake.arrays[array][0])
+    assert result.exit_code == code, result.stderr
+    assert result.stdout.splitlines() == [f"{finish[0]} {u}" for u in fake.arrays[array]]
+
+
+WAITING = {"kind": "resources", "text": "no node has 8.0G free; most free: n2 3.1G", "ahead": 2,
+           "total": 10}
+
+
+def test_list_shows_why_queued_jobs_wait(fake, monkeypatch):
+    monkeypatch.setattr("shutil.get_terminal_size", lambda: __import__("os").terminal_size((200, 24)))
+    fake.add(record(JOB_A, state="queued", node=None, waiting=WAITING))
+    fake.add(record(JOB_B, state="queued", node=None, submitted=1764431001.0,
+                    waiting={"kind": "priority", "text": "3 of 10 ahead", "ahead": 3, "total": 10}))
+    fake.add(record(JOB_C, state="running", submitted=1764431002.0))
+    lines = run(fake, "list").stdout.splitlines()
+    assert lines[0].split() == ["UUID", "STATE", "EXIT", "USER", "NODE", "SUBMITTED", "REASON", "COMMAND"]
+    rows = {line[:8]: line for line in lines[1:]}
+    assert "resources: no node has 8.0G free; most free: n2 3.1G  echo" in rows[JOB_A[:8]]
+    assert "priority (3 of 10 ahead)" in rows[JOB_B[:8]]
+    assert rows[JOB_C[:8]].split()[1] == "running"
+
+
+def test_list_without_queued_jobs_has_no_reason_column(fake):
+    fake.add(record(JOB_A))
+    assert "REASON" not in run(fake, "list").stdout.splitlines()[0]
+
+
+def test_checkjob_of_a_queued_job_says_its_place_and_why_it_waits(fake):
+    fake.add(record(JOB_A, state="queued", node=None, waiting=WAITING, after=[JOB_B],
+                    after_mode="any", constraints=["rack=a"]))
+    out = run(fake, "checkjob", JOB_A).stdout
+    assert re.search(r"^position: +3 of 10 in the queue \(2 ahead\)$", out, re.M), out
+    assert re.search(r"^waiting: +resources: no node has 8.0G free; most free: n2 3.1G$", out, re.M)
+    assert re.search(rf"^after: +{JOB_B} \(runs once all end\)$", out, re.M)
+    assert re.search(r"^constraints: +rack=a$", out, re.M)
+
+
+def test_checkjob_of_an_array_member_names_its_array(fake):
+    array = _array(fake, ["running"])
+    fake.jobs[fake.arrays[array][0]]["max_running"] = 2
+    out = run(fake, "checkjob", fake.arrays[array][0]).stdout
+    assert re.search(rf"^array: +{array} index 0, at most 2 running$", out, re.M), out
