@@ -244,14 +244,10 @@ def _property(name, value):
         text = str(value)
     return f"{name}={_text(text)}"
 def _reason(waiting):
-    """Why a queued job waits, as list's REASON column and checkjob say it:
-    'priority (3 of 10 ahead)', 'resources: no node has 8.0G free; ...'."""
-    if not isinstance(waiting, dict):
-        return None
-    kind, text = _text(waiting.get("kind")), waiting.get("text")
-    if not isinstance(text, str) or not text or text == kind:
-        return kind
-    return f"priority ({_text(text)})" if kind == "priority" else f"{kind}: {_text(text)}"
+    """Why a queued job waits, one printable line (client.describe_waiting)."""
+    from lclusterd.client import describe_waiting
+    reason = describe_waiting(waiting)
+    return None if reason is None else _text(reason)
 
 
 def _scheduling_rows(job):

@@ -165,6 +165,19 @@ def _http_errors():
     return (BadHTTP,) + ((http_client.HTTPException,) if http_client else ())
 
 
+def describe_waiting(waiting):
+    """A queued job's "waiting" (docs/api.md) as one line for people, the
+    way lclusterc list, checkjob and the status page say it:
+    'priority (3 of 10 ahead)', 'resources: no node has 8.0G free; ...'.
+    None if there is nothing to say."""
+    if not isinstance(waiting, dict) or not isinstance(waiting.get("kind"), str):
+        return None
+    kind, text = waiting["kind"], waiting.get("text")
+    if not isinstance(text, str) or not text or text == kind:
+        return kind
+    return f"{kind} ({text})" if kind == "priority" else f"{kind}: {text}"
+
+
 def read_token(path):
     """The shared token for --server, from a file; ClientError if unreadable."""
     try:

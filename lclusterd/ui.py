@@ -21,6 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from lclusterd import __version__, api, core
+from lclusterd.client import describe_waiting
 
 ASSETS = Path(__file__).with_name("ui")  # ui.js, ui.css (setup.py's package_data)
 COOKIE = "lclusterd_ui"
@@ -182,47 +183,60 @@ def _history_link(state):
 def _nodes_table(rows):
     if not rows:
         return '<p class="empty">No node has registered.</p>'
-    head = "<tr><th>node</th><th>state</th><th>address</th><th>slots</th><th>running</th>" \
-           "<th>free</th><th>use</th><th>warned jobs</th><th>failed at</th></tr>"
+    head = "<tr><th>node</th><th>state</th><th>address</th><th>cpus</th><th>memory</th>" \
+           "<th>labels</th><th>slots</th><th>running</th><th>free</th><th>use</th>" \
+           "<th>warned jobs</th><th>failed at</th><th>drain reason</th></tr>"
     lines = []
     for row in rows:
         slots, running = row.get("slots") or 0, row.get("running") or 0
         use = f"{100 * running // slots}%" if slots else ""
         warned = " ".join(_job_link(u) for u in row.get("warned") or ())
+        labels = row.get("labels") if isinstance(row.get("labels"), dict) else {}
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "node")
         lines.append(f'<tr class="node-{e(row.get("state"))}"><td>{e(row.get("name"))}</td>'
                      f'<td>{e(row.get("state"))}</td><td>{e(row.get("address") or "")}</td>'
+                     f'<td>{e(_reserved(row.get("reserved_cpus"), row.get("cpus"), _cpus))}</td>'
+                     f'<td>{e(_reserved(row.get("reserved_memory"), row.get("memory"), _size))}</td>'
+                     f'<td>{e(labels)}</td>'
                      f'<td>{e(slots)}</td><td>{e(running)}</td><td>{e(row.get("free") or 0)}</td>'
                      f'<td><meter min="0" max="{e(slots or 1)}" value="{e(running)}"></meter> {use}</td>'
-                     f'<td>{warned}</td><td>{e(_when(row.get("failed_at")))}</td></tr>')
+                     f'<td>{warned}</td><td>{e(_when(row.get("failed_at")))}</td>'
+                     f'<td>{e(row.get("drain_reason") or "")}</td></tr>')
     return f'<table class="nodes">{head}{"".join(lines)}</table>'
 
 
-def waiting_reasons(queued, rows):
-    """Why each queued job (in queue order) waits, from the nodes' table."""
-    live = [r for r in rows if r.get("state") != core.FAILED_NODE]
-    free = sum(r.get("free") or 0 for r in live)
-    slots = sum(r.get("slots") or 0 for r in live)
-    reasons = []
-    for ahead, _job in enumerate(queued):
-        if not live:
-            reasons.append("no node is live to run it")
-        elif ahead < free:
-            reasons.append("a slot is free: it starts next")
-        elif free == 0:
-            reasons.append(f"all {slots} slots of the cluster are in use; "
-                           f"{ahead} job(s) ahead of it")
-        else:
-            reasons.append(f"{ahead} job(s) ahead of it for {free} free slot(s)")
-    return reasons
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cpus(value):
+    return f"{value:g}"
+
+
+def _size(size):
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f}{unit}"
+    return str(int(size))
+
+
+def _reserved(reserved, capacity, show):
+    """'1.5 of 4 reserved', as placement counts it; '' when the node does not say."""
+    if not _number(capacity):
+        return ""
+    return f"{show(reserved if _number(reserved) else 0)} of {show(capacity)} reserved"
 
 
 async def queue(request):
+    """The queue in queue order, with why each job waits (node.waiting: the
+    scheduler's own reasons, as `lclusterc list` shows them)."""
     node = request.app[api.NODE]
     jobs = sorted(await node.list(limit=None, state=core.QUEUED), key=core.queue_rank)
-    rows = await node.nodes()
     limit = _limit(request)
-    reasons = waiting_reasons(jobs, rows)
-    table = _jobs_table(jobs[:limit], request, extra=("waiting because", reasons[:limit]))
+    shown = jobs[:limit]
+    waiting = await node.waiting(shown) if shown else {}
+    reasons = [describe_waiting(waiting.get(job.uuid)) or "" for job in shown]
+    table = _jobs_table(shown, request, extra=("waiting because", reasons))
     more = f'<p class="more">{len(jobs) - limit} more not shown.</p>' if len(jobs) > limit else ""
     return _html(request, f"Queue ({len(jobs)})", table + more, refresh=True)
 

@@ -182,22 +182,38 @@ def test_the_queue_in_queue_order_with_why_each_waits():
         node = Node()
         low = node.add(job(command="low", submitted_at=1.0))
         high = node.add(job(command="high", submitted_at=2.0, priority=5))
+        node.why[low.uuid] = {"kind": "resources", "text": "no node has 8.0G free; most free: "
+                              "node1 3.1G", "ahead": 1, "total": 2}
+        node.why[high.uuid] = {"kind": "priority", "text": "0 of 2 ahead; being placed",
+                               "ahead": 0, "total": 2}
         async with served(node) as client:
             await logged_in(client)
             text = await (await client.get("/ui/queue")).text()
             assert text.index("high") < text.index("low")
-            assert "all 2 slots of the cluster are in use; 0 job(s) ahead of it" in text
-            assert "1 job(s) ahead of it" in text
+            assert "resources: no node has 8.0G free; most free: node1 3.1G" in text
+            assert "priority (0 of 2 ahead; being placed)" in text
             assert high.uuid[:8] in text and low.uuid[:8] in text
+            assert node.calls[-1] == ("waiting", [high.uuid, low.uuid])  # one call, the page's rows
     run(go())
 
 
-def test_waiting_reasons():
-    rows = [{"state": core.READY, "slots": 4, "free": 1}, {"state": core.FAILED_NODE, "slots": 9}]
-    assert ui.waiting_reasons([1, 2, 3], rows) == [
-        "a slot is free: it starts next", "1 job(s) ahead of it for 1 free slot(s)",
-        "2 job(s) ahead of it for 1 free slot(s)"]
-    assert ui.waiting_reasons([1], rows[1:]) == ["no node is live to run it"]
+def test_the_nodes_table_shows_capacity_reservations_labels_and_drain():
+    async def go():
+        node = Node()
+        node.rows = [{"name": "node1", "state": "primed", "slots": 4, "running": 1, "free": 3,
+                      "cpus": 4.0, "memory": 8 << 30, "reserved_cpus": 1.5,
+                      "reserved_memory": 3 << 29, "labels": {"rack": "a", "node": "node1"}},
+                     {"name": "node2", "state": "draining", "slots": 2, "running": 1, "free": 1,
+                      "cpus": 2, "memory": 1 << 30, "drain_reason": f"disk {EVIL}"}]
+        async with served(node) as client:
+            await logged_in(client)
+            text = await (await client.get("/ui/")).text()
+            assert "1.5 of 4 reserved" in text and "1.5G of 8.0G reserved" in text
+            assert "0 of 2 reserved" in text and "0 of 1.0G reserved" in text
+            assert "<td>rack=a</td>" in text and "node=node1" not in text
+            assert '<tr class="node-draining"><td>node2</td><td>draining</td>' in text
+            assert EVIL not in text and "disk &lt;script&gt;" in text
+    run(go())
 
 
 def test_history_filters():
