@@ -38,7 +38,7 @@ RELOADABLE = ("slots", "stop_timeout", "poll_interval", "job_networks", "retenti
               "max_connections_per_uid",  # api reads these at each connection
               *(f"{kind}_{name}" for name, _, _ in core.LIMITS for kind in ("default", "max")))
 # The loops that must go round for the watchdog to be petted (Node.progress).
-LOOPS = {"schedule": "the scheduling loop", "heartbeat": "the heartbeat"}
+LOOPS = {"runner": "the node's loop", "placer": "the placer", "heartbeat": "the heartbeat"}
 # Fault injection for tests/system/test_daemon.py only: "crash:TASK" or
 # "stall:TASK" (TASK of serve's supervised tasks) in the service's environment.
 FAULT_ENV = "LCLUSTERD_TEST_FAULT"
@@ -197,7 +197,7 @@ def status(node, warnings=(), stuck=None):
 
 async def report(node, stopping, warnings, limit):
     """STATUS= for `systemctl status` when it changes, and the watchdog:
-    petted only while the scheduling loop and the heartbeat both go round
+    petted only while the node's loop, the placer and the heartbeat all go round
     (Node.progress), so a hung or dead loop gets the daemon restarted."""
     loop = asyncio.get_running_loop()
     said, was_stuck, started = None, set(), loop.time()
@@ -321,14 +321,19 @@ async def serve(config, config_path=None):
              ", ".join(str(s.getsockname()) for s in sockets), config.node_name, fds)
     probe = asyncio.create_task(check_etcd_open(node, tls, warnings))
     limit = stall_limit(config, os.environ.get("WATCHDOG_USEC"))
+    # etcd's watches wake the loops (from their threads); poll_interval is the backstop.
+    watches = node.watches(loop)
     try:
-        tasks = {"scheduler": node.run(stopping), "heartbeat": node.keep_lease(stopping),
+        tasks = {"runner": node.run(stopping), "placer": node.place(stopping),
+                 "heartbeat": node.keep_lease(stopping),
                  "reporter": report(node, stopping, warnings, limit)}
         if os.environ.get(FAULT_ENV):
             tasks = inject_fault(tasks, os.environ[FAULT_ENV])
         await supervise(tasks, stopping)
     finally:
         sd.notify("STOPPING=1\nSTATUS=stopping (jobs keep running)")
+        for cancel in watches:
+            cancel()
         probe.cancel()
         await asyncio.gather(probe, return_exceptions=True)
         await runner.cleanup()

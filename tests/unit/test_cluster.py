@@ -164,7 +164,7 @@ def test_token_file_must_be_root_only(tmp_path):
         daemon.read_token(str(token), required=True)
 
 
-# --- the node against fakes of etcd and systemd -----------------------------------
+# --- the node against etcd in memory (tests.memstore) and fake units -------------
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
@@ -173,9 +173,10 @@ import subprocess
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from lclusterd import node as node_module  # noqa: E402
+from lclusterd import membership, node as node_module  # noqa: E402
 from lclusterd.node import Caller, Node  # noqa: E402
-from lclusterd.store import Unavailable  # noqa: E402
+from lclusterd.store import NoSpace, Unavailable  # noqa: E402
+from tests.memstore import MemStore  # noqa: E402
 
 ACTIVE = core.UnitStatus("active", "running", "success", 0, 0)
 EXITED = core.UnitStatus("active", "exited", "success", core.CLD_EXITED, 0)
@@ -183,94 +184,14 @@ KILLED = core.UnitStatus("failed", "failed", "signal", core.CLD_KILLED, 9)
 ROOT = Caller(0, 0, "root")
 
 
-class FakeStore:
-    """etcd as a dict: records guarded by revisions, like store.Store."""
+class CountingStore(MemStore):
+    """Counts lease renewals (the heartbeat's calls)."""
 
-    def __init__(self):
-        self.jobs, self.rev = {}, 0
-        self.live, self.members, self.failed = {}, {}, {}
-        self.prime, self.renewals, self.submitted = None, 0, []
-        self.existing = None  # what submit_many answers (contract C5)
-
-    def _bump(self):
-        self.rev += 1
-        return self.rev
-
-    def get(self, u):
-        return self.jobs.get(u)
-
-    def all_jobs(self):
-        return list(self.jobs.values())
-
-    def queued(self, limit):
-        return sorted((r for r in self.jobs.values() if r[0].state == QUEUED),
-                      key=lambda r: core.queue_rank(r[0]))[:limit]
-
-    def submit_many(self, jobs, idempotency_key=None):
-        self.submitted.append((jobs, idempotency_key))
-        if self.existing is not None:
-            return self.existing
-        for j in jobs:
-            self.jobs[j.uuid] = (j, self._bump())
-        return None
-
-    def update(self, old, new, revision, prime=None):
-        if self.jobs.get(new.uuid, (None, None))[1] != revision:
-            return False
-        self.jobs[new.uuid] = (new, self._bump())
-        return self.rev
-
-    def put(self, job):
-        self.jobs[job.uuid] = (job, self._bump())
-
-    def grant(self, ttl):
-        return 77
+    renewals = 0
 
     def renew(self, lease, timeout=None):
         self.renewals += 1
-        return True
-
-    def queued_count(self, uid):
-        return sum(j.state == QUEUED and j.uid == uid for j, _ in self.jobs.values())
-
-    def register(self, info, lease):
-        self.live[info["name"]] = self.members[info["name"]] = info
-
-    def update_registration(self, info, lease):
-        self.live[info["name"]] = info
-
-    def cluster(self):
-        return dict(self.live), dict(self.members), dict(self.failed), self.prime
-
-    nospace = False  # etcd's NOSPACE alarm
-
-    def ping(self):
-        pass
-
-    def check_space(self):
-        if self.nospace:
-            raise NoSpace("etcd is out of space (quota 2097152 bytes): its NOSPACE alarm is raised")
-
-    def record_failed(self, name, at):
-        self.failed[name] = {"name": name, "at": at}
-        return True
-
-    def campaign(self, name, lease):
-        self.prime = self.prime or name
-        return self.prime == name
-
-    def resign(self, name):
-        if self.prime == name:
-            self.prime = None
-
-    def lock(self, name, holder, ttl):
-        return True
-
-    def compact(self):
-        self.compactions = getattr(self, "compactions", 0) + 1
-
-    def delete(self, records):
-        return 0
+        return super().renew(lease, timeout)
 
 
 class FakeUnits:
@@ -309,19 +230,45 @@ class FakeUnits:
         return True
 
 
-from lclusterd.store import NoSpace  # noqa: E402
+def make_node(tmp_path, store=None, units=None, name="me", slots=2, **kw):
+    cfg = config.from_mapping({"node_name": name, "slots": str(slots), "lease_ttl": "8",
+                               "cpus": "4", "memory": "8G"}, exists=lambda path: False)
+    return Node(cfg, store if store is not None else MemStore(), units or FakeUnits(),
+                run_dir=str(tmp_path / name), machine=f"machine-of-{name}", **kw)
 
 
-def make_node(tmp_path, store=None, units=None, **kw):
-    cfg = config.from_mapping({"node_name": "me", "slots": "2", "lease_ttl": "8"},
-                              exists=lambda path: False)
-    return Node(cfg, store or FakeStore(), units or FakeUnits(), run_dir=str(tmp_path),
-                machine="machine-of-me", **kw)
+def register(n, ttl=8):
+    """What keep_lease does once: a lease, and the registration under it."""
+    lease = n.store.grant(ttl)
+    info = n.membership.registration()
+    n.store.register(info, lease)
+    n.membership.lease, n.membership._published = lease, info
+    return lease
+
+
+def other_node(store, name="other", ttl=60, **info):
+    """Another live node's registration."""
+    lease = store.grant(ttl)
+    store.register({"name": name, "slots": 2, "cpus": 4.0, "memory": 8 << 30, **info}, lease)
+    return lease
+
+
+def put(store, j):
+    """A record as it stands (any state), with its index keys."""
+    store.submit(j)
 
 
 def on(node_name, state=RUNNING, job_uuid=U1, **changes):
     j = core.transition(job(job_uuid=job_uuid), STARTING, now=1.0, node=node_name)
     return j if state == STARTING else core.transition(j, RUNNING, started_at=1.1, **changes)
+
+
+async def dispatch(n):
+    """A pass of the placer (prime and placement), then of the node's loop."""
+    if await n.membership.hold_prime():
+        await n.placer.place()
+    await n.runner.start_assigned()
+    await n.runner.sweep()  # START_UNIT: what the watch did not start
 
 
 def test_nospace_shows_in_health_status_and_nodes_though_reads_work(tmp_path):
@@ -341,21 +288,21 @@ def test_a_lost_job_gives_its_slot_back(tmp_path):
     """Issue 9 item 7: fenced here, requeued and now running elsewhere, the
     job no longer holds a slot of ours (nor shows in our registration)."""
     n = make_node(tmp_path)
-    n.store.put(on("other"))  # taken over by another node while we were cut off
-    n.mine = {U1}  # what we held before the fence
-    asyncio.run(n.sweep())
-    assert n.mine == set() and n.registration()["running"] == 0
-    assert n.registration()["free"] == 2
+    put(n.store, on("other"))  # taken over by another node while we were cut off
+    n.runner.mine = {U1}  # what we held before the fence
+    asyncio.run(n.runner.sweep())
+    assert n.mine == set() and n.membership.registration()["running"] == 0
+    assert n.membership.registration()["free"] == 2
 
 
 def test_a_unit_whose_record_is_gone_is_stopped_and_released(tmp_path, caplog):
     """Issue 10 item 10: it would hold its slot for ever."""
     n = make_node(tmp_path)
     n.units.loaded[U1] = ACTIVE  # a job unit; its record deleted (etcdctl del)
-    n.mine = {U1}
-    asyncio.run(n.sweep())
+    n.runner.mine = {U1}
+    asyncio.run(n.runner.sweep())
     assert n.units.released == [U1] and f"job {U1}: its record is gone from etcd" in caplog.text
-    asyncio.run(n.sweep())  # its slot is free once the unit is gone
+    asyncio.run(n.runner.sweep())  # its slot is free once the unit is gone
     assert n.mine == set()
 
 
@@ -371,15 +318,14 @@ def test_any_failure_to_start_a_unit_fails_the_attempt_for_good(tmp_path, error)
     """Issue 10 item 7: never a requeue loop, whatever the exception."""
     n = make_node(tmp_path)
     n.units.start_error = error
-    n.lease = 77
-    queued = job(job_uuid=U1)
-    n.store.put(queued)
-    asyncio.run(n.fill_slots())
+    register(n)
+    put(n.store, job(job_uuid=U1))
+    asyncio.run(dispatch(n))
     failed = n.store.get(U1)[0]
     assert failed.state == FAILED and "could not be started" in failed.reason
     assert type(error).__name__ in failed.reason and "\n" not in failed.reason
-    assert n.mine == set() and n.store.queued(10) == []
-    asyncio.run(n.fill_slots())  # nothing claimed again
+    assert n.mine == set() and n.store.queued(10) == [] and n.store.assigned() == {}
+    asyncio.run(dispatch(n))  # nothing placed again
     assert n.store.get(U1)[0].state == FAILED and len(n.store.get(U1)[0].attempts) == 1
 
 
@@ -387,10 +333,30 @@ def test_systemd_refusing_says_so(tmp_path):
     from lclusterd.units import Refused
     n = make_node(tmp_path)
     n.units.start_error = Refused("Unit lcluster-job@x.service already exists.")
-    n.lease = 77
-    n.store.put(job(job_uuid=U1))
-    asyncio.run(n.fill_slots())
+    register(n)
+    put(n.store, job(job_uuid=U1))
+    asyncio.run(dispatch(n))
     assert n.store.get(U1)[0].reason == "systemd refused to start it: Unit lcluster-job@x.service already exists."
+
+
+def test_a_job_assigned_here_is_started_from_the_watch_or_the_sweep(tmp_path):
+    """K2: starting = assigned to us; our runner starts it (the watch's
+    event), or the sweep does (core.START_UNIT) if the event was missed."""
+    n = make_node(tmp_path)
+    register(n)
+    put(n.store, on("me", STARTING, job_uuid=U1))
+    n.runner.assignment_events([(U1, False)])
+    asyncio.run(n.runner.start_assigned())
+    assert n.units.started == [U1] and n.store.get(U1)[0].state == RUNNING
+    put(n.store, on("me", STARTING, job_uuid=U2))  # no event
+    asyncio.run(n.runner.sweep())
+    assert n.units.started == [U1, U2] and n.store.get(U2)[0].state == RUNNING
+    n.membership.lease = None  # cut off: what is assigned to us may be another's by now
+    put(n.store, on("me", STARTING, job_uuid=U3))
+    n.runner.assignment_events([(U3, False)])
+    asyncio.run(n.runner.start_assigned())
+    asyncio.run(n.runner.sweep())
+    assert n.units.started == [U1, U2]
 
 
 KEY = core.signing_key("a-cluster-token-of-some-length")
@@ -399,50 +365,53 @@ KEY = core.signing_key("a-cluster-token-of-some-length")
 def test_submit_signs_and_a_record_that_does_not_verify_never_runs(tmp_path, caplog):
     """Contract C3: a record written by someone with etcd access but no token."""
     n = make_node(tmp_path, signing_key=KEY)
+    register(n)
     mine = asyncio.run(n.submit("echo hi", Caller(1000, 1000, "alice")))
     assert core.verify(n.store.get(mine.uuid)[0], KEY)
     forged = job(job_uuid=U2, submitted_at=0.0)  # uid 0: "run me as root"
-    n.store.put(forged)
-    n.lease = 77
-    asyncio.run(n.fill_slots())
+    put(n.store, forged)
+    asyncio.run(dispatch(n))
     assert n.units.started == [mine.uuid]
     record = n.store.get(U2)[0]
     assert record.state == FAILED and record.reason == core.UNSIGNED
     assert core.UNSIGNED in caplog.text
 
 
-def test_submit_refuses_a_limit_this_node_cannot_enforce(tmp_path):
-    """Contract C4 (issue 9 item 17)."""
+def test_submit_refuses_a_limit_no_node_can_enforce(tmp_path):
+    """Contract C4 (issue 9 item 17), now for the cluster: refused only when
+    no registered node enforces it; else placed on one that does."""
     n = make_node(tmp_path, enforceable=frozenset({"cpu", "pids"}))
-    with pytest.raises(core.InvalidInput, match=r"^this node cannot enforce --memory "
-                                                r"\(no writable memory cgroup controller\)$"):
+    register(n)
+    with pytest.raises(core.InvalidInput, match=r"^no node enforces --memory \(its memory cgroup controller\)$"):
         asyncio.run(n.submit("true", ROOT, {"memory": "64M"}))
-    assert n.store.jobs == {}
+    assert n.store.all_jobs() == []
     asyncio.run(n.submit("true", ROOT, {"cpus": "0.5", "tasks": "10"}))
-    assert n.registration()["enforces"] == ["cpu", "pids"]
-    # Queued at a node that can, at the head of the queue: this one runs what
-    # it can and leaves the prime for a while, to a node that can run it.
-    n.store.put(job(job_uuid=U2, submitted_at=0.0, memory=64 * 2 ** 20))
-    n.lease = 77
+    assert n.membership.registration()["enforces"] == ["cpu", "pids"]
+    other_node(n.store, enforces=["cpu", "memory", "pids"])
+    big = asyncio.run(n.submit("true", ROOT, {"memory": "64M"}))
+    asyncio.run(dispatch(n))
+    assert n.store.get(big.uuid)[0].node == "other" and big.uuid not in n.units.started
 
-    async def passes():
-        await n.fill_slots()
-        first = (n.store.get(U2)[0].state, len(n.units.started), n.store.prime)
-        await n.fill_slots()  # within YIELD_PRIME: no campaign
-        return first, n.store.prime
-    assert asyncio.run(passes()) == ((QUEUED, 1, None), None)
+
+def test_submit_refuses_a_job_that_could_never_fit(tmp_path):
+    """Issue 11 item 3: refused at submission with the reason; nothing written."""
+    n = make_node(tmp_path)
+    register(n)
+    with pytest.raises(core.InvalidInput, match=r"^no node has 16.0G of memory; the most: me 8.0G$"):
+        asyncio.run(n.submit("true", ROOT, {"memory": "16G"}))
+    with pytest.raises(core.InvalidInput, match="no node has gpu=1"):
+        asyncio.run(n.submit("true", ROOT, {"constraints": ["gpu=1"]}))
+    assert n.store.all_jobs() == []
 
 
 def test_submit_with_a_known_idempotency_key_returns_the_first_jobs(tmp_path):
     """Contract C5: the store writes nothing and names what it queued first."""
     n = make_node(tmp_path)
-    first = asyncio.run(n.submit("true", ROOT, count=2, idempotency_key="k1"))
-    assert n.store.submitted[-1][1] == "k1"
-    n.store.existing = [j.uuid for j in first]
+    array, first = asyncio.run(n.submit("true", ROOT, count=2, idempotency_key="k1"))
     again = asyncio.run(n.submit("true", ROOT, count=2, idempotency_key="k1"))
-    assert [j.uuid for j in again] == [j.uuid for j in first] and len(n.store.jobs) == 2
+    assert again == (array, first) and len(n.store.all_jobs()) == 2
     asyncio.run(n.submit("true", ROOT))
-    assert n.store.submitted[-1][1] is None
+    assert len(n.store.all_jobs()) == 3
 
 
 def test_submit_past_the_users_quota_is_refused(tmp_path):
@@ -453,13 +422,15 @@ def test_submit_past_the_users_quota_is_refused(tmp_path):
     asyncio.run(n.submit("true", alice, count=2))
     with pytest.raises(core.QuotaExceeded, match="alice has 2 job.s. queued; at most 3"):
         asyncio.run(n.submit("true", alice, count=2))
-    assert len(n.store.jobs) == 2
+    assert len(n.store.all_jobs()) == 2
     asyncio.run(n.submit("true", ROOT, count=5))  # root is trusted
 
 
-def test_registration_names_the_machine(tmp_path):
-    """Contract C2: a restart of this node is told from a namesake elsewhere."""
-    assert make_node(tmp_path).registration()["machine"] == "machine-of-me"
+def test_registration_names_the_machine_and_its_capacity(tmp_path):
+    """Contract C2: a restart of this node is told from a namesake elsewhere; K3."""
+    info = make_node(tmp_path).membership.registration()
+    assert info["machine"] == "machine-of-me"
+    assert (info["cpus"], info["memory"], info["labels"]) == (4.0, 8 << 30, {"node": "me"})
     (tmp_path / "machine-id").write_text("0123abcd\n")
     assert node_module.machine_id(str(tmp_path / "machine-id")) == "0123abcd"
     assert node_module.machine_id(str(tmp_path / "nothing")) is None
@@ -480,53 +451,55 @@ def run_heartbeat(n, seconds):
 def test_fence_file_after_registration_and_each_renewal(tmp_path):
     """Contract C1: the deadline is the last confirmed renewal's send time +
     FENCE_AFTER x TTL, on CLOCK_MONOTONIC."""
-    n = make_node(tmp_path)
+    store = CountingStore()
+    n = make_node(tmp_path, store=store, lease_stores=[store])
     n.config.lease_ttl = 2  # a renewal every 0.25 s
-    n.store.live["other"] = {"name": "other"}
+    other_node(store)
     before = time.monotonic()
     run_heartbeat(n, 0.7)
-    fence = json.loads((tmp_path / "fence.json").read_text())
+    fence = json.loads((tmp_path / "me" / "fence.json").read_text())
     assert fence["node"] == "me" and fence["pid"] == os.getpid() and fence["others_live"] is True
-    assert n.store.renewals >= 2
+    assert store.renewals >= 2
     # The last renewal was sent within the last HEARTBEAT x TTL.
     assert before + 0.25 < fence["deadline"] - 2 * node_module.FENCE_AFTER <= time.monotonic()
-    assert not (tmp_path / "fence.json.tmp").exists()
+    assert not (tmp_path / "me" / "fence.json.tmp").exists()
 
 
 def test_a_dead_etcd_member_does_not_delay_the_renewal(tmp_path):
     """Issue 9 item 8: every endpoint is asked at once; a member that does not
     answer (cut off, or without a leader) costs nothing."""
-    class Hanging(FakeStore):
+    class Hanging(MemStore):
         def renew(self, lease, timeout=None):
             time.sleep(1.5)
             raise Unavailable("etcd is unreachable at http://10.0.0.1:2379 (timeout)")
-    alive = FakeStore()
+    alive = CountingStore()
+    lease = alive.grant(8)
     n = make_node(tmp_path, lease_stores=[Hanging(), alive])
 
     async def renew():
         t = time.monotonic()
-        ok = await n._renew(77, 1.0)
+        ok = await n.membership._renew(lease, 1.0)
         return ok, time.monotonic() - t
     ok, took = asyncio.run(renew())
     assert ok and took < 0.5 and alive.renewals == 1
     n2 = make_node(tmp_path, lease_stores=[Hanging()])
     with pytest.raises(asyncio.TimeoutError):
-        asyncio.run(n2._renew(77, 0.2))
+        asyncio.run(n2.membership._renew(lease, 0.2))
 
 
 def test_the_node_fences_at_its_deadline_and_marks_what_it_killed(tmp_path):
     """Issue 9 item 9: stopped by the deadline from the last confirmed renewal;
     a unit killed by a fence is lost, not failed (contract C1's markers)."""
-    class Silent(FakeStore):
+    class Silent(MemStore):
         def renew(self, lease, timeout=None):
             raise Unavailable("etcd is unreachable")
     store = Silent()
-    store.live["other"] = {"name": "other"}
+    other_node(store)
     n = make_node(tmp_path, store=store, lease_stores=[store])
     n.config.lease_ttl = 2
     n.units.loaded[U1] = ACTIVE
     n.units.loaded[U2] = EXITED  # done, its end not recorded yet: not killed, not lost
-    store.put(on("me"))
+    put(store, on("me"))
     killed_at = []
     n.units.kill = lambda u: killed_at.append((u, time.monotonic())) or asyncio.sleep(0)
     t = time.monotonic()
@@ -534,51 +507,55 @@ def test_the_node_fences_at_its_deadline_and_marks_what_it_killed(tmp_path):
     # Registered at t, never renewed: killed FENCE_AFTER x TTL later (then registered afresh).
     ((killed, at),) = killed_at
     assert killed == U1 and 1.0 <= at - t <= 1.1
-    assert (tmp_path / "fenced" / U1).exists() and not (tmp_path / "fenced" / U2).exists()
+    fenced = tmp_path / "me" / "fenced"
+    assert (fenced / U1).exists() and not (fenced / U2).exists()
     # The record: lost (requeued), never failed; the marker is then done with.
-    asyncio.run(n._record_end(U1, KILLED))
+    asyncio.run(n.runner.record_end(U1, KILLED))
     assert n.store.get(U1)[0].state == QUEUED and "lost" in n.store.get(U1)[0].reason
-    assert not (tmp_path / "fenced" / U1).exists()
+    assert not (fenced / U1).exists()
 
 
 def test_a_unit_killed_by_lclusterd_fence_is_recorded_lost(tmp_path):
     """Contract C1: the marker the fence writes while the daemon was down."""
     n = make_node(tmp_path)
-    n.store.put(on("me"))
-    (tmp_path / "fenced").mkdir()
-    (tmp_path / "fenced" / U1).touch()
+    put(n.store, on("me"))
+    fenced = tmp_path / "me" / "fenced"
+    fenced.mkdir(parents=True)
+    (fenced / U1).touch()
     n.units.loaded[U1] = KILLED
-    asyncio.run(n.sweep())
+    asyncio.run(n.runner.sweep())
     record = n.store.get(U1)[0]
     assert record.state == QUEUED and record.attempts[-1]["outcome"] == LOST
-    assert not (tmp_path / "fenced" / U1).exists() and n.mine == set()
+    assert not (fenced / U1).exists() and n.mine == set()
     # A stale marker (its unit gone, its job no longer ours) is removed.
-    (tmp_path / "fenced" / U2).touch()
-    asyncio.run(n.sweep())
-    assert not (tmp_path / "fenced" / U2).exists()
+    (fenced / U2).touch()
+    asyncio.run(n.runner.sweep())
+    assert not (fenced / U2).exists()
 
 
 def test_a_dead_nodes_jobs_are_requeued_only_after_the_guard(tmp_path):
     """Issue 9 item 9: no earlier than the lease's expiry (seen: its
-    registration gone) plus REQUEUE_GUARD x TTL."""
+    registration gone) plus REQUEUE_GUARD x TTL; found by its assignments."""
     n = make_node(tmp_path)
-    n.lease = 77
+    register(n)
     n.config.lease_ttl = 2  # guard 0.5 s
-    n.store.live["me"] = n.store.members["me"] = {"name": "me"}
-    n.store.members["dead"] = {"name": "dead"}
-    n.store.put(on("dead"))
+    n.store.revoke(other_node(n.store, "dead"))  # a member whose lease is gone
+    put(n.store, on("dead"))
+    put(n.store, on("me", job_uuid=U2))
 
     async def watch():
-        await n.watch_cluster()
+        await n.membership.watch_cluster()
         first = n.store.get(U1)[0].state
         await asyncio.sleep(0.3)
-        await n.watch_cluster()
+        await n.membership.watch_cluster()
         second = n.store.get(U1)[0].state
         await asyncio.sleep(0.3)
-        await n.watch_cluster()
+        await n.membership.watch_cluster()
         return first, second, n.store.get(U1)[0].state
     assert asyncio.run(watch()) == (RUNNING, RUNNING, QUEUED)
-    assert "dead" in n.store.failed  # shown failed at once
+    assert "dead" in n.store.cluster()[2]  # shown failed at once
+    assert n.store.get(U2)[0].state == RUNNING and n.store.assigned() == {"me": {U2: {
+        "cpus": 0.0, "memory": 0, "array": None}}} or list(n.store.assigned()) == ["me"]
 
 
 def test_the_designed_fencing_margin():
@@ -654,11 +631,11 @@ def test_a_node_name_live_on_another_machine_ends_the_heartbeat(tmp_path):
     """Contract C2 (issue 9 item 10): the daemon exits 78 on it."""
     from lclusterd import store as etcd_store
 
-    class Taken(FakeStore):
+    class Taken(MemStore):
         def register(self, info, lease, timeout=None):
             assert info["machine"] == "machine-of-me"
             raise etcd_store.NameTaken("me", "http://10.0.0.9:7800")
-    n = make_node(tmp_path, store=Taken(), lease_stores=[FakeStore()])
+    n = make_node(tmp_path, store=Taken(), lease_stores=[MemStore()])
     with pytest.raises(etcd_store.NameTaken, match="10.0.0.9"):
         run_heartbeat(n, 0.5)
     assert n.lease is None
@@ -666,9 +643,25 @@ def test_a_node_name_live_on_another_machine_ends_the_heartbeat(tmp_path):
 
 def test_prune_compacts_etcds_history(tmp_path):
     """Contract C7 (issue 10 item 9): once a prune interval, by one node."""
-    n = make_node(tmp_path)
-    asyncio.run(n.prune())
+    class Compacting(MemStore):
+        compactions = 0
+
+        def compact(self, margin=100):
+            self.compactions += 1
+            return super().compact(margin)
+    n = make_node(tmp_path, store=Compacting())
+    asyncio.run(n.history.prune())
     assert n.store.compactions == 1
+
+
+def test_prune_deletes_old_records_and_their_index_keys(tmp_path):
+    n = make_node(tmp_path)
+    n.config.max_finished_jobs = 1
+    for u, at in ((U1, time.time() - 2), (U2, time.time() - 1)):
+        j = core.transition(on("me", job_uuid=u), SUCCEEDED, ended_at=at)
+        put(n.store, j)
+    assert asyncio.run(n.history.prune()) == 1
+    assert [j.uuid for j, _ in n.store.all_jobs()] == [U2]
 
 
 def test_the_heartbeat_gets_a_store_per_etcd_endpoint():
@@ -709,7 +702,7 @@ def test_removejob_with_the_bus_down_writes_nothing(tmp_path, state):
     record still says what is true: the job runs."""
     from lclusterd.units import Unavailable as UnitsUnavailable
     n = make_node(tmp_path, units=BusDownUnits())
-    n.store.put(on("me", state))
+    put(n.store, on("me", state))
     before = n.store.get(U1)
     with pytest.raises(UnitsUnavailable):
         asyncio.run(n.remove(U1, ROOT))
@@ -721,111 +714,93 @@ def test_removejob_whose_stop_loses_the_bus_stays_cancelled_and_says_why(tmp_pat
     to the sweep (RELEASE_UNIT once systemd answers), and the record says so."""
     n = make_node(tmp_path, units=BusDownUnits(status_fails=False))
     n.units.loaded[U1] = ACTIVE
-    n.store.put(on("me"))
+    put(n.store, on("me"))
     removed = asyncio.run(n.remove(U1, ROOT))
     assert removed.state == CANCELLED and n.store.get(U1)[0] == removed
     assert removed.reason.startswith("removed by root; its unit is stopped once systemd answers")
-    assert "\n" not in removed.reason
+    assert "\n" not in removed.reason and n.store.assigned() == {}
     assert core.reconcile({U1: removed}, {U1: ACTIVE}, set(), "me", 10.0, 5) == [(core.RELEASE_UNIT, U1)]
 
 
 def test_removejob_of_a_queued_job_needs_no_systemd(tmp_path):
     n = make_node(tmp_path, units=BusDownUnits())
-    n.store.put(job(job_uuid=U1))
+    put(n.store, job(job_uuid=U1))
     assert asyncio.run(n.remove(U1, ROOT)).state == CANCELLED
 
 
-class CountingStore(FakeStore):
-    """Counts the calls that write to etcd (a transaction with a put or a delete)."""
-
-    WRITES = ("submit_many", "update", "register", "update_registration", "record_failed",
-              "campaign", "resign", "lock", "delete")
-
-    def __init__(self):
-        super().__init__()
-        self.writes = []
-
-    def __getattribute__(self, name):
-        attr = super().__getattribute__(name)
-        if name in CountingStore.WRITES:
-            def counted(*args, **kw):
-                self.writes.append(name)
-                return attr(*args, **kw)
-            return counted
-        return attr
-
-
 def idle_passes(n, passes):
-    """What Node.run does on every pass, a sweep included (the most it does)."""
-    if n._published is None:
-        n._published = n.registration()  # as keep_lease registered it
+    """What the node's loop and the placer do on every pass, a sweep included."""
     async def go():
         for _ in range(passes):
-            await n.sweep()
-            await n.watch_cluster()
-            await n.publish()
-            await n.record_changed()
-            await n.fill_slots()
+            await n.runner.sweep()
+            await n.membership.watch_cluster()
+            await n.membership.publish()
+            await n.runner.record_changed()
+            await n.runner.start_assigned()
+            if await n.membership.hold_prime():
+                await n.placer.place()
     asyncio.run(go())
 
 
 def test_an_idle_primed_node_writes_nothing_per_pass(tmp_path):
     """Issue 13 item 3: it re-campaigned (a transaction) every CLAIM_POLL."""
-    n = make_node(tmp_path, store=CountingStore())
-    n.lease = 77
+    n = make_node(tmp_path)
+    register(n)
+    before = n.store.revision
     idle_passes(n, 1)
-    assert n.primed and n.store.writes == ["campaign"]
-    n.store.writes.clear()
+    assert n.primed and n.store.revision == before + 1  # the campaign
     idle_passes(n, 50)
-    assert n.store.writes == [] and n.primed
-    n.store.prime = None  # deleted by hand: the next sweep sees it, and we take it again
+    assert n.store.revision == before + 1 and n.primed
+    n.store.resign("me")  # deleted by hand: the next pass sees it, and we take it again
     idle_passes(n, 1)
-    assert n.store.writes == ["campaign"] and n.primed and n.store.prime == "me"
-    n.lease = 78  # registered afresh: the prime under the old lease is gone with it
-    n.store.writes.clear()
-    asyncio.run(n.fill_slots())
-    assert n.store.writes == ["campaign"]
+    assert n.primed and n.store.cluster()[3] == "me"
+    n.store.revoke(n.membership.lease)  # expired: the prime under it is gone with it
+    register(n)  # registered afresh
+    before = n.store.revision
+    assert asyncio.run(n.membership.hold_prime()) and n.store.revision == before + 1
 
 
 def test_an_idle_node_whose_prime_another_holds_writes_nothing(tmp_path):
-    n = make_node(tmp_path, store=CountingStore())
-    n.lease, n.store.prime = 77, "other"
-    asyncio.run(n.fill_slots())  # one campaign, lost
-    assert n.store.writes == ["campaign"] and not n.primed
+    n = make_node(tmp_path)
+    register(n)
+    theirs = other_node(n.store)
+    n.store.campaign("other", theirs)
+    idle_passes(n, 1)  # one campaign, lost (it writes nothing)
+    before = n.store.revision
     idle_passes(n, 50)
-    assert n.store.writes == ["campaign"] and not n.primed
-    n.store.prime = None  # the other node resigned (full) or died: a sweep sees it free
-    idle_passes(n, 1)
-    assert n.primed and n.store.writes == ["campaign", "campaign"]
+    assert n.store.revision == before and not n.primed
+    n.store.revoke(theirs)  # the other node died: a sweep sees the prime free
+    idle_passes(n, 2)
+    assert n.primed
 
 
-def test_a_primed_node_still_claims_and_resigns_when_full(tmp_path):
-    n = make_node(tmp_path, store=CountingStore())
-    n.lease = 77
-    idle_passes(n, 1)
-    for u in (U1, U2):
-        n.store.put(job(job_uuid=u))
-    asyncio.run(n.fill_slots())
-    assert set(n.units.started) == {U1, U2}
-    asyncio.run(n.fill_slots())  # full now
-    assert not n.primed and n.store.prime is None
+def test_the_primed_node_keeps_the_prime_when_its_node_is_full(tmp_path):
+    """It schedules the cluster now: full itself, it places on the others."""
+    n = make_node(tmp_path, slots=1)
+    register(n)
+    other_node(n.store)
+    for u in (U1, U2, U3):
+        put(n.store, job(job_uuid=u))
+    asyncio.run(dispatch(n))
+    assert n.primed and n.store.cluster()[3] == "me"
+    placed = {u: n.store.get(u)[0].node for u in (U1, U2, U3)}
+    assert sorted(placed.values()) == ["me", "other", "other"] and len(n.units.started) == 1
 
 
 def test_counters_count_submissions_starts_and_ends_as_they_happen(tmp_path):
     """Issue 12 item 2: what GET /metrics shows, counted by the node."""
     n = make_node(tmp_path)
-    n.lease = 77
-    jobs = asyncio.run(n.submit("true", ROOT, count=3))
+    register(n)
+    _, jobs = asyncio.run(n.submit("true", ROOT, count=3, idempotency_key="k"))
     assert n.counters.submitted == 3
-    n.store.existing = [j.uuid for j in jobs]  # the client's retry, same Idempotency-Key
-    asyncio.run(n.submit("true", ROOT, count=3, idempotency_key="k"))
+    asyncio.run(n.submit("true", ROOT, count=3, idempotency_key="k"))  # the client's retry
     assert n.counters.submitted == 3
-    asyncio.run(n.fill_slots())  # 2 slots: 2 started
+    asyncio.run(dispatch(n))  # 2 slots: 2 started
     assert n.counters.started == 2 and n.counters.dispatch_buckets()[-1] == ("+Inf", 2)
     started = [u for u in n.units.started]
     n.units.loaded[started[0]] = EXITED
     n.unit_changed(started[0])
-    asyncio.run(n.record_changed())
+    asyncio.run(n.runner.record_changed())
     asyncio.run(n.remove(started[1], ROOT))
     asyncio.run(n.remove(started[1], ROOT))  # again: already over, counted once
     assert n.counters.ended[SUCCEEDED] == 1 and n.counters.ended[CANCELLED] == 1
@@ -836,13 +811,13 @@ def test_counters_count_submissions_starts_and_ends_as_they_happen(tmp_path):
 
 def test_counters_count_a_failed_start_and_a_lost_attempt(tmp_path):
     n = make_node(tmp_path)
-    n.lease = 77
+    register(n)
     n.units.start_error = RuntimeError("boom")
-    n.store.put(job(job_uuid=U1))
-    asyncio.run(n.fill_slots())
+    put(n.store, job(job_uuid=U1))
+    asyncio.run(dispatch(n))
     assert n.counters.started == 0 and n.counters.ended[FAILED] == 1
-    n.store.put(on("me", job_uuid=U2))  # running here; its unit gone (a reboot)
-    asyncio.run(n.sweep())
+    put(n.store, on("me", job_uuid=U2))  # running here; its unit gone (a reboot)
+    asyncio.run(n.runner.sweep())
     assert n.store.get(U2)[0].state == QUEUED and n.counters.ended[LOST] == 1
 
 
@@ -870,11 +845,11 @@ def sample(samples, name, **labels):
 
 
 def test_metrics_count_etcd_errors_by_kind_and_time_every_call(tmp_path):
-    class Flaky(FakeStore):
-        down = too_large = False
+    class Flaky(MemStore):
+        too_large = cluster_down = False
 
         def cluster(self):
-            if self.down:
+            if self.cluster_down:
                 raise Unavailable("etcd is unreachable at http://127.0.0.1:2379 (connection refused)")
             time.sleep(0.03)  # one slow call: past the 0.025 s bucket
             return super().cluster()
@@ -882,20 +857,20 @@ def test_metrics_count_etcd_errors_by_kind_and_time_every_call(tmp_path):
         def warned(self):
             if self.too_large:
                 raise TooLarge("etcd refused the request: too large")
-            return {}
+            return super().warned()
     n = make_node(tmp_path, store=Flaky())
-    asyncio.run(n.nodes())  # check_space, cluster, warned: 3 calls, no error
+    asyncio.run(n.nodes())  # check_space, cluster, drains, assigned, warned: 5 calls, no error
     s = scrape(n)
-    assert sample(s, "lclusterd_etcd_request_seconds_count") == 3
-    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.025") <= 2
-    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.05") == 3
+    assert sample(s, "lclusterd_etcd_request_seconds_count") == 5
+    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.025") <= 4
+    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.05") == 5
     assert sample(s, "lclusterd_etcd_request_seconds_sum") >= 0.03
     for kind in metrics.ETCD_ERROR_KINDS:
         assert sample(s, "lclusterd_etcd_request_errors_total", kind=kind) == 0
-    n.store.down = True
+    n.store.cluster_down = True
     with pytest.raises(Unavailable):
         asyncio.run(n.nodes())
-    n.store.down, n.store.nospace = False, True
+    n.store.cluster_down, n.store.nospace = False, True
     with pytest.raises(NoSpace):
         asyncio.run(n.nodes())
     n.store.nospace, n.store.too_large = False, True
@@ -905,39 +880,38 @@ def test_metrics_count_etcd_errors_by_kind_and_time_every_call(tmp_path):
     assert sample(s, "lclusterd_etcd_request_errors_total", kind="unreachable") == 1
     assert sample(s, "lclusterd_etcd_request_errors_total", kind="nospace") == 1
     assert sample(s, "lclusterd_etcd_request_errors_total", kind="other") == 1
-    # 3 + (2 up to the unreachable cluster) + (1: check_space) + 3, failed calls timed too.
-    assert sample(s, "lclusterd_etcd_request_seconds_count") == 9
+    # 5 + (2 up to the unreachable cluster) + (1: check_space) + 5, failed calls timed too.
+    assert sample(s, "lclusterd_etcd_request_seconds_count") == 13
 
 
 def test_metrics_count_prime_changes(tmp_path):
     n = make_node(tmp_path)
-    n.lease = 77
-    asyncio.run(n.fill_slots())  # campaign: taken
+    register(n)
+    asyncio.run(n.membership.hold_prime())  # campaign: taken
     assert n.primed and sample(scrape(n), "lclusterd_prime_changes_total") == 1
-    asyncio.run(n.fill_slots())  # kept: no change
     for u in (U1, U2):
-        n.store.put(job(job_uuid=u))
-    asyncio.run(n.fill_slots())  # both started, still primed
-    asyncio.run(n.fill_slots())  # full: resigned
+        put(n.store, job(job_uuid=u))
+    asyncio.run(dispatch(n))  # both started, still primed (kept while the lease lives)
+    asyncio.run(dispatch(n))
+    assert n.primed and sample(scrape(n), "lclusterd_prime_changes_total") == 1
+    asyncio.run(n.membership.fence("test"))  # alone: keeps its jobs, gives the prime up
     s = scrape(n)
     assert not n.primed and sample(s, "lclusterd_prime_changes_total") == 2
     assert sample(s, "lclusterd_primed") == 0
-    asyncio.run(n.fence("test"))  # not primed: a fence changes nothing here
-    assert sample(scrape(n), "lclusterd_prime_changes_total") == 2
 
 
 def test_metrics_count_fences_and_the_jobs_they_lost(tmp_path):
     n = make_node(tmp_path)
-    asyncio.run(n.fence("alone"))  # nobody to take our jobs: nothing stopped, no fence counted
+    asyncio.run(n.membership.fence("alone"))  # nobody to take our jobs: nothing stopped, no fence counted
     assert sample(scrape(n), "lclusterd_fenced_total") == 0
-    n.store.put(on("me"))
+    put(n.store, on("me"))
     n.units.loaded[U1] = ACTIVE
     n.units.loaded[U2] = EXITED  # finished before the fence: keeps its result
-    n.store.put(on("me", job_uuid=U2))
-    n._others_live = True
-    asyncio.run(n.fence("could not renew our lease"))
+    put(n.store, on("me", job_uuid=U2))
+    n.membership.others_live = True
+    asyncio.run(n.membership.fence("could not renew our lease"))
     assert n.units.killed == [U1]
-    asyncio.run(n.sweep())  # U1's unit is gone (stopped): lost; U2 succeeded
+    asyncio.run(n.runner.sweep())  # U1's unit is gone (stopped): lost; U2 succeeded
     s = scrape(n)
     assert n.store.get(U1)[0].state == QUEUED and n.store.get(U2)[0].state == SUCCEEDED
     assert sample(s, "lclusterd_fenced_total") == 1
@@ -945,13 +919,13 @@ def test_metrics_count_fences_and_the_jobs_they_lost(tmp_path):
     assert sample(s, "lclusterd_jobs_ended_total", result="lost") == 1
     # lclusterd-fence killed U3's unit while the daemon was down (its marker).
     U4 = "40000000-0000-4000-8000-000000000000"
-    n.store.put(on("me", job_uuid=U3))
+    put(n.store, on("me", job_uuid=U3))
     n.units.loaded[U3] = KILLED
-    (tmp_path / "fenced" / U3).touch()
+    (tmp_path / "me" / "fenced" / U3).touch()
     # U4's unit vanished without a fence (a reboot): lost, not fenced.
-    n.store.put(on("me", job_uuid=U4))
-    n.mine.add(U4)
-    asyncio.run(n.sweep())
+    put(n.store, on("me", job_uuid=U4))
+    n.runner.mine.add(U4)
+    asyncio.run(n.runner.sweep())
     s = scrape(n)
     assert n.store.get(U3)[0].state == QUEUED and n.store.get(U4)[0].state == QUEUED
     assert sample(s, "lclusterd_fenced_total") == 1

@@ -111,10 +111,11 @@ def test_fault_injection():
 # -- the watchdog: petted only while both loops go round -------------------------
 
 def test_stalled():
-    assert daemon.stalled({"schedule": 95, "heartbeat": 99}, 100, 10, 0) == {}
-    assert daemon.stalled({"schedule": 80, "heartbeat": 99}, 100, 10, 0) == {"schedule": 20}
-    assert daemon.stalled({"schedule": 99}, 100, 10, 95) == {}  # heartbeat not started yet
-    assert daemon.stalled({"schedule": 99}, 100, 10, 50) == {"heartbeat": 50}
+    assert daemon.stalled({"runner": 95, "placer": 97, "heartbeat": 99}, 100, 10, 0) == {}
+    assert daemon.stalled({"runner": 80, "placer": 97, "heartbeat": 99}, 100, 10, 0) == {"runner": 20}
+    assert daemon.stalled({"runner": 99, "placer": 99}, 100, 10, 95) == {}  # heartbeat not started yet
+    assert daemon.stalled({"runner": 99, "placer": 99}, 100, 10, 50) == {"heartbeat": 50}
+    assert daemon.stalled({"runner": 99, "heartbeat": 99}, 100, 10, 50) == {"placer": 50}
 
 
 def test_stall_limit():
@@ -152,12 +153,12 @@ def test_report_pets_only_while_both_loops_go_round(monkeypatch):
         loop, stopping = asyncio.get_running_loop(), asyncio.Event()
         task = asyncio.create_task(daemon.report(node, stopping, ["a warning"], limit=0.2))
         for _ in range(10):  # both loops alive
-            node.progress.update(schedule=loop.time(), heartbeat=loop.time())
+            node.progress.update(runner=loop.time(), placer=loop.time(), heartbeat=loop.time())
             await asyncio.sleep(0.02)
         alive = list(sent)
         sent.clear()
         for _ in range(25):  # the heartbeat hangs
-            node.progress["schedule"] = loop.time()
+            node.progress.update(runner=loop.time(), placer=loop.time())
             await asyncio.sleep(0.02)
         stopping.set()
         await task

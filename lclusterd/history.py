@@ -1,0 +1,47 @@
+"""The history: finished records past the retention or the count cap are
+deleted, by one node per interval (a lock under a lease), and etcd's own
+history of revisions is compacted with them."""
+
+import logging
+
+from lclusterd import core
+
+log = logging.getLogger("lclusterd.node")
+
+MAX_PRUNE_EVERY = 300.0  # seconds; shorter retentions are pruned every retention/10
+
+
+class History:
+    def __init__(self, config, applier, clock):
+        self.config = config
+        self.applier = applier
+        self.store = applier.store
+        self.clock = clock
+        self.next_prune = 0.0  # loop time of the next look at the history
+
+    def prune_every(self):
+        return max(self.config.poll_interval, min(self.config.retention / 10, MAX_PRUNE_EVERY))
+
+    async def prune(self):
+        """Delete finished records past the retention or the count cap, if no
+        other node has done so this interval (a lock under a lease as long as
+        the interval, left to run out). Returns how many were deleted."""
+        call = self.applier.call
+        if not await call(self.store.lock, "prune", self.config.node_name, self.prune_every()):
+            return 0
+        await call(self.store.compact)  # etcd's history of revisions nobody reads (C7)
+        records = await call(self.store.all_jobs)
+        doomed = set(core.expired([job for job, _ in records], self.clock(),
+                                  self.config.retention, self.config.max_finished_jobs))
+        if not doomed:
+            return 0
+        deleted = await call(self.store.delete,
+                             [(job, rev) for job, rev in records if job.uuid in doomed])
+        log.info("history: deleted %d finished job record(s)", deleted)
+        return deleted
+
+    async def prune_when_due(self, now):
+        """now: loop time."""
+        if now >= self.next_prune:
+            self.next_prune = now + self.prune_every()
+            await self.prune()

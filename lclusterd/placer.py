@@ -1,0 +1,174 @@
+"""The cluster's scheduler, run by the primed node only: it places queued
+jobs onto nodes (queued -> starting, node=X), several per guarded
+transaction, and cancels jobs whose dependency can never be met.
+
+It is woken by etcd's watches (a job queued, a node changed, an assignment
+gone, a drain, the prime) with poll_interval as a backstop; each pass reads
+a snapshot (the queue's head, live registrations, store.assigned(), drains,
+the parents of jobs with dependencies), asks scheduler.plan() and writes
+its answer with update_many(..., prime=us): a pass of a node that lost the
+prime writes nothing. One placer, so nodes never race on the queue; every
+assignment is checked against what etcd says is assigned, so no node is
+over-committed whoever held the prime before.
+"""
+
+import asyncio
+import logging
+
+from lclusterd import core, scheduler
+from lclusterd.store import LeaseExpired, Unavailable as StoreUnavailable
+
+log = logging.getLogger("lclusterd.node")
+
+# Queued jobs looked at past the cluster's free slots: ones that fit where
+# the head does not (a big job first, small ones behind it; dependencies).
+LOOKAHEAD = 128
+
+
+async def cancel_dependents(applier, roots, clock):
+    """Jobs roots ended (or were cancelled): cancel their dependents whose
+    dependency can never be met now, and theirs after them, at once (as
+    Flux does, not Slurm's forever-pending). Returns the uuids cancelled."""
+    call, store = applier.call, applier.store
+    todo, seen, cancelled = list(roots), set(), []
+    while todo:
+        parent = todo.pop()
+        if parent in seen:
+            continue
+        seen.add(parent)
+        children = await call(store.dependents, parent)
+        if not children:
+            continue
+        found = await call(store.get_many, list(children))
+        wanted = sorted({p for job, _ in found.values() for p in job.after})
+        known = await call(store.get_many, wanted) if wanted else {}
+        parents = {u: known[u][0] if u in known else None for u in wanted}
+
+        def decide(job):
+            if job.state != core.QUEUED:
+                return None
+            status, text = scheduler.dependency(job, parents)
+            if status != "never":
+                return None
+            return core.transition(job, core.CANCELLED, ended_at=clock(), reason=text)
+        done = await applier.change_many(found, decide)
+        for job_uuid, job in sorted(done.items()):
+            if job.state == core.CANCELLED:
+                log.info("job %s cancelled: %s", job_uuid, job.reason)
+                cancelled.append(job_uuid)
+                todo.append(job_uuid)
+    return cancelled
+
+
+class Placer:
+    def __init__(self, config, applier, membership, clock):
+        self.config = config
+        self.applier = applier
+        self.store = applier.store
+        self.membership = membership
+        self.clock = clock
+        self.progress = {}
+        self._wake = asyncio.Event()
+        self.ended = set()  # uuids whose assignment went (they ended): their dependents to look at
+        self.passes = 0  # passes that read a snapshot (tests, bench)
+        self.writes = 0  # transactions of assignments and cancels (tests, bench)
+
+    @property
+    def me(self):
+        return self.config.node_name
+
+    def wake(self):
+        self._wake.set()
+
+    def events(self, events):
+        """Any watched change (queue, nodes, drained, prime): place again."""
+        self.wake()
+
+    def assigned_events(self, events):
+        """store.watch("assigned"): an assignment gone is a job that ended
+        (or was requeued): room for another, and maybe dependents to cancel."""
+        for suffix, deleted in events:
+            if deleted:
+                self.ended.add(suffix.rsplit("/", 1)[-1])
+        self.wake()
+
+    async def run(self, stopping):
+        """Place while we hold the prime, until stopping is set."""
+        loop = asyncio.get_running_loop()
+        last_problem = None
+        while not stopping.is_set():
+            self.progress["placer"] = loop.time()
+            again = False
+            try:
+                if await self.membership.hold_prime():
+                    again = await self.place()
+                else:
+                    self.ended.clear()  # the primed node looks at them
+            except (StoreUnavailable, LeaseExpired, OSError) as e:
+                if str(e) != last_problem:  # say it once, not every pass
+                    log.warning("%s", e)
+                last_problem = str(e)
+            except Exception:
+                log.exception("placement pass failed; retrying")
+            else:
+                last_problem = None
+            if again:
+                await asyncio.sleep(0)  # let the API's requests in between passes
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def place(self):
+        """One pass: read, plan, write. True if it wrote assignments (another
+        pass may find more room or more jobs)."""
+        call, store = self.applier.call, self.store
+        self._wake.clear()  # what changes from now on wakes the next pass
+        if self.ended:
+            ended, self.ended = sorted(self.ended), set()
+            await cancel_dependents(self.applier, ended, self.clock)
+        live, _, _, prime = await call(store.cluster)
+        if prime != self.me:  # taken from us (deleted by hand, our lease gone): campaign again
+            self.membership.primed = False
+            self.membership.prime_taken = prime is not None
+            return False
+        drains = await call(store.drains)
+        assigned = await call(store.assigned)
+        nodes = scheduler.node_views(live, drains)
+        loads = scheduler.loads(assigned)
+        free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)
+                   for n in nodes if not n.drained)
+        self.passes += 1
+        if not free:
+            return False
+        queue = await call(store.queued, free + LOOKAHEAD)
+        if not queue:
+            return False
+        jobs = {job.uuid: (job, rev) for job, rev in queue}
+        wanted = sorted({p for job, _ in queue for p in job.after})
+        found = await call(store.get_many, wanted) if wanted else {}
+        parents = {u: found[u][0] if u in found else None for u in wanted}
+        plan = scheduler.plan([job for job, _ in queue], nodes, loads, parents,
+                              scheduler.array_live(assigned), placement=self.config.placement)
+        now = self.clock()
+        changes = [(jobs[u][0], core.transition(jobs[u][0], core.STARTING, now=now, node=node),
+                    jobs[u][1]) for u, node in plan.assign]
+        changes += [(jobs[u][0], core.transition(jobs[u][0], core.CANCELLED, ended_at=now,
+                                                 reason=reason), jobs[u][1])
+                    for u, reason in plan.cancel]
+        if not changes:
+            return False  # nothing to write: no transaction
+        results = await self.applier.write_many(changes, prime=self.me)
+        self.writes += 1
+        placed = sum(1 for r in results[:len(plan.assign)] if r)
+        cancelled = [u for (u, _), r in zip(plan.cancel, results[len(plan.assign):]) if r]
+        for u, reason in plan.cancel:
+            if u in cancelled:
+                log.info("job %s cancelled: %s", u, reason)
+        if cancelled:
+            await cancel_dependents(self.applier, cancelled, self.clock)
+        if placed < len(plan.assign) or len(cancelled) < len(plan.cancel):
+            self.wake()  # some records moved (or the prime did): read again
+        return placed > 0

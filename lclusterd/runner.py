@@ -1,0 +1,303 @@
+"""This node's jobs: it starts the units of jobs assigned to it, records
+them running and how they end, and on every sweep brings etcd and systemd
+back into agreement (core.reconcile), which is also how it recovers after
+a restart, a missed signal or an etcd outage.
+"""
+
+import asyncio
+import logging
+import os
+
+from lclusterd import core, netns
+from lclusterd.store import Unavailable as StoreUnavailable
+from lclusterd.units import Refused, Unavailable as UnitsUnavailable
+
+log = logging.getLogger("lclusterd.node")
+
+RUN_DIR = "/run/lclusterd"  # FENCE_FILE and FENCED_DIR live here (contract C1)
+FENCED_DIR = "fenced"  # <uuid>: an empty file per unit killed by a fence; its job is lost
+
+
+class _NotStarted(Exception):
+    """A job this node will not start; the message is the record's reason."""
+
+
+class FenceMarkers:
+    """Contract C1: a unit killed by a fence ended no job; its job was lost.
+    Kept in memory and as files, so that a restart of ours (and
+    lclusterd-fence, which writes them too) still knows."""
+
+    def __init__(self, run_dir=RUN_DIR):
+        self.run_dir = run_dir
+        self.fenced = set()  # uuids of units we killed when fenced
+
+    def _path(self, job_uuid):
+        return os.path.join(self.run_dir, FENCED_DIR, job_uuid)
+
+    def was_fenced(self, job_uuid):
+        return job_uuid in self.fenced or os.path.exists(self._path(job_uuid))
+
+    def mark(self, job_uuid):
+        self.fenced.add(job_uuid)
+        try:
+            os.makedirs(os.path.join(self.run_dir, FENCED_DIR), mode=0o755, exist_ok=True)
+            open(self._path(job_uuid), "w").close()
+        except OSError as e:
+            log.warning("cannot write the fence marker of job %s: %s", job_uuid, e)
+
+    def forget(self, job_uuid):
+        """Once its record says what happened, the marker is done with."""
+        self.fenced.discard(job_uuid)
+        try:
+            os.unlink(self._path(job_uuid))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove the fence marker of job %s: %s", job_uuid, e)
+
+    def sweep(self, keep):
+        """Markers of units that are gone and of jobs no longer ours: nothing left to record."""
+        try:
+            names = os.listdir(os.path.join(self.run_dir, FENCED_DIR))
+        except OSError:
+            return
+        for job_uuid in names:
+            if job_uuid not in keep:
+                self.forget(job_uuid)
+
+
+class Runner:
+    def __init__(self, config, applier, units, markers, clock, signing_key=None, wake=lambda: None,
+                 registered=lambda: True):
+        """registered(): do we hold our lease? Without it we start nothing: our
+        assignments may be another node's by now."""
+        self.config = config
+        self.applier = applier
+        self.store = applier.store
+        self.units = units
+        self.markers = markers
+        self.clock = clock
+        self.signing_key = signing_key  # core.signing_key(token), None: records unsigned (C3)
+        self.wake = wake
+        self.registered = registered
+        self.mine = set()  # uuids of live jobs on this node: they hold slots
+        self.in_flight = set()  # uuids whose unit this process is starting now
+        self.changed = set()  # uuids whose unit systemd told us about
+        self.assigned = set()  # uuids etcd said were assigned to us (the watch): to start
+
+    @property
+    def me(self):
+        return self.config.node_name
+
+    def unit_properties(self, job):
+        """The systemd properties this node gives the job's unit."""
+        return core.unit_properties(job, self.config.stop_timeout, self.config.rootfs,
+                                    self.config.namespace, self.config.job_tmp_size)
+
+    def unit_changed(self, job_uuid):
+        """Called by units for every change of a job's unit."""
+        self.changed.add(job_uuid)
+        self.wake()
+
+    def ours(self, job, *states):
+        """Is the record a live job of this node (in one of states, if given)?
+        Once our lease expired, other nodes may have requeued or taken it."""
+        return job.node == self.me and not job.terminal and job.state in (
+            states or (core.STARTING, core.RUNNING))
+
+    def lose_mine(self, job):
+        if self.ours(job):
+            return core.lose(job, job.node, self.clock())
+        return None
+
+    # -- starting ------------------------------------------------------------
+
+    async def start(self, job):
+        """Start the unit of a job assigned to us (starting, node = us) and
+        record it running; a start that fails fails the attempt for good (a
+        requeue would place it again and fail again, forever)."""
+        if job.uuid in self.in_flight:
+            return
+        self.mine.add(job.uuid)
+        self.in_flight.add(job.uuid)
+        try:
+            try:
+                if self.signing_key is not None and not core.verify(job, self.signing_key):
+                    raise _NotStarted(core.UNSIGNED)
+                if job.network and job.network.startswith("ns:"):
+                    try:
+                        await asyncio.to_thread(netns.ensure, job.network[3:])
+                    except OSError as e:
+                        raise _NotStarted(f"cannot make network namespace {job.network[3:]}: {e}")
+                await self.units.start(job, self.unit_properties(job))
+                self.applier.counters.started += 1
+                self.applier.counters.dispatched(self.clock() - job.submitted_at)
+            except UnitsUnavailable:
+                # Losing the bus is not the job's fault: it stays starting, and
+                # the sweep after reconnecting finds its unit, or starts it.
+                raise
+            except Exception as e:  # noqa: BLE001  whatever it is, this attempt is over
+                if isinstance(e, _NotStarted):
+                    reason = str(e)
+                elif isinstance(e, Refused):
+                    reason = f"systemd refused to start it: {e}"
+                else:
+                    reason = f"its unit could not be started: {type(e).__name__}: {e}"
+                reason = " ".join(reason.split())  # one line
+                log.warning("job %s: start failed: %s", job.uuid, reason)
+                self.mine.discard(job.uuid)
+                await self.applier.change(job.uuid, lambda j: core.transition(
+                    j, core.FAILED, ended_at=self.clock(), reason=reason)
+                    if self.ours(j, core.STARTING) else None)
+                return
+            await self.applier.change(job.uuid, lambda j: core.transition(
+                j, core.RUNNING, started_at=self.clock()) if self.ours(j, core.STARTING) else None)
+        finally:
+            self.in_flight.discard(job.uuid)
+            if job.uuid in self.changed:
+                self.wake()
+
+    def assignment_events(self, events):
+        """store.watch("assigned", node=us): [(key suffix, deleted)], from its
+        thread via the loop. A new assignment is started on the next pass; a
+        removed one (the job ended or was cancelled) is looked at then too."""
+        for suffix, deleted in events:
+            job_uuid = suffix.rsplit("/", 1)[-1]
+            if deleted:
+                if job_uuid in self.mine:
+                    self.changed.add(job_uuid)  # cancelled elsewhere? reconcile it now
+            else:
+                self.assigned.add(job_uuid)
+        self.wake()
+
+    async def start_assigned(self):
+        """Start what the watch said was assigned to us, all at once."""
+        todo = self.assigned - self.mine - self.in_flight
+        if not todo or not self.registered():
+            return  # (kept for when we are registered again)
+        self.assigned.clear()
+        found = await self.applier.call(self.store.get_many, sorted(todo))
+        jobs = [job for job, _ in found.values() if self.ours(job, core.STARTING)]
+        results = await asyncio.gather(*(self.start(job) for job in jobs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    # -- the sweep -------------------------------------------------------------
+
+    async def sweep(self):
+        """Bring etcd and systemd into agreement for this node."""
+        units = await self.units.list()
+        # What etcd says is assigned to us, every sweep: after a (re)start we
+        # know nothing, and a watch event may have been missed (START_UNIT).
+        records = await self._our_records()
+        gone = set()  # units whose record is not there any more
+        for job_uuid in (self.mine | set(units)) - set(records):
+            found = await self.applier.call(self.store.get, job_uuid)
+            if found is not None:
+                records[job_uuid] = found
+            else:
+                gone.add(job_uuid)
+        jobs = {u: job for u, (job, _) in records.items()}
+        settled = set()
+        plan = core.reconcile(jobs, units, self.in_flight, self.me, self.clock(),
+                              self.config.stop_timeout, gone)
+        for action, job_uuid in plan:
+            log.info("reconcile: %s %s", action, job_uuid)
+            if action == core.RELEASE_ORPHAN:
+                log.warning("job %s: its record is gone from etcd; stopping its unit %s",
+                            job_uuid, core.unit_name(job_uuid))
+                await self.units.release(job_uuid)
+                self.markers.forget(job_uuid)
+            else:
+                await self._apply(action, records[job_uuid], units.get(job_uuid))
+            # A job holds its slot until its unit is gone: running, stopping or
+            # warned; one started now holds it unless its start failed.
+            if action == core.START_UNIT and job_uuid in self.mine:
+                continue
+            if action in (core.RECORD_RUNNING, core.WARN) or (
+                    action in (core.RELEASE_UNIT, core.RELEASE_ORPHAN)
+                    and not units[job_uuid].finished):
+                continue
+            settled.add(job_uuid)
+        # A record gone (and nothing loaded) holds no slot either.
+        settled |= gone - set(units)
+        self.mine = core.slot_holders(jobs, units, settled, self.me) | self.in_flight
+        self.markers.sweep(set(units) | self.mine | self.in_flight)
+
+    async def _our_records(self):
+        """{uuid: (job, revision)} of the live records assigned to this node."""
+        uuids = sorted((await self.applier.call(self.store.assigned, self.me)).get(self.me, {}))
+        found = await self.applier.call(self.store.get_many, uuids) if uuids else {}
+        return {u: r for u, r in found.items() if r[0].node == self.me and not r[0].terminal}
+
+    async def _apply(self, action, known, status):
+        job_uuid = known[0].uuid
+        change = self.applier.change
+        if action == core.RECORD_END:
+            await self.record_end(job_uuid, status, known)
+        elif action == core.RELEASE_UNIT:
+            await self.units.release(job_uuid)
+        elif action == core.START_UNIT:
+            if self.registered():
+                await self.start(known[0])
+        elif action == core.RECORD_RUNNING:
+            await change(job_uuid, lambda j: core.transition(
+                j, core.RUNNING, started_at=status.started_at or self.clock())
+                if self.ours(j, core.STARTING) else None, known)
+        elif action == core.REQUEUE:
+            await change(job_uuid, lambda j: core.transition(
+                j, core.QUEUED, node=None) if self.ours(j, core.STARTING) else None, known)
+        elif action == core.WARN:
+            why = (f"its unit has been stopping for {self.clock() - status.stopped_at:.0f} s "
+                   f"and still has {status.processes} process(es)")
+            log.warning("job %s warned: %s", job_uuid, why)
+            await change(job_uuid, lambda j: core.warn(j, self.clock(), why)
+                         if j.node == self.me and j.state in core.WARNABLE else None, known)
+        elif action == core.CLEAR:
+            job = await change(job_uuid, lambda j: core.clear(j, status, self.clock())
+                               if j.state == core.WARNED else None, known)
+            log.info("job %s no longer warned: %s", job_uuid, job and job.state)
+            await self.units.release(job_uuid)
+        elif action == core.RECORD_VANISHED:
+            # Its unit is gone (the machine rebooted, or we were fenced): it
+            # did not end, its node lost it.
+            await change(job_uuid, self.lose_mine, known)
+            self.markers.forget(job_uuid)
+
+    # -- ends ------------------------------------------------------------------
+
+    async def record_end(self, job_uuid, status, known=None):
+        if self.markers.was_fenced(job_uuid):  # a fence killed it: it did not end, it was lost
+            decide = self.lose_mine
+        else:
+            decide = lambda j: (core.settle(j, status, self.clock())  # noqa: E731
+                                if self.ours(j, core.STARTING, core.RUNNING, core.WARNED) else None)
+        job = await self.applier.change(job_uuid, decide, known)
+        self.markers.forget(job_uuid)
+        self.mine.discard(job_uuid)
+        if job is None:
+            return  # no record of ours (another daemon's prefix): not ours to release
+        await self.units.release(job_uuid, status)
+        log.info("job %s %s: %s", job_uuid, job.state, job.reason)
+
+    async def record_changed(self):
+        """Record the outcome of units that systemd said changed, all at once
+        (one by one, recording ends held the node under load: make bench)."""
+        ready = self.changed - self.in_flight  # the others: once their start is recorded
+        self.changed -= ready
+        results = await asyncio.gather(*(self._record_if_ended(u) for u in ready),
+                                       return_exceptions=True)
+        for error in results:
+            if isinstance(error, BaseException):
+                raise error
+
+    async def _record_if_ended(self, job_uuid):
+        status = await self.units.status(job_uuid)
+        if status is not None and status.finished:
+            try:
+                await self.record_end(job_uuid, status)
+            except StoreUnavailable:
+                self.changed.add(job_uuid)  # the unit keeps its result: retry later
+                raise
+
