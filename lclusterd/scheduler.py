@@ -14,7 +14,7 @@ Placement in short:
   enforcing every limit it asks for, with a free slot, and with its cpus and
   memory free (a job reserves job.cpus or 0, job.memory or 0 and one slot);
 - spread (the default) picks the node least loaded once the job is on it
-  (ties: fewer jobs, then a hash of job and node), pack the most loaded that
+  (ties: fewer jobs, then a hash of node and plan), pack the most loaded that
   still fits (ties: more jobs, then the first name); load is the highest of
   the node's shares of slots, cpus and memory in use;
 - a job that fits nowhere waits and does NOT block the jobs behind it
@@ -27,6 +27,7 @@ Placement in short:
 
 import dataclasses
 import hashlib
+import heapq
 from dataclasses import dataclass
 from typing import Optional
 
@@ -187,32 +188,59 @@ def _load_after(job: core.Job, node: NodeView, load: Load) -> float:
     return max(shares)
 
 
-def _choose(job, nodes, labels, current, placement):
-    """The name of the node job goes to, or None."""
-    best, best_key = None, None
-    for node in nodes:
-        load = current.get(node.name) or Load()
-        if node.drained or not _suits(job, node, labels[node.name]) or not _room(job, node, load):
-            continue
+class _Placer:
+    """One plan's nodes and their loads as it assigns, with a heap per job
+    shape (cpus, memory, constraints, limits asked) of the nodes that suit
+    that shape and have room for it, best first. A scan of every node per
+    job costs 4 ms a job at 1,000 nodes; the heaps make it O(log nodes).
+    Entries are (key, version, name): a node's version goes up when it is
+    given a job, and a fresh entry goes onto each heap it still has room in;
+    an entry of an older version is stale and dropped when it comes up.
+    Loads only grow within a plan, so a node without room for a shape never
+    regains it: it is simply not pushed again."""
+
+    def __init__(self, nodes, loads, placement, seed):
+        self.pack = placement == PACK
+        self.nodes = {n.name: n for n in nodes if not n.drained}
+        self.labels = _label_map(self.nodes.values())
+        self.load = {name: loads.get(name) or Load() for name in self.nodes}
+        self.version = dict.fromkeys(self.nodes, 0)
+        self.heaps = {}  # shape -> (a job of that shape, its heap)
+        # The last tie-break among equally loaded nodes. pack: the first name
+        # (it fills n1, then n2). spread: a hash of node and plan, different
+        # in every plan: short jobs placed one a plan, each finding every node
+        # idle, still spread evenly instead of all going to the first name.
+        # blake2b, not hash(): the same on every node and every run.
+        self.tie = {name: name if self.pack else
+                    hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+                    for name in self.nodes}
+
+    def _entry(self, job, name):
+        node, load = self.nodes[name], self.load[name]
         share = _load_after(job, node, load)
         # spread: least loaded, then fewer jobs; pack: the most loaded, then more jobs
-        key = (share, load.jobs) if placement != PACK else (-share, -load.jobs)
-        if best_key is None or key < best_key or (key == best_key and _tie(job, node.name, placement)
-                                                   < _tie(job, best, placement)):
-            best, best_key = node.name, key
-    return best
+        key = (-share, -load.jobs) if self.pack else (share, load.jobs)
+        return key + (self.tie[name],), self.version[name], name
 
+    def choose(self, job, shape):
+        """The best node for job (of shape) now, or None."""
+        if shape not in self.heaps:
+            heap = [self._entry(job, name) for name, node in self.nodes.items()
+                    if _suits(job, node, self.labels[name]) and _room(job, node, self.load[name])]
+            heapq.heapify(heap)
+            self.heaps[shape] = (job, heap)
+        heap = self.heaps[shape][1]
+        while heap and heap[0][1] != self.version[heap[0][2]]:
+            heapq.heappop(heap)  # stale: its node was given a job since
+        return heap[0][2] if heap else None
 
-def _tie(job, name, placement):
-    """Among equally loaded nodes: pack takes the first by name (it fills n1,
-    then n2); spread a hash of job and node (rendezvous hashing), so that
-    jobs that each find every node idle (short jobs, one at a time) still
-    spread evenly instead of all going to the first name. blake2b, not
-    hash(): the same on every node and every run (crc32 is too linear to
-    rank names evenly)."""
-    if placement == PACK:
-        return name
-    return hashlib.blake2b(f"{job.uuid}/{name}".encode(), digest_size=8).digest()
+    def take(self, job, name):
+        self.load[name] = self.load[name].plus(job)
+        self.version[name] += 1
+        node = self.nodes[name]
+        for sample, heap in self.heaps.values():
+            if _suits(sample, node, self.labels[name]) and _room(sample, node, self.load[name]):
+                heapq.heappush(heap, self._entry(sample, name))
 
 
 def _throttled(job, live) -> Optional[Waiting]:
@@ -296,7 +324,8 @@ def plan(queue, nodes, loads, parents, array_live, placement=SPREAD) -> Plan:
     array_live: {array id: members assigned now}; placement: spread or pack."""
     nodes = list(nodes)
     labels = _label_map(nodes)
-    current = dict(loads)
+    queue = [job for job in queue if job.state == core.QUEUED]
+    placer = _Placer(nodes, loads, placement, seed=queue[0].uuid if queue else "")
     live = dict(array_live)
     parents = dict(parents)
     assign, cancel, waiting = [], [], {}
@@ -304,8 +333,6 @@ def plan(queue, nodes, loads, parents, array_live, placement=SPREAD) -> Plan:
     # (loads only grow as it assigns): its reason is reused, not searched again.
     no_room = {}
     for job in queue:
-        if job.state != core.QUEUED:
-            continue
         status, text = dependency(job, parents)
         if status == NEVER:
             cancel.append((job.uuid, text))
@@ -324,12 +351,12 @@ def plan(queue, nodes, loads, parents, array_live, placement=SPREAD) -> Plan:
         if shape in no_room:
             waiting[job.uuid] = no_room[shape]
             continue
-        name = _choose(job, nodes, labels, current, placement)
+        name = placer.choose(job, shape)
         if name is None:
-            no_room[shape] = waiting[job.uuid] = _why_not(job, nodes, labels, current)
+            no_room[shape] = waiting[job.uuid] = _why_not(job, nodes, labels, placer.load)
             continue
         assign.append((job.uuid, name))
-        current[name] = (current.get(name) or Load()).plus(job)
+        placer.take(job, name)
         if job.array is not None:
             live[job.array] = live.get(job.array, 0) + 1
     return Plan(assign=tuple(assign), cancel=tuple(cancel), waiting=waiting)
@@ -348,7 +375,8 @@ def explain(job, nodes, loads, parents, array_live, ahead, total) -> Optional[Wa
         return throttled
     nodes = list(nodes)
     labels = _label_map(nodes)
-    if _choose(job, nodes, labels, loads, SPREAD) is None:
+    if not any(not n.drained and _suits(job, n, labels[n.name]) and _room(job, n, loads.get(n.name) or Load())
+               for n in nodes):
         return _why_not(job, nodes, labels, loads)
     if ahead:
         return Waiting(PRIORITY, f"{ahead} of {total} ahead")

@@ -546,3 +546,56 @@ def test_random_clusters_never_over_commit_and_every_job_is_accounted_for(seed):
             assert scheduler.never_fits(job, h.views()) is not None, job
             reason = scheduler.explain(job, h.views(), {}, parents, {}, 0, len(stuck))
             assert reason is not None and reason.kind in ("constraint", "resources"), (job, reason)
+
+
+def reference_choice(job, nodes, loads, placement, seed):
+    """The rule as written in the module's docstring, by scanning every node:
+    what plan()'s heaps must agree with."""
+    import hashlib
+    best = None
+    for n in nodes:
+        load = loads.get(n.name) or Load()
+        labels = core.node_labels(n.name, n.labels)
+        if n.drained or not all(labels.get(k) == v for k, _, v in (c.partition("=") for c in job.constraints)):
+            continue
+        if any(getattr(job, f) is not None and c not in n.enforces
+               for f, c in (("memory", "memory"), ("cpus", "cpu"), ("tasks", "pids"))):
+            continue
+        after = load.plus(job)
+        if after.jobs > n.slots or after.cpus > n.cpus + 1e-9 or after.memory > n.memory:
+            continue
+        share = max(after.jobs / n.slots, after.cpus / n.cpus, after.memory / n.memory)
+        if placement == "pack":
+            key = (-share, -load.jobs, n.name)
+        else:
+            key = (share, load.jobs, hashlib.blake2b(f"{seed}/{n.name}".encode(), digest_size=8).digest())
+        if best is None or key < best[0]:
+            best = (key, n.name)
+    return best and best[1]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_plan_agrees_with_a_scan_of_every_node(seed):
+    rng = random.Random(1000 + seed)
+    nodes = random_nodes(rng)
+    placement = rng.choice(["spread", "pack"])
+    h = Harness(nodes, placement=placement, rng=rng)
+    for _ in range(rng.randint(5, 80)):
+        fields = {}
+        if rng.random() < 0.5:
+            fields["cpus"] = rng.choice([0.1, 0.5, 1.0, 2.0])
+        if rng.random() < 0.5:
+            fields["memory"] = rng.choice([64 * M, 256 * M, 1 * G])
+        if rng.random() < 0.2:
+            fields["constraints"] = (rng.choice(["rack=a", "rack=b", "gpu=1"]),)
+        h.submit(**fields)
+    queue = h.queue()
+    loads = {n.name: Load(jobs=rng.randint(0, n.slots // 2)) for n in nodes if rng.random() < 0.5}
+    plan = scheduler.plan(queue, nodes, loads, {}, {}, placement)
+    expected, current = [], dict(loads)
+    for job in queue:
+        name = reference_choice(job, nodes, current, placement, queue[0].uuid)
+        if name:
+            expected.append((job.uuid, name))
+            current[name] = (current.get(name) or Load()).plus(job)
+    assert list(plan.assign) == expected
