@@ -439,7 +439,9 @@ class Store:
 
     def queue_position(self, job):
         """(ahead, total): how many queue keys sort before the job's, and how
-        many there are, counted (not read) at one revision."""
+        many there are, counted (not read) at one revision. For one job
+        (checkjob): etcd counts by walking the keys, so the positions of
+        many are better found by sorting their records by core.queue_rank."""
         prefix = f"{self.prefix}/queue/"
         def count(c):
             total = _range(c, prefix, _end(prefix), count_only=True)
@@ -468,8 +470,9 @@ class Store:
         """Queue new jobs, all or none, in one transaction (core.MAX_BATCH at
         most), with their index keys: queue, queued_by, dependents/<parent>/
         <uuid> for each of a job's `after`, and arrays/<id> for the members
-        of an array (jobs with `array` set; the array must be new). idempotency_key: when a submission of the same user with that
-        key was written already, write nothing and return its uuids (a list);
+        of an array (jobs with `array` set; the array must be new).
+        idempotency_key: when a submission of the same user with that key
+        was written already, write nothing and return its uuids (a list);
         otherwise record the key with ours in the same transaction. Returns
         None when it wrote."""
         keys = [self._job_key(job.uuid) for job in jobs]
@@ -561,7 +564,8 @@ class Store:
                 failure.append(_get(prime_key))
             return _txn(c, compares, [op for i in batch for op in ops[i]], failure)
 
-        for batch in _batches(ops, MAX_TXN_OPS - guards):
+        sizes = [(len(change), sum(op.ByteSize() for op in change)) for change in ops]
+        for batch in batches(sizes, MAX_TXN_OPS - guards):
             while batch:
                 answer = self._call(lambda c: send(c, batch))
                 if answer.succeeded:
@@ -982,7 +986,7 @@ class _Watch:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     break
-                failed = _kind(e) == "unreachable" or e.code() == grpc.StatusCode.UNAVAILABLE
+                failed = _kind(e) == "unreachable"  # "no leader" too: then the next endpoint
                 log.debug("watch of %s broke: %s", self.key.decode(), _describe(e))
             except Exception:  # noqa: BLE001 -- a bug of ours: logged, and the watch goes on
                 log.exception("watch of %s failed", self.key.decode())
@@ -1066,13 +1070,13 @@ def _nested(ops, compares):
             for i in range(0, len(ops), size)]
 
 
-def _batches(ops, most):
-    """Indexes of ops (a list of op lists, one per guarded change) in
-    batches of at most `most` changes, MAX_TXN_OPS ops and about PAGE_BYTES
-    (etcd takes 1.5 MiB a request); a change bigger than that goes alone."""
+def batches(sizes, most):
+    """Indexes of guarded changes, given sizes [(ops, bytes)] one per
+    change, in batches of at most `most` changes, MAX_TXN_OPS ops and about
+    PAGE_BYTES (etcd takes 1.5 MiB a request); a change bigger than that
+    goes alone. (MemStore batches by it too: the same revisions.)"""
     batch, count, size = [], 0, 0
-    for i, change in enumerate(ops):
-        n, b = len(change), sum(op.ByteSize() for op in change)
+    for i, (n, b) in enumerate(sizes):
         if batch and (len(batch) + 1 > most or count + n > MAX_TXN_OPS or size + b > PAGE_BYTES):
             yield batch
             batch, count, size = [], 0, 0

@@ -335,18 +335,21 @@ class MemStore:
             results = [None] * len(changes)
             if prime is not None and self._value(self._key("prime")) != prime:
                 return results
-            ops, written = [], []
-            for i, (old, new, revision) in enumerate(changes):
-                if self._mod(self._job_key(new.uuid)) != revision:
-                    continue  # moved (or gone): None, as Store answers
+            ops = []
+            for old, new, _ in changes:
                 puts, deletes = index_changes(self.prefix, old, new)
-                ops += [self._put(self._job_key(new.uuid), _encode(new))]
-                ops += [("delete", k) for k in deletes] + [self._put(k, v) for k, v in puts.items()]
-                written.append(i)
-            if written:
-                revision = self._apply(ops)
-                for i in written:
-                    results[i] = revision
+                ops.append([self._put(self._job_key(new.uuid), _encode(new))]
+                           + [("delete", k) for k in deletes] + [self._put(k, v) for k, v in puts.items()])
+            # In Store's transactions (the same revisions); a moved record is
+            # left out of its own, as Store sends it again without it.
+            sizes = [(len(o), sum(len(op[1]) + len(op[2]) if op[0] == "put" else len(op[1]) for op in o))
+                     for o in ops]
+            for batch in etcd_store.batches(sizes, MAX_TXN_OPS - (prime is not None)):
+                written = [i for i in batch if self._mod(self._job_key(changes[i][1].uuid)) == changes[i][2]]
+                if written:
+                    revision = self._apply([op for i in written for op in ops[i]])
+                    for i in written:
+                        results[i] = revision
             return results
         return self._write(write)
 

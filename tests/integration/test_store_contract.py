@@ -42,8 +42,8 @@ def any_store(request, kind, prefix):
     s.close()
 
 
-def make_job(submitted_at=None, **changes):
-    job = core.new_job("echo hello", 1000, 1000, "alice", now=submitted_at or time.time(),
+def make_job(submitted_at=None, command="echo hello", **changes):
+    job = core.new_job(command, 1000, 1000, "alice", now=submitted_at or time.time(),
                        submitter="alice", submitter_uid=1000)
     return core.dataclasses.replace(job, **changes) if changes else job
 
@@ -153,6 +153,17 @@ def test_update_many_past_one_transaction(any_store):
     assert any_store.queue_position(jobs[0]) == (0, 0)
 
 
+def test_update_many_of_large_records_stays_under_etcds_request_limit(any_store):
+    """30 records of 64 KiB: 2 MiB, more than etcd takes in one request (1.5 MiB)."""
+    jobs = [make_job(submitted_at=1000.0 + i, command="x" * core.MAX_COMMAND_BYTES) for i in range(30)]
+    for i in range(0, 30, 15):
+        any_store.submit_many(jobs[i:i + 15])
+    found = any_store.get_many([j.uuid for j in jobs])
+    results = any_store.update_many([(j, assign(j), found[j.uuid][1]) for j in jobs])
+    assert all(results) and len(set(results)) >= 2  # two transactions at least
+    assert len(any_store.assigned()["n1"]) == 30
+
+
 def test_update_many_refuses_one_job_twice(any_store):
     job = make_job()
     any_store.submit(job)
@@ -230,6 +241,35 @@ def test_deleting_queued_records_drops_their_queue_keys(any_store):
     assert queued_uuids(any_store) == [jobs[2].uuid]
     assert any_store.queued_count(1000) == 1
     assert any_store.delete([(jobs[2].uuid, found[jobs[2].uuid][1] + 1000)]) == 0  # moved: kept
+
+
+def test_deleting_a_warned_record_given_as_a_job_drops_its_warned_key(any_store):
+    job = make_job()
+    any_store.submit(job)
+    _, rev = any_store.get(job.uuid)
+    running = core.transition(assign(job), core.RUNNING, now=2.0, started_at=2.0)
+    rev = any_store.update(job, running, rev)
+    warned = core.warn(running, 3.0, "would not stop")
+    rev = any_store.update(running, warned, rev)
+    assert any_store.warned() == {job.uuid: "n1"}
+    assert any_store.delete([(warned, rev)]) == 1
+    assert any_store.warned() == {} and any_store.assigned() == {}
+
+
+def test_resolve_and_all_jobs(any_store):
+    a = make_job()
+    b = core.dataclasses.replace(make_job(), uuid=a.uuid[:8] + "-ffff-4fff-8fff-ffffffffffff")
+    c = core.dataclasses.replace(make_job(), uuid="0" * 8 + a.uuid[8:])
+    any_store.submit_many([a, b, c])
+    assert any_store.resolve(a.uuid) == a.uuid
+    assert any_store.resolve(c.uuid[:6]) == c.uuid
+    with pytest.raises(core.AmbiguousRef):
+        any_store.resolve(a.uuid[:8])
+    with pytest.raises(LookupError):
+        any_store.resolve("9999")
+    records = any_store.all_jobs()
+    assert sorted(j.uuid for j, _ in records) == sorted([a.uuid, b.uuid, c.uuid])
+    assert all(any_store.get(j.uuid) == (j, rev) for j, rev in records)
 
 
 # --- the queue -----------------------------------------------------------------
@@ -558,3 +598,54 @@ def test_watches_leak_no_threads(etcd, prefix):
     assert watching == []
     assert threading.active_count() <= before + 1  # at most gRPC's channel poller, as for any call
     s.close()
+
+
+# --- the in-memory one only: what it simulates for the node's tests -------------------
+
+def test_memstore_down_and_out_of_space():
+    s = MemStore()
+    s.down = True
+    with pytest.raises(etcd_store.Unavailable):
+        s.ping()
+    with pytest.raises(etcd_store.Unavailable):
+        s.queued(10)
+    s.down = False
+    s.nospace = True
+    with pytest.raises(etcd_store.NoSpace):
+        s.check_space()
+    with pytest.raises(etcd_store.NoSpace):
+        s.submit(make_job())
+    assert s.queued(10) == []  # reads still work
+    assert s.lock("prune", "n1", 60) is True  # as Store: pruning frees the space
+    s.compact()
+    s.check_space()  # compaction recovered it
+
+
+def test_memstore_leases_expire_by_its_clock():
+    clock = Clock()
+    s = MemStore(clock=clock)
+    nodes = Events()
+    s.watch("nodes", nodes)
+    lease = s.grant(10)
+    s.register({"name": "n1"}, lease)
+    clock.now += 9
+    assert s.renew(lease) is True
+    clock.now += 9
+    s.expire_leases()
+    assert s.cluster()[0] == {"n1": {"name": "n1"}}
+    clock.now += 2
+    s.expire_leases()
+    assert s.cluster()[0] == {}
+    assert nodes.calls == [[("n1", False)], [("n1", True)]]
+
+
+def test_memstore_counts_revisions_as_etcd_does():
+    s = MemStore()
+    first = s.revision
+    jobs = [make_job() for _ in range(3)]
+    s.submit_many(jobs)  # one transaction
+    found = s.get_many([j.uuid for j in jobs])
+    s.update_many([(j, assign(j), found[j.uuid][1]) for j in jobs])  # one more
+    assert s.revision == first + 2
+    s.resume("nobody")  # a delete of nothing writes nothing
+    assert s.revision == first + 2
