@@ -49,10 +49,7 @@ class FakeNode:
         self.counters = metrics.Counters()  # what Node counts (tested with the Node itself)
         self.primed = False
         self.arrays = {}  # array id: {"id", "max_running", "uuids"}
-        self.rows = [{"name": "node1", "state": "primed", "cpus": 4.0, "memory": 8 << 30,
-                      "reserved_cpus": 1.0, "reserved_memory": 1 << 30, "slots": 4},
-                     {"name": "node2", "state": "failed", "cpus": 2.0, "memory": 4 << 30,
-                      "reserved_cpus": 0.0, "reserved_memory": 0, "slots": 2}]
+        self.rows = []  # what nodes() answers (two_nodes() fills it)
         self.why = {}  # uuid: what waiting() says of it
 
     def _maybe_fail(self, verb, *args):
@@ -159,6 +156,15 @@ class FakeNode:
     async def nodes(self):
         self._maybe_fail("nodes")
         return [dict(row) for row in self.rows]
+
+
+def two_nodes(node):
+    """node1 primed, node2 failed: what drain, resume, forget and metrics act on."""
+    node.rows = [{"name": "node1", "state": "primed", "cpus": 4.0, "memory": 8 << 30,
+                  "reserved_cpus": 1.0, "reserved_memory": 1 << 30, "slots": 4},
+                 {"name": "node2", "state": "failed", "cpus": 2.0, "memory": 4 << 30,
+                  "reserved_cpus": 0.0, "reserved_memory": 0, "slots": 2}]
+    return node
 
 
 class Served:
@@ -706,6 +712,7 @@ def test_metrics_over_tcp_need_the_token(node):
 
 
 def test_the_primed_node_shows_each_nodes_capacity_and_reservations(served, node):
+    two_nodes(node)
     node.primed = True
     node.config.cpus, node.config.memory = 3.5, 6 << 30  # the config's capacity (K3)
     samples = scrape(served)
@@ -821,6 +828,7 @@ def test_an_ambiguous_prefix_is_not_looked_up_as_an_array(served, node):
 
 
 def test_root_drains_and_resumes_a_node(served, node, as_uid):
+    two_nodes(node)
     as_uid(0)
     code, _, payload = served.call("POST", "/v1/nodes/node1/drain", {"reason": "new\ndisk  now"})
     assert code == 200 and payload["node"]["state"] == "draining"
@@ -834,6 +842,7 @@ def test_root_drains_and_resumes_a_node(served, node, as_uid):
 
 
 def test_root_forgets_a_failed_node_but_not_a_live_one(served, node, as_uid):
+    two_nodes(node)
     as_uid(0)
     assert "is live" in assert_one_line_json(served.call("DELETE", "/v1/nodes/node1"), 409)
     code, _, payload = served.call("DELETE", "/v1/nodes/node2")
@@ -854,6 +863,7 @@ def test_only_root_changes_nodes(served, node, as_uid, method, path):
                                           ("POST", "/v1/nodes/nosuch/resume"),
                                           ("DELETE", "/v1/nodes/nosuch")])
 def test_an_unknown_node_is_404(served, node, as_uid, method, path):
+    two_nodes(node)
     as_uid(0)
     assert "no node 'nosuch'" in assert_one_line_json(served.call(method, path, {}), 404)
     assert node.rows[0]["state"] == "primed" and len(node.rows) == 2
@@ -865,6 +875,7 @@ def test_an_unknown_node_is_404(served, node, as_uid, method, path):
     ({"why": "x"}, "unknown field(s): why"),
 ])
 def test_a_bad_drain_is_400_and_nothing_is_drained(served, node, as_uid, body, words):
+    two_nodes(node)
     as_uid(0)
     assert words in assert_one_line_json(served.call("POST", "/v1/nodes/node1/drain", body), 400)
     assert node.rows[0]["state"] == "primed"
@@ -879,6 +890,7 @@ async def _post_over_tcp(app, path, headers):
 
 @pytest.mark.allow_io("socket")
 def test_the_token_over_tcp_may_drain(node):
+    two_nodes(node)
     token = "t" * 32
     status, _ = asyncio.run(_post_over_tcp(api.make_app(node, token), "/v1/nodes/node1/drain", {}))
     assert status == 401 and node.rows[0]["state"] == "primed"
