@@ -93,12 +93,16 @@ demo: deps deb
 # cached in /var/cache/lclusterd-tests), installs the .deb with apt, and
 # measures lclusterd against raw systemd and Slurm on the same jobs; then
 # boots the cluster tests' three nodes (tests/cluster/harness.py) for the
-# 3-node section. Prints the tables; saves dist/bench/results.json and
-# dist/bench/latency.png.
-# BENCH_ARGS="--scale 0.1" for a quick try.
+# 3-node section. Before those, the scale section (tests/bench/sim.py, no
+# containers): 10 and 100 simulated nodes running the real node code against
+# a 3-member etcd on loopback, 2,000 jobs a run. Prints the tables; saves
+# dist/bench/scale.json, dist/bench/results.json and dist/bench/latency.png.
+# BENCH_ARGS="--scale 0.1" for a quick try of the container part;
+# SCALE_ARGS=--full for the issue's 10/100/1,000 nodes x 20,000 jobs.
 
 BENCH_DEPS := python3-matplotlib
 BENCH_ARGS ?=
+SCALE_ARGS ?=
 
 bench: deps deb
 	@missing=$$(for p in $(BENCH_DEPS); do \
@@ -108,4 +112,6 @@ bench: deps deb
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	mkdir -p $(DIST)/bench
+	$(PYTHON) -m tests.bench.sim --out $(DIST)/bench/scale.json $(SCALE_ARGS)
 	$(PYTHON) -m tests.bench.run --deb-dir $(DIST) --out $(DIST)/bench $(BENCH_ARGS)

@@ -111,8 +111,13 @@ def cluster_table(res):
                      e2e.get("jobs_per_s"), _dig(lc, one.get(kind, ("-",)))))
         rows.append((f"submit {label}, lclusterc addjob --count, 3 at once, jobs/s",
                      e2e.get("submit_per_s"), _dig(lc, ("lclusterc", "count_per_s"))))
-        for node, count in (e2e.get("ran_on") or {}).items():
+        sp = e2e.get("spread")
+        for node, count in ((sp or {}).get("counts") or e2e.get("ran_on") or {}).items():
             rows.append((f"  {label}: jobs run on {node}", count, None))
+        if sp:  # short jobs under spread: every node within the tolerance of the mean
+            rows.append((f"  {label}: worst node off the mean by (spread, target "
+                         f"<= {sp['tolerance']:.0%}: {'met' if sp['ok'] else 'MISSED'})",
+                         sp["worst_deviation"], None))
     rows += [
         ("etcd writes per job, all", cl.get("etcd_writes_per_job"),
          _dig(lc, ("memory", "etcd_writes_per_job"))),
