@@ -3,7 +3,8 @@
 # names are asked of the daemon with the same --socket/--server/--token-file/
 # --ca/--cert/--key as the command line.
 
-# The caller's live job uuids (root: everyone's), or the cluster's node names.
+# The caller's live job uuids and their arrays' ids (root: everyone's), or the
+# cluster's node names.
 function __lclusterc_ask --argument-names what
     set -l global
     set -l words (commandline -opc)
@@ -32,17 +33,24 @@ try:
     records = json.load(sys.stdin)
 except ValueError:
     records = []
+seen = set()
 for r in records if isinstance(records, list) else []:
     if not isinstance(r, dict):
         continue
     if sys.argv[1] == "nodes":
-        print(r.get("name") or "")
+        found = [r.get("name")]
     elif r.get("state") not in ("succeeded", "failed", "cancelled"):  # live
-        print(r.get("uuid") or "")
+        found = [r.get("uuid"), r.get("array")]  # a member names its array too
+    else:
+        continue
+    for name in found:
+        if isinstance(name, str) and name and name not in seen:
+            seen.add(name)
+            print(name)
 ' $what 2>/dev/null
 end
 
-set -l commands addjob checkjob removejob list logs wait nodes
+set -l commands addjob checkjob removejob list logs wait nodes drain resume
 complete -c lclusterc -f
 
 # Global options, before the subcommand.
@@ -63,6 +71,8 @@ complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -a list -d 
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -a logs -d "Show a job's output"
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -a wait -d "Wait for jobs to end"
 complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -a nodes -d "List the cluster's nodes"
+complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -a drain -d "Place no new jobs on a node (root)"
+complete -c lclusterc -n "not __fish_seen_subcommand_from $commands" -a resume -d "Let a drained node take jobs again (root)"
 
 # addjob
 complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l wait -d "Wait for the job to end; exit with its status"
@@ -77,7 +87,13 @@ complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l env -x -d "Set 
 complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l workdir -x -a "(__fish_complete_directories)" -d "Working directory"
 complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l network -x -a "none host ns:" -d "Network"
 complete -c lclusterc -n "__fish_seen_subcommand_from addjob list" -l user -x -a "(__fish_complete_users)" -d "User"
-complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l count -x -d "Queue N copies"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l count -x -d "An array of N copies"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l file -r -F -d "An array of one job per line of FILE (- for stdin)"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l max-running -x -d "With --count or --file: at most K members at once"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l after -x -a "(__lclusterc_ask jobs)" -d "Run once these jobs succeeded"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l after-any -x -a "(__lclusterc_ask jobs)" -d "Run once these jobs ended"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l after-failed -x -a "(__lclusterc_ask jobs)" -d "Run once these jobs failed"
+complete -c lclusterc -n "__fish_seen_subcommand_from addjob" -l constraint -x -d "Only on nodes with this label KEY=VALUE"
 
 # checkjob, removejob, logs, wait: a live job of the caller's.
 complete -c lclusterc -n "__fish_seen_subcommand_from checkjob" -l unit-properties -d "Show the unit's sandbox properties"
@@ -93,3 +109,8 @@ complete -c lclusterc -n "__fish_seen_subcommand_from list" -l until -x -d "Unti
 # logs
 complete -c lclusterc -n "__fish_seen_subcommand_from logs" -s f -l follow -d "Follow the output while the job runs"
 complete -c lclusterc -n "__fish_seen_subcommand_from logs" -l tail -x -d "Only the last N lines"
+
+# nodes, drain, resume: a node's name.
+complete -c lclusterc -n "__fish_seen_subcommand_from nodes" -l forget -x -a "(__lclusterc_ask nodes)" -d "Drop a failed node from the table (root)"
+complete -c lclusterc -n "__fish_seen_subcommand_from drain" -l reason -x -d "Why, as nodes shows it"
+complete -c lclusterc -n "__fish_seen_subcommand_from drain resume" -a "(__lclusterc_ask nodes)" -d "Node"

@@ -121,6 +121,32 @@ def test_bash_completes_live_jobs_once_and_after_option_values(fake_lclusterc):
     assert bash_complete(["lclusterc", "logs", "--tail=5", ""], BASH_FILE) == LIVE
 
 
+def test_bash_completes_arrays_parents_files_and_nodes_for_issue_11(fake_lclusterc, tmp_path,
+                                                                     monkeypatch):
+    array = "bbbb0000-0000-4000-8000-00000000000a"
+    members = [{"uuid": f"bbbb111{i}-0000-4000-8000-00000000000{i}", "state": "queued",
+                "array": array} for i in (1, 2)]
+    fake = tmp_path / "lclusterc"
+    fake.write_text(fake.read_text().replace(shlex.quote(json.dumps(FAKE_JOBS)),
+                                             shlex.quote(json.dumps(FAKE_JOBS + members))))
+    offered = sorted(LIVE + [m["uuid"] for m in members] + [array])  # the array's id once
+    assert bash_complete(["lclusterc", "wait", ""], BASH_FILE) == offered
+    assert bash_complete(["lclusterc", "removejob", "bbbb0"], BASH_FILE) == [array]
+    assert bash_complete(["lclusterc", "addjob", "--after", "aaaa1"], BASH_FILE) == LIVE[:1]
+    assert bash_complete(["lclusterc", "addjob", "--after-any", f"{LIVE[0]},aaaa2"], BASH_FILE) == [
+        f"{LIVE[0]},{LIVE[1]}"]  # the next parent of a comma-separated list
+    assert bash_complete(["lclusterc", "addjob", "--max-running", ""], BASH_FILE) == []  # a number
+    assert bash_complete(["lclusterc", "drain", ""], BASH_FILE) == ["n1", "n2"]
+    assert bash_complete(["lclusterc", "drain", "n1", ""], BASH_FILE) == []  # one node
+    assert bash_complete(["lclusterc", "drain", "--reason", ""], BASH_FILE) == []  # free text
+    assert bash_complete(["lclusterc", "resume", "n"], BASH_FILE) == ["n1", "n2"]
+    assert bash_complete(["lclusterc", "nodes", "--forget", ""], BASH_FILE) == ["n1", "n2"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "commands.txt").write_text("true\n")
+    assert bash_complete(["lclusterc", "addjob", "--file", "comm"], BASH_FILE) == ["commands.txt"]
+    assert "-" in bash_complete(["lclusterc", "addjob", "--file", ""], BASH_FILE)
+
+
 def test_bash_asks_the_daemon_named_on_the_command_line(fake_lclusterc):
     bash_complete(["lclusterc", "--socket", "/s1", "checkjob", ""], BASH_FILE)
     # --server=http://h:1 as bash splits it (at "=" and ":")
