@@ -16,9 +16,11 @@ What it simulates beyond that, for tests:
     nospace      True: check_space() raises store.NoSpace and writes fail
                  with it (reads and deletes still work, as in etcd)
     revision     the current revision (etcd revisions spent, for the bench)
-Watches call back synchronously, in the thread whose write made the events,
-after its transaction (never under the store's lock), in revision order:
-deterministic for tests; the real Store calls from a thread of its own.
+Watches call back synchronously, before the call whose transaction made
+the events returns (never under the store's lock), in revision order; a
+call made while another thread is delivering leaves its events to that
+thread. Deterministic for tests; the real Store calls back from a thread of
+its own per watch, a few milliseconds later.
 """
 
 import hashlib
@@ -184,9 +186,11 @@ class MemStore:
             self._deliver()
 
     def _read(self, fn):
-        with self._lock:
+        """A read: leases may run out on the way in, so it delivers too."""
+        def read():
             self._enter()
             return fn()
+        return self._write(read)
 
     # -- reads -------------------------------------------------------------------
 
@@ -194,10 +198,10 @@ class MemStore:
         self._read(lambda: None)
 
     def check_space(self):
-        with self._lock:
-            self._enter()
+        def read():
             if self.nospace:
                 raise NoSpace("etcd is out of space (quota unknown bytes): its NOSPACE alarm is raised")
+        self._read(read)
 
     def get(self, job_uuid):
         def read():
@@ -510,22 +514,23 @@ class MemStore:
     # -- maintenance -------------------------------------------------------------
 
     def compact(self, margin=etcd_store.COMPACT_MARGIN):
-        with self._lock:
-            self._enter()
-            if self.nospace:
-                self.nospace = False  # Store's compact() recovers the space then
-                return self._compacted
-            target = self._revision - margin
-            if target <= self._compacted or target < 1:
-                return None
-            self._compacted = target
-            return target
+        return self._read(lambda: self._compact(margin))
+
+    def _compact(self, margin):
+        if self.nospace:
+            self.nospace = False  # Store's compact() recovers the space then
+            return self._compacted
+        target = self._revision - margin
+        if target <= self._compacted or target < 1:
+            return None
+        self._compacted = target
+        return target
 
     def space(self):
-        with self._lock:
-            self._enter()
+        def read():
             size = sum(len(k) + len(v[0]) for k, v in self._kv.items())
             return {"db_size": size, "quota": None, "nospace": self.nospace}
+        return self._read(read)
 
     def recover_space(self):
         with self._lock:
