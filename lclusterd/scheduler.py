@@ -264,6 +264,8 @@ def _free_text(what, job_value, nodes, free):
 
 def _why_not(job, nodes, labels, current) -> Waiting:
     """Why job fits no node now (it fits none: the caller tried)."""
+    if not nodes:
+        return Waiting(RESOURCES, "no node is up")
     suited = [n for n in nodes if _suits(job, n, labels[n.name])]
     if not suited:
         return Waiting(CONSTRAINT, _unsuited_text(job, nodes, labels))

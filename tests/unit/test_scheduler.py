@@ -445,6 +445,13 @@ def test_explain_resources_when_no_single_node_has_it_all():
         "resources", "no node has its cpus, memory and a slot free at once")
 
 
+def test_explain_without_any_live_node():
+    h = Harness([])
+    for fields in ({}, {"memory": G}, {"constraints": ("gpu=1",)}):
+        assert explain(h, h.submit(**fields)) == Waiting("resources", "no node is up")
+    assert set(h.step().waiting.values()) == {Waiting("resources", "no node is up")}
+
+
 # --- refused at submission -----------------------------------------------------------
 
 @pytest.mark.parametrize("fields, reason", [
