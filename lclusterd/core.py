@@ -615,7 +615,9 @@ def validate_attempts(value) -> int:
 # addjob --after (Slurm's afterok), --after-any (afterany), --after-failed (afternotok).
 AFTER_OK, AFTER_ANY, AFTER_FAILED = "ok", "any", "failed"
 AFTER_MODES = (AFTER_OK, AFTER_ANY, AFTER_FAILED)
-MAX_AFTER = 32  # parents per job: each is a key in submit's transaction
+# Parents per job (each is a dependents key submit writes): enough for every
+# member of one array (--after ARRAY_ID names them all).
+MAX_AFTER = MAX_BATCH
 MAX_CONSTRAINTS = 32
 MAX_RUNNING = 10 ** 6
 _LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,63}")
