@@ -171,6 +171,7 @@ def _describe(job, output=None):
     rows = (
         ("uuid", job.get("uuid")),
         ("state", job.get("state")),
+    ) + _scheduling_rows(job) + (  # why a queued job waits: next to its state
         ("command", job.get("command")),
         ("user", f"{_text(job.get('user'))} ({_text(job.get('uid'))}/{_text(job.get('gid'))})"),
         ("node", job.get("node")),
@@ -191,8 +192,7 @@ def _describe(job, output=None):
         ("workdir", job.get("workdir")),
         ("env", " ".join(shlex.quote(e) for e in job.get("env") or ()) or None),
         ("attempts", _attempts(job.get("attempts"))),
-    ) + ((("warned", f"{_local_time(warned)}: {_text(job.get('warning'))}"),) if warned else ()) \
-        + _scheduling_rows(job)
+    ) + ((("warned", f"{_local_time(warned)}: {_text(job.get('warning'))}"),) if warned else ())
     width = max(len(key) for key, _ in rows) + 1
     lines = [f"{key + ':':<{width}} {_text(value)}" for key, value in rows]
     if output:

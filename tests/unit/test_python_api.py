@@ -302,3 +302,13 @@ def test_drain_resume_forget(daemon):
     with pytest.raises(ClientError) as e:
         client.drain("nosuch")
     assert e.value.cause == 404
+
+
+def test_describe_waiting_words_it_as_lclusterc_does():
+    describe = lclient.describe_waiting
+    assert describe({"kind": "priority", "text": "3 of 10 ahead", "ahead": 3, "total": 10}) == \
+        "priority (3 of 10 ahead)"
+    assert describe({"kind": "resources", "text": "no node has 8.0G free; most free: n2 3.1G"}) == \
+        "resources: no node has 8.0G free; most free: n2 3.1G"
+    assert describe({"kind": "drained", "text": ""}) == "drained"
+    assert describe(None) is None and describe({"text": "x"}) is None
