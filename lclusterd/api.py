@@ -29,22 +29,16 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from dbus_next.errors import DBusError
 
-from lclusterd import __version__, core, metrics, store
+from lclusterd import __version__, core, metrics
 from lclusterd.node import Caller
+from lclusterd.store import NoSpace as StoreNoSpace
+from lclusterd.store import TooLarge as StoreTooLarge
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Unavailable as UnitsUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def _store_error(name):
-    """store's class of that name; until the store has it, a class nothing
-    raises (contract C7: NoSpace, TooLarge)."""
-    return getattr(store, name, None) or type(name, (Exception,), {})
-
-
-StoreNoSpace = _store_error("NoSpace")
-StoreTooLarge = _store_error("TooLarge")
 INTERNAL = "internal error in lclusterd (its journal says more: journalctl -u lclusterd)"
 
 # Which failure becomes which answer: the one table, first match wins.
