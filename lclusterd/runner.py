@@ -135,6 +135,7 @@ class Runner:
             except UnitsUnavailable:
                 # Losing the bus is not the job's fault: it stays starting, and
                 # the sweep after reconnecting finds its unit, or starts it.
+                self.mine.discard(job.uuid)
                 raise
             except Exception as e:  # noqa: BLE001  whatever it is, this attempt is over
                 if isinstance(e, _NotStarted):
@@ -187,6 +188,9 @@ class Runner:
 
     async def sweep(self):
         """Bring etcd and systemd into agreement for this node."""
+        # Jobs this process started (or is starting) before the unit list was
+        # read: one missing from that list was started after, not lost.
+        known = self.mine | self.in_flight
         units = await self.units.list()
         # What etcd says is assigned to us, every sweep: after a (re)start we
         # know nothing, and a watch event may have been missed (START_UNIT).
@@ -203,6 +207,8 @@ class Runner:
         plan = core.reconcile(jobs, units, self.in_flight, self.me, self.clock(),
                               self.config.stop_timeout, gone)
         for action, job_uuid in plan:
+            if action == core.START_UNIT and job_uuid in known:
+                continue  # started since the unit list was read (the watch's start)
             log.info("reconcile: %s %s", action, job_uuid)
             if action == core.RELEASE_ORPHAN:
                 log.warning("job %s: its record is gone from etcd; stopping its unit %s",
@@ -239,7 +245,7 @@ class Runner:
         elif action == core.RELEASE_UNIT:
             await self.units.release(job_uuid)
         elif action == core.START_UNIT:
-            if self.registered():
+            if self.registered() and job_uuid not in self.mine | self.in_flight:
                 await self.start(known[0])
         elif action == core.RECORD_RUNNING:
             await change(job_uuid, lambda j: core.transition(
