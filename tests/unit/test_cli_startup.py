@@ -77,6 +77,19 @@ def test_addjob_over_the_socket_needs_no_http_client_nor_ssl(fake):  # noqa: F81
     assert imported(modules, NOT_FOR_ADDJOB) == []
 
 
+@pytest.mark.parametrize("args", [
+    ["addjob", "--count", "3", "--max-running", "1", "--after", "0b5e8c1e", "--constraint", "a=b", "true"],
+    ["addjob", "--file", "COMMANDS"],
+])
+def test_an_array_with_dependencies_needs_no_more(fake, args, tmp_path):  # noqa: F811
+    (tmp_path / "commands").write_text("echo a\necho b\n")
+    args = [str(tmp_path / "commands") if a == "COMMANDS" else a for a in args]
+    modules, done = modules_after("--socket", fake.socket, *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] in fake.arrays
+    assert imported(modules, NOT_FOR_ADDJOB) == []
+
+
 def test_the_cli_constants_are_cores():
     # cli keeps copies so that its options need not import core
     assert cli.STATES == core.STATES and cli.TERMINAL == core.TERMINAL
