@@ -270,6 +270,9 @@ class Store:
                     self._current = (conn.index + 1) % len(self.endpoints)
             close = conn.retired and conn.users == 0 and not conn.closed
             conn.closed = conn.closed or close
+            watches = list(self._watches) if failed else []
+        for watcher in watches:  # a stream on a failed channel may be silent, not broken
+            watcher.leave(conn)
         if close:
             conn.client.close()
 
@@ -923,7 +926,8 @@ class _Watch:
         self.next_revision = start_revision
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._stream = None
+        self._stream = self._conn = None  # the stream open now, and its channel
+        self._moving = False  # its channel failed under another call: move at once
         self._thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
 
     def start(self):
@@ -939,6 +943,15 @@ class _Watch:
             stream.cancel()
         if threading.current_thread() is not self._thread:  # cancelled from its callback: it ends by itself
             self._thread.join()
+
+    def leave(self, conn):
+        """conn failed a call (Store._release): if the stream is on it, end
+        the stream; the watch resumes on the endpoint tried next."""
+        with self._lock:
+            stream = self._stream if self._conn is conn else None
+            self._moving = stream is not None
+        if stream is not None:
+            stream.cancel()
 
     def _requests(self, done):
         create = etcdrpc.WatchCreateRequest(key=self.key, range_end=self.end,
@@ -963,8 +976,8 @@ class _Watch:
                     self._requests(done), credentials=c.call_credentials,
                     metadata=(c.metadata or ()) + (("hasleader", "true"),))
                 with self._lock:
-                    self._stream = stream
-                if self._stop.is_set():
+                    self._stream, self._conn = stream, conn
+                if self._stop.is_set() or conn.retired:
                     stream.cancel()
                 for answer in stream:
                     wait = self.BACKOFF[0]
@@ -986,15 +999,20 @@ class _Watch:
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     break
-                failed = _kind(e) == "unreachable"  # "no leader" too: then the next endpoint
+                # "no leader" is unreachable too: then the next endpoint. A
+                # stream we ended because its channel failed elsewhere is not.
+                failed = _kind(e) == "unreachable" and not self._moving
                 log.debug("watch of %s broke: %s", self.key.decode(), _describe(e))
             except Exception:  # noqa: BLE001 -- a bug of ours: logged, and the watch goes on
                 log.exception("watch of %s failed", self.key.decode())
             finally:
                 done.set()
                 with self._lock:
-                    self._stream = None
+                    self._stream = self._conn = None
+                    moving, self._moving = self._moving, False
                 self.store._release(conn, failed)
+            if moving:
+                continue  # another call found the next endpoint live: no wait
             if self._stop.wait(wait):
                 break
             wait = min(self.BACKOFF[1], wait * 2)

@@ -649,3 +649,28 @@ def test_memstore_counts_revisions_as_etcd_does():
     assert s.revision == first + 2
     s.resume("nobody")  # a delete of nothing writes nothing
     assert s.revision == first + 2
+
+
+def test_a_watch_leaves_a_member_gone_silent(etcd, prefix):
+    """A member cut off under an open stream says nothing (no error, no
+    events): when another call finds its channel dead, the watch moves to
+    the next endpoint and resumes from the last revision it saw."""
+    from tests.integration.test_store_faults import FreezingProxy
+    proxy = FreezingProxy(etcd.client_port)
+    s = Store([proxy.endpoint, etcd.endpoint], prefix=prefix)
+    drained = Events()
+    cancel = s.watch("drained", drained)
+    try:
+        s.drain("n1", {"reason": "", "at": 1.0, "by": "root"})
+        drained.wait_for([("n1", False)])
+        proxy.frozen.set()
+        s.drain("n2", {"reason": "", "at": 1.0, "by": "root"})  # times out on the proxy, then etcd
+        started = time.monotonic()
+        drained.wait_for([("n2", False)])
+        assert time.monotonic() - started < 2
+        assert drained.seen == [("n1", False), ("n2", False)]
+    finally:
+        cancel()
+        s.close()
+        proxy.frozen.clear()
+        proxy.close()
