@@ -324,7 +324,7 @@ def plan(queue, nodes, loads, parents, array_live, placement=SPREAD) -> Plan:
     nodes: [NodeView] of the live nodes; loads: {node: Load} as assigned now;
     parents: {uuid: Job or None (gone)} for the queue's --after parents;
     array_live: {array id: members assigned now}; placement: spread or pack."""
-    nodes = list(nodes)
+    nodes = sorted(nodes, key=lambda n: n.name)  # reasons: whatever the order given
     labels = _label_map(nodes)
     queue = [job for job in queue if job.state == core.QUEUED]
     placer = _Placer(nodes, loads, placement, seed=queue[0].uuid if queue else "")
@@ -375,10 +375,11 @@ def explain(job, nodes, loads, parents, array_live, ahead, total) -> Optional[Wa
     throttled = _throttled(job, array_live)
     if throttled:
         return throttled
-    nodes = list(nodes)
+    nodes = sorted(nodes, key=lambda n: n.name)  # reasons: whatever the order given
     labels = _label_map(nodes)
-    if not any(not n.drained and _suits(job, n, labels[n.name]) and _room(job, n, loads.get(n.name) or Load())
-               for n in nodes):
+    fits_now = any(not n.drained and _suits(job, n, labels[n.name])
+                   and _room(job, n, loads.get(n.name) or Load()) for n in nodes)
+    if not fits_now:
         return _why_not(job, nodes, labels, loads)
     if ahead:
         return Waiting(PRIORITY, f"{ahead} of {total} ahead")
@@ -389,7 +390,7 @@ def never_fits(job, nodes) -> Optional[str]:
     """Why no registered node could ever run job, whatever their load and
     drains (labels, enforced limits, capacity); None if one could, or if no
     node is registered (nothing to judge by: it waits)."""
-    nodes = list(nodes)
+    nodes = sorted(nodes, key=lambda n: n.name)  # reasons: whatever the order given
     if not nodes:
         return None
     labels = _label_map(nodes)

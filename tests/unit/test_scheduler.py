@@ -606,3 +606,20 @@ def test_the_plan_agrees_with_a_scan_of_every_node(seed):
             expected.append((job.uuid, name))
             current[name] = (current.get(name) or Load()).plus(job)
     assert list(plan.assign) == expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_plan_depends_only_on_what_it_is_shown(seed):
+    """A new primed node (a leader change) plans from the same snapshot as
+    the old one would have: same answer, whatever the order nodes are listed in."""
+    rng = random.Random(2000 + seed)
+    nodes = random_nodes(rng)
+    h = Harness(nodes, placement=rng.choice(["spread", "pack"]), rng=rng)
+    for _ in range(30):
+        random_job(h, rng)
+    queue = h.queue()
+    args = (scheduler.loads(h.assigned), h.parents(queue), scheduler.array_live(h.assigned))
+    shuffled = nodes[:]
+    rng.shuffle(shuffled)
+    assert scheduler.plan(queue, nodes, *args, h.placement) == scheduler.plan(queue, shuffled, *args,
+                                                                               h.placement)
