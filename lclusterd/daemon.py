@@ -252,6 +252,24 @@ async def check_etcd_open(node, tls, warnings, store_class=Store):
         return
 
 
+async def watch(node, stopping, cancels):
+    """Wire etcd's watches to the node's wake-ups once etcd answers (a watch
+    cannot start before); until then, and whenever a watch misses
+    something, the loops' poll_interval is the backstop. cancels: filled
+    with what stops them."""
+    loop = asyncio.get_running_loop()
+    while not stopping.is_set():
+        try:
+            cancels.extend(await loop.run_in_executor(None, node.watches, loop))
+            return
+        except Exception as e:  # noqa: BLE001  etcd away (or refusing): try again
+            log.debug("watches not started yet: %s", e)
+        try:
+            await asyncio.wait_for(stopping.wait(), REPORT_EVERY)
+        except asyncio.TimeoutError:
+            pass
+
+
 def reload(node, config_path):
     """SIGHUP: re-read the settings that can change while running."""
     try:
@@ -321,8 +339,8 @@ async def serve(config, config_path=None):
              ", ".join(str(s.getsockname()) for s in sockets), config.node_name, fds)
     probe = asyncio.create_task(check_etcd_open(node, tls, warnings))
     limit = stall_limit(config, os.environ.get("WATCHDOG_USEC"))
-    # etcd's watches wake the loops (from their threads); poll_interval is the backstop.
-    watches = node.watches(loop)
+    cancels = []  # etcd's watches: they wake the loops (from their threads)
+    watching = asyncio.create_task(watch(node, stopping, cancels))
     try:
         tasks = {"runner": node.run(stopping), "placer": node.place(stopping),
                  "heartbeat": node.keep_lease(stopping),
@@ -332,10 +350,11 @@ async def serve(config, config_path=None):
         await supervise(tasks, stopping)
     finally:
         sd.notify("STOPPING=1\nSTATUS=stopping (jobs keep running)")
-        for cancel in watches:
-            cancel()
         probe.cancel()
-        await asyncio.gather(probe, return_exceptions=True)
+        watching.cancel()
+        await asyncio.gather(probe, watching, return_exceptions=True)
+        for cancel in cancels:
+            cancel()
         await runner.cleanup()
         node.close()  # the heartbeat's per-endpoint stores and threads
         units.close()

@@ -157,8 +157,9 @@ class Membership:
         return self.primed
 
     def prime_events(self, events):
-        """store.watch("prime"): a deletion means it is free to campaign for."""
-        if any(deleted for _, deleted in events):
+        """store.watch("prime"): a deletion means it is free to campaign for
+        (no events: some were missed, look again)."""
+        if not events or any(deleted for _, deleted in events):
             self.prime_taken = False
             self.wake()
 

@@ -152,12 +152,19 @@ class Node:
         def soon(callback):
             return lambda events: loop.call_soon_threadsafe(callback, events)
         me = self.config.node_name
-        return [self.store.watch("assigned", soon(self.runner.assignment_events), node=me),
-                self.store.watch("assigned", soon(self.placer.assigned_events)),
-                self.store.watch("queue", soon(self.placer.events)),
-                self.store.watch("nodes", soon(self.placer.events)),
-                self.store.watch("drained", soon(self.placer.events)),
-                self.store.watch("prime", soon(self._prime_events))]
+        wanted = [("assigned", self.runner.assignment_events, me),
+                  ("assigned", self.placer.assigned_events, None),
+                  ("queue", self.placer.events, None), ("nodes", self.placer.events, None),
+                  ("drained", self.placer.events, None), ("prime", self._prime_events, None)]
+        cancels = []
+        try:
+            for kind, callback, node in wanted:
+                cancels.append(self.store.watch(kind, soon(callback), node=node))
+        except BaseException:  # all or none (etcd went away half-way)
+            for cancel in cancels:
+                cancel()
+            raise
+        return cancels
 
     def _prime_events(self, events):
         self.membership.prime_events(events)

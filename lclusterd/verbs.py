@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from dbus_next.errors import DBusError
 
 from lclusterd import core, scheduler
+from lclusterd.placer import cancel_dependents
 from lclusterd.peers import Unreachable as PeerUnreachable
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Unavailable as UnitsUnavailable
@@ -253,6 +254,8 @@ class Verbs:
             await self.units.status(job.uuid)
         reason = f"removed by {caller.user}"
         job = await self.applier.change(job.uuid, self._cancel(reason))
+        if job is not None and job.state == core.CANCELLED:
+            await cancel_dependents(self.applier, [job.uuid], self.clock)  # --after it: never now
         # On another node its runner sees the assignment go (the watch) and
         # stops the unit (core.reconcile: RELEASE_UNIT).
         return await self._stop_here(job, reason)
@@ -268,6 +271,7 @@ class Verbs:
         reason = f"removed by {caller.user}"
         found = await self.call(self.store.get_many, [j.uuid for j in array["jobs"]])
         cancelled = await self.applier.change_many(found, self._cancel(reason))
+        await cancel_dependents(self.applier, sorted(cancelled), self.clock)
         for job in cancelled.values():
             await self._stop_here(job, reason)
         fresh = await self.call(self.store.get_many, [j.uuid for j in array["jobs"]])

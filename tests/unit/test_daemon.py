@@ -303,3 +303,22 @@ def test_fd_limit_soft_raised_to_hard(monkeypatch):
     monkeypatch.setattr(daemon.resource, "setrlimit", lambda which, limits: set_to.append(limits))
     assert daemon.raise_fd_limit() == 524288
     assert set_to == [(524288, 524288)]
+
+
+def test_watches_start_once_etcd_answers(monkeypatch):
+    """The daemon starts before etcd may be reachable: the watches wait for it."""
+    monkeypatch.setattr(daemon, "REPORT_EVERY", 0.01)
+    tries = []
+
+    class Watching:
+        def watches(self, loop):
+            tries.append(loop)
+            if len(tries) < 3:
+                raise daemon.etcd.Unavailable("etcd is unreachable")
+            return ["cancel-1", "cancel-2"]
+
+    async def go():
+        stopping, cancels = asyncio.Event(), []
+        await asyncio.wait_for(daemon.watch(Watching(), stopping, cancels), 2)
+        return cancels
+    assert run(go()) == ["cancel-1", "cancel-2"] and len(tries) == 3

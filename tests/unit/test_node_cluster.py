@@ -358,3 +358,19 @@ def test_a_job_waits_with_its_reason_and_place_in_the_queue(tmp_path):
     why = run(tmp_path, ["n1", "n2"], scenario)
     assert why["kind"] == "resources" and why["text"].startswith("no node has 4.0G free")
     assert (why["ahead"], why["total"]) == (0, 1)
+
+
+def test_removing_a_queued_parent_cancels_its_dependents_at_once(tmp_path):
+    async def scenario(c):
+        n1 = c.nodes["n1"]
+        await n1.drain("n1", "hold everything", ROOT)  # nothing runs: all stay queued
+        parent = await n1.submit("true", ROOT)
+        child = await n1.submit("true", ROOT, {"after": [parent.uuid]})
+        grandchild = await n1.submit("true", ROOT, {"after": [child.uuid], "after_mode": "any"})
+        await n1.remove(parent.uuid, ROOT)
+        jobs = c.jobs()
+        return [jobs[j.uuid] for j in (parent, child, grandchild)]
+    parent, child, grandchild = run(tmp_path, ["n1"], scenario)
+    assert parent.state == child.state == core.CANCELLED
+    assert child.reason == f"dependency failed: {parent.uuid[:8]} cancelled"
+    assert grandchild.state == core.QUEUED  # after-any: its parent ended; it runs once n1 resumes
