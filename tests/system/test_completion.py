@@ -217,6 +217,8 @@ def test_bash_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
     node = json.loads(box.lc("nodes --json").stdout)[0]["name"]
     assert complete(["lclusterc", "list", "--node", ""], "alice") == [node]
     assert complete(["lclusterc", "ad"], "alice") == ["addjob"]
+    assert complete(["lclusterc", "drain", ""], None) == [node]
+    assert complete(["lclusterc", "addjob", "--after", ""], "alice") == [jobs["running"]]
 
 
 # zsh's candidates for a command line (zsh-capture-completion's trick): an
@@ -245,6 +247,10 @@ def test_zsh_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
     assert complete("lclusterc list --state=f") == ["failed"]
     assert complete("lclusterc list --node ") == [json.loads(box.lc("nodes --json").stdout)[0]["name"]]
     assert complete("lclusterc che") == ["checkjob"]
+    node = json.loads(box.lc("nodes --json").stdout)[0]["name"]
+    assert complete("lclusterc drain ") == [node]
+    assert complete("lclusterc nodes --forget=") == [node]
+    assert jobs["running"] in complete("lclusterc addjob --after-any=")
 
 
 def test_fish_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
@@ -255,3 +261,8 @@ def test_fish_completes_the_callers_live_jobs_from_the_daemon(box, jobs):
     assert complete("lclusterc list --node ") == [json.loads(box.lc("nodes --json").stdout)[0]["name"]]
     assert "checkjob" in complete("lclusterc ")
     assert "--unit-properties" in complete("lclusterc checkjob --")
+    node = json.loads(box.lc("nodes --json").stdout)[0]["name"]
+    assert complete("lclusterc resume ") == [node]
+    assert {"--after", "--after-any", "--after-failed", "--constraint", "--file",
+            "--max-running"} <= set(complete("lclusterc addjob --"))
+    assert jobs["running"] in complete("lclusterc addjob --after ")
