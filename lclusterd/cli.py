@@ -243,6 +243,8 @@ def _property(name, value):
     else:
         text = str(value)
     return f"{name}={_text(text)}"
+
+
 def _reason(waiting):
     """Why a queued job waits, one printable line (client.describe_waiting)."""
     from lclusterd.client import describe_waiting
@@ -676,7 +678,7 @@ def removejob(client, ref, as_json):
     an array's id: every live member is cancelled."""
     from lclusterd import core
     job = client.remove_job(_checked(core.validate_ref, ref))
-    if "array" in job:
+    if "jobs" in job:  # an array's answer (a job's record has "array" too: its id or null)
         _removed_array(job, as_json)
         return
     if as_json:

@@ -433,7 +433,8 @@ class Client:
     def remove_job(self, ref):
         """Take a job off the queue or stop it; returns its record after
         removal. For an array's id: every live member is cancelled, and the
-        answer is {"array": id, "cancelled": [uuids], "jobs": [JOB, ...]}."""
+        answer is {"array": id, "cancelled": [uuids], "jobs": [JOB, ...]}
+        (tell them apart by "jobs": a job's record has "array" too)."""
         answer = self._request("DELETE", self._job_path(ref), timeout=max(self.timeout, REMOVE_TIMEOUT))
         if "array" in answer:
             self._field(answer, "cancelled", list)

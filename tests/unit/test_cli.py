@@ -28,6 +28,9 @@ def record(uuid, command="echo hello", state="succeeded", submitted=1764431000.1
         "unit": f"lcluster-job@{uuid}.service",
         "submitted_at": submitted, "started_at": submitted + 0.08, "ended_at": submitted + 0.19,
         "exit_status": 0, "result": "success", "reason": "exited with status 0",
+        # as the daemon sends them for a job of its own (docs/api.md)
+        "after": [], "after_mode": None, "constraints": [], "array": None, "array_index": None,
+        "max_running": None,
     }
     job.update(changes)
     return job

@@ -110,6 +110,8 @@ def test_a_file_makes_an_array_and_removejob_cancels_its_live_members(served):
     cancelled = served.ok("removejob", array).splitlines()
     assert sorted(cancelled) == sorted(f"cancelled {u}" for u in members)
     assert served.lc("wait", array).exit_code == cli.EXIT_FAILED  # 0 only if all succeeded
+    one = served.ok("addjob", "--", "sleep 30").strip()
+    assert served.ok("removejob", one) == f"cancelled {one}\n"  # a job: its record, not an array
 
 
 def test_dependencies_wait_with_a_reason_and_a_failed_parent_cancels(served):
