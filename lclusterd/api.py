@@ -543,10 +543,15 @@ async def metrics_snapshot(node):
     # The capacity placement counts with (config cpus, memory: K3), else the machine's.
     cpus = getattr(config, "cpus", None) or float(os.cpu_count() or 1)
     memory = getattr(config, "memory", None) or _memory_bytes()
+    rows = None
+    if primed:
+        try:
+            rows = await node.nodes()
+        except StoreNoSpace:
+            rows = None  # nodes() says NOSPACE; the scrape goes on without the nodes' gauges
     return metrics.snapshot(config.node_name, jobs, node.counters, slots=config.slots,
                             cpus=float(cpus), memory_bytes=int(memory), primed=primed,
-                            cluster_jobs=jobs if primed else None,
-                            cluster_nodes=await node.nodes() if primed else None)
+                            cluster_jobs=jobs if primed else None, cluster_nodes=rows)
 
 
 def _memory_bytes():

@@ -728,6 +728,17 @@ def test_the_primed_node_shows_each_nodes_capacity_and_reservations(served, node
     assert not [k for k in scrape(served) if k[0].startswith("lclusterd_cluster_node")]
 
 
+def test_etcd_out_of_space_leaves_out_the_nodes_gauges_not_the_scrape(served, node):
+    node.primed = True
+
+    async def no_space():
+        raise api.StoreNoSpace("etcd is out of space (quota 2147483648 bytes)")
+    node.nodes = no_space  # as Node.nodes() asks check_space first
+    samples = scrape(served)
+    assert samples[("lclusterd_primed", (("node", "node1"),))] == 1
+    assert not [k for k in samples if k[0].startswith("lclusterd_cluster_node")]
+
+
 # --- issue 11: arrays, dependencies, constraints, why a job waits, drain -----------------
 
 PARENT = "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"
