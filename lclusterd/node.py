@@ -152,10 +152,9 @@ class Node:
         def soon(callback):
             return lambda events: loop.call_soon_threadsafe(callback, events)
         me = self.config.node_name
-        wanted = [("assigned", self.runner.assignment_events, me),
-                  ("assigned", self.placer.assigned_events, None),
-                  ("queue", self.placer.events, None), ("nodes", self.placer.events, None),
-                  ("drained", self.placer.events, None), ("prime", self._prime_events, None)]
+        # (The placer watches the queue, nodes, drains and assignments itself,
+        # only while this node holds the prime.)
+        wanted = [("assigned", self.runner.assignment_events, me), ("prime", self._prime_events, None)]
         cancels = []
         try:
             for kind, callback, node in wanted:

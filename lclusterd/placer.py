@@ -3,7 +3,7 @@ jobs onto nodes (queued -> starting, node=X), several per guarded
 transaction, and cancels jobs whose dependency can never be met.
 
 It is woken by etcd's watches (a job queued, a node changed, an assignment
-gone, a drain, the prime) with poll_interval as a backstop; each pass reads
+gone, a drain; held only while primed) with poll_interval as a backstop; each pass reads
 a snapshot (the queue's head, live registrations, store.assigned(), drains,
 the parents of jobs with dependencies), asks scheduler.plan() and writes
 its answer with update_many(..., prime=us): a pass of a node that lost the
@@ -13,6 +13,7 @@ over-committed whoever held the prime before.
 """
 
 import asyncio
+import functools
 import logging
 
 from lclusterd import core, scheduler
@@ -70,6 +71,7 @@ class Placer:
         self.progress = {}
         self._wake = asyncio.Event()
         self.ended = set()  # uuids whose assignment went (they ended): their dependents to look at
+        self._cancels = []  # of the watches we hold while primed
         self.passes = 0  # passes that read a snapshot (tests, bench)
         self.writes = 0  # transactions of assignments and cancels (tests, bench)
 
@@ -92,15 +94,52 @@ class Placer:
                 self.ended.add(suffix.rsplit("/", 1)[-1])
         self.wake()
 
+    async def _watch(self, primed):
+        """The queue's, the nodes', the drains' and every assignment's
+        changes, watched only while we hold the prime: the other nodes need
+        none of them (so etcd streams them to one node, not to all)."""
+        if primed and not self._cancels:
+            loop = asyncio.get_running_loop()
+
+            def start():
+                cancels = []
+                try:
+                    for kind, callback in (("queue", self.events), ("nodes", self.events),
+                                           ("drained", self.events), ("assigned", self.assigned_events)):
+                        cancels.append(self.store.watch(kind, functools.partial(
+                            loop.call_soon_threadsafe, callback)))
+                except BaseException:  # all or none
+                    for cancel in cancels:
+                        cancel()
+                    raise
+                return cancels
+            self._cancels = await self.applier.call(start)
+            self.wake()  # what changed before the watches began: the next pass reads it
+        elif not primed and self._cancels:
+            self.stop_watching()
+
+    def stop_watching(self):
+        for cancel in self._cancels:
+            cancel()
+        self._cancels = []
+
     async def run(self, stopping):
         """Place while we hold the prime, until stopping is set."""
         loop = asyncio.get_running_loop()
+        try:
+            await self._run(stopping, loop)
+        finally:
+            self.stop_watching()
+
+    async def _run(self, stopping, loop):
         last_problem = None
         while not stopping.is_set():
             self.progress["placer"] = loop.time()
             again = False
             try:
-                if await self.membership.hold_prime():
+                primed = await self.membership.hold_prime()
+                await self._watch(primed)
+                if primed:
                     again = await self.place()
                 else:
                     self.ended.clear()  # the primed node looks at them

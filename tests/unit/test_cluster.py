@@ -73,12 +73,6 @@ def test_failed_nodes_are_members_without_lease_not_yet_recorded():
     assert core.failed_nodes({"a"}, {"a"}, {}) == []
 
 
-@pytest.mark.parametrize("holds,free,action", [
-    (False, 2, "campaign"), (True, 0, "resign"), (True, 1, "keep"), (False, 0, "idle")])
-def test_prime_policy(holds, free, action):
-    assert core.prime_action(holds, free) == action
-
-
 def test_node_rows():
     members = {n: {"name": n, "address": f"http://{n}:7800", "slots": 2} for n in ("a", "b", "c")}
     live = {"a": {**members["a"], "running": 2, "free": 0}, "b": {**members["b"], "running": 0, "free": 2}}
