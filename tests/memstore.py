@@ -348,7 +348,7 @@ class MemStore:
             # left out of its own, as Store sends it again without it.
             sizes = [(len(o), sum(len(op[1]) + len(op[2]) if op[0] == "put" else len(op[1]) for op in o))
                      for o in ops]
-            for batch in etcd_store.batches(sizes, MAX_TXN_OPS - (prime is not None)):
+            for batch in etcd_store.batches(sizes, 1 if prime is not None else 0):
                 written = [i for i in batch if self._mod(self._job_key(changes[i][1].uuid)) == changes[i][2]]
                 if written:
                     revision = self._apply([op for i in written for op in ops[i]])

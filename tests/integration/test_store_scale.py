@@ -191,3 +191,38 @@ def test_all_jobs_again_sees_every_change(store):
     assert set(again) == {job.uuid for job in jobs} - {jobs[1].uuid}
     assert again[jobs[0].uuid] == (starting, store.get(jobs[0].uuid)[1])
     assert all(again[j.uuid] == (j, first[j.uuid]) for j in jobs[2:])
+
+
+# --- issue 11: the placer's writes and reads at scale ----------------------------------
+
+def test_placing_5000_jobs_on_100_nodes(etcd, store, capsys):
+    """The primed node's pass: read the queue's head, write assignments with
+    update_many under the prime, read assigned() back. Revisions per job
+    stay few (issue 11 item 8: <= 3 in all, run and end included)."""
+    lease = store.grant(60)
+    assert store.campaign("p", lease)
+    uuids = submit(store, 5000)
+    before = etcd.revision()
+    started = time.monotonic()
+    placed = 0
+    while True:
+        heads = store.queued(1000)
+        if not heads:
+            break
+        changes = [(job, core.transition(job, core.STARTING, now=2000.0, node=f"n{i % 100}"), rev)
+                   for i, (job, rev) in enumerate(heads, start=placed)]
+        results = store.update_many(changes, prime="p")
+        assert all(results)
+        placed += len(changes)
+    took = time.monotonic() - started
+    revisions = etcd.revision() - before
+    started = time.monotonic()
+    assigned = store.assigned()
+    read = time.monotonic() - started
+    assert placed == 5000 and sum(len(jobs) for jobs in assigned.values()) == 5000
+    assert sorted(u for jobs in assigned.values() for u in jobs) == sorted(uuids)
+    assert len(assigned) == 100 and all(len(jobs) == 50 for jobs in assigned.values())
+    assert revisions <= 5000 / 100  # a transaction places up to 123 (4 ops each, nested)
+    with capsys.disabled():
+        print(f"\n  placed 5,000 jobs in {took:.2f} s ({5000 / took:,.0f}/s) in {revisions} "
+              f"revisions; assigned() of 5,000: {read:.2f} s")
