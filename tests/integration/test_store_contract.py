@@ -348,6 +348,17 @@ def test_dependents_are_indexed_at_submission_and_dropped_with_the_child(any_sto
     assert any_store.dependents(b.uuid) == []
 
 
+def test_records_are_written_as_to_dict_says(any_store):
+    """Store encodes without dataclasses.asdict (for speed): the same bytes."""
+    import json
+    job = make_job(env=("A=1",), after=(str(uuid.uuid4()),), after_mode=core.AFTER_ANY,
+                   constraints=("rack=a",), array=str(uuid.uuid4()), array_index=3, max_running=2)
+    job = core.transition(assign(job), core.RUNNING, now=3.0, started_at=3.0)
+    assert etcd_store._encode(job) == json.dumps(job.to_dict(), separators=(",", ":"))
+    any_store.submit(job)
+    assert any_store.get(job.uuid)[0] == job
+
+
 # --- nodes: drains, forget, leases, registration, the prime -----------------------------
 
 def test_drain_resume_and_drains(any_store):
