@@ -530,7 +530,10 @@ def _addjob_array(client, as_json, spec, command=None, count=None, commands=None
     the first line, then the members' uuids."""
     from lclusterd import core
     if count is not None:
-        _checked(lambda c: core.validate_count(count, c), command)  # 0, -1, too many
+        if count > core.MAX_BATCH:  # what `--count 1000` did before arrays: say what to do now
+            raise Failure(f"--count {count}: an array holds at most {core.MAX_BATCH} jobs (one "
+                          "etcd transaction); queue more as several arrays", EXIT_USAGE)
+        _checked(lambda c: core.validate_count(count, c), command)  # 0, -1, too large
     answer = client.add_array(command, count=count, commands=commands, **spec)
     if as_json:
         _echo_json(answer)

@@ -233,7 +233,7 @@ def test_addjob_count_json_prints_the_array_and_its_jobs(fake):
     (["--count", "-3", "true"], "count must be a whole number of at least 1"),
     (["--count", "2", "--wait", "true"], "--wait takes one job"),
     (["--count", "64", "x" * 20000], "count x command length"),
-    (["--count", "65", "true"], "count must be at most 64"),
+    (["--count", "65", "true"], "--count 65: an array holds at most 64 jobs"),
 ])
 def test_addjob_count_refused(fake, args, message):
     result = run(fake, "addjob", *args)
