@@ -289,6 +289,14 @@ async def job_page(request):
     node = request.app[api.NODE]
     job = await node.find(request.match_info["ref"])
     record = api.shown(job, caller(request))
+    if job.state == core.QUEUED:  # why it waits, as the queue page says it
+        why = (await node.waiting([job])).get(job.uuid)
+        if why:  # right under its state
+            at = list(record).index("state") + 1
+            items = list(record.items())
+            record = dict(items[:at] + [
+                ("position", f"{why.get('ahead', 0) + 1} of {why.get('total', '?')} in the queue"),
+                ("waiting", describe_waiting(why))] + items[at:])
     fields = "".join(f"<tr><th>{e(k)}</th><td>{_value(k, v)}</td></tr>" for k, v in record.items()
                      if v not in (None, (), [], ""))
     url = f"/ui/jobs/{urllib.parse.quote(job.uuid)}/output"

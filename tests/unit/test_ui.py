@@ -197,6 +197,20 @@ def test_the_queue_in_queue_order_with_why_each_waits():
     run(go())
 
 
+def test_a_queued_jobs_page_says_why_it_waits():
+    async def go():
+        node = Node()
+        queued = node.add(job(command="waits"))
+        node.why[queued.uuid] = {"kind": "constraint", "text": "no node has gpu=1", "ahead": 2,
+                                 "total": 5}
+        async with served(node) as client:
+            await logged_in(client)
+            text = await (await client.get(f"/ui/jobs/{queued.uuid}")).text()
+            assert "<th>waiting</th><td>constraint: no node has gpu=1</td>" in text
+            assert "<th>position</th><td>3 of 5 in the queue</td>" in text
+    run(go())
+
+
 def test_the_nodes_table_shows_capacity_reservations_labels_and_drain():
     async def go():
         node = Node()
