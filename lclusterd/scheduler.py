@@ -25,6 +25,7 @@ Placement in short:
   jobs evenly and never over-commits a node.
 """
 
+import collections
 import dataclasses
 import hashlib
 import heapq
@@ -179,13 +180,12 @@ def _room(job: core.Job, node: NodeView, load: Load) -> bool:
 
 def _load_after(job: core.Job, node: NodeView, load: Load) -> float:
     """The node's load once job is on it: its highest share in use."""
-    after = load.plus(job)
-    shares = [after.jobs / node.slots if node.slots else 1.0]
+    share = (load.jobs + 1) / node.slots if node.slots else 1.0
     if node.cpus > 0:
-        shares.append(after.cpus / node.cpus)
+        share = max(share, (load.cpus + (job.cpus or 0.0)) / node.cpus)
     if node.memory > 0:
-        shares.append(after.memory / node.memory)
-    return max(shares)
+        share = max(share, (load.memory + (job.memory or 0)) / node.memory)
+    return share
 
 
 class _Placer:
@@ -206,6 +206,7 @@ class _Placer:
         self.load = {name: loads.get(name) or Load() for name in self.nodes}
         self.version = dict.fromkeys(self.nodes, 0)
         self.heaps = {}  # shape -> (a job of that shape, its heap)
+        self.suited = {}  # (constraints, limits asked) -> names of the nodes that suit them
         # The last tie-break among equally loaded nodes. pack: the first name
         # (it fills n1, then n2). spread: a hash of node and plan, different
         # in every plan: short jobs placed one a plan, each finding every node
@@ -214,6 +215,15 @@ class _Placer:
         self.tie = {name: name if self.pack else
                     hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
                     for name in self.nodes}
+
+    def _suited(self, job, shape):
+        """Names of the nodes that suit job's labels and limits, computed
+        once per (constraints, limits asked): many shapes share them."""
+        key = shape[2:]
+        if key not in self.suited:
+            self.suited[key] = {name for name, node in self.nodes.items()
+                                if _suits(job, node, self.labels[name])}
+        return self.suited[key]
 
     def _entry(self, job, name):
         node, load = self.nodes[name], self.load[name]
@@ -225,8 +235,8 @@ class _Placer:
     def choose(self, job, shape):
         """The best node for job (of shape) now, or None."""
         if shape not in self.heaps:
-            heap = [self._entry(job, name) for name, node in self.nodes.items()
-                    if _suits(job, node, self.labels[name]) and _room(job, node, self.load[name])]
+            heap = [self._entry(job, name) for name in self._suited(job, shape)
+                    if _room(job, self.nodes[name], self.load[name])]
             heapq.heapify(heap)
             self.heaps[shape] = (job, heap)
         heap = self.heaps[shape][1]
@@ -234,12 +244,16 @@ class _Placer:
             heapq.heappop(heap)  # stale: its node was given a job since
         return heap[0][2] if heap else None
 
+    def forget(self, shape):
+        """No more jobs of shape in this plan: stop keeping its heap."""
+        self.heaps.pop(shape, None)
+
     def take(self, job, name):
         self.load[name] = self.load[name].plus(job)
         self.version[name] += 1
         node = self.nodes[name]
-        for sample, heap in self.heaps.values():
-            if _suits(sample, node, self.labels[name]) and _room(sample, node, self.load[name]):
+        for shape, (sample, heap) in self.heaps.items():
+            if name in self._suited(sample, shape) and _room(sample, node, self.load[name]):
                 heapq.heappush(heap, self._entry(sample, name))
 
 
@@ -317,6 +331,11 @@ def _label_map(nodes):
 
 # --- the plan --------------------------------------------------------------------
 
+def _shape(job):
+    """What placement looks at: jobs of one shape fit the same nodes."""
+    return job.cpus or 0.0, job.memory or 0, job.constraints, tuple(c for c, _ in _needs(job))
+
+
 def plan(queue, nodes, loads, parents, array_live, placement=SPREAD) -> Plan:
     """Assignments for the queue's jobs (in queue order), cancels for those
     whose dependency can never be met, and why the others wait.
@@ -334,33 +353,43 @@ def plan(queue, nodes, loads, parents, array_live, placement=SPREAD) -> Plan:
     # A job shape that found no node finds none later in this plan either
     # (loads only grow as it assigns): its reason is reused, not searched again.
     no_room = {}
-    for job in queue:
+    shapes = [_shape(job) for job in queue]
+    # Jobs of each shape still to come: a shape's heap goes once its last
+    # job is decided, so many shapes (every job its own --memory) cost a
+    # scan each, not a push into every heap on every placement.
+    left = collections.Counter(shapes)
+
+    def decide(job, shape):
         status, text = dependency(job, parents)
         if status == NEVER:
             cancel.append((job.uuid, text))
             # its dependents later in this queue see it cancelled (Flux's chain)
             parents[job.uuid] = dataclasses.replace(job, state=core.CANCELLED)
-            continue
+            return
         if status == WAIT:
             waiting[job.uuid] = Waiting(DEPENDENCY, text)
-            continue
+            return
         throttled = _throttled(job, live)
         if throttled:
             waiting[job.uuid] = throttled
-            continue
-        shape = (job.cpus or 0.0, job.memory or 0, job.constraints,
-                 tuple(c for c, _ in _needs(job)))
+            return
         if shape in no_room:
             waiting[job.uuid] = no_room[shape]
-            continue
+            return
         name = placer.choose(job, shape)
         if name is None:
             no_room[shape] = waiting[job.uuid] = _why_not(job, nodes, labels, placer.load)
-            continue
+            return
         assign.append((job.uuid, name))
         placer.take(job, name)
         if job.array is not None:
             live[job.array] = live.get(job.array, 0) + 1
+
+    for job, shape in zip(queue, shapes):
+        decide(job, shape)
+        left[shape] -= 1
+        if not left[shape]:
+            placer.forget(shape)
     return Plan(assign=tuple(assign), cancel=tuple(cancel), waiting=waiting)
 
 
