@@ -800,7 +800,9 @@ class Store:
         watch starts at the revision current when watch() returns, and
         after an error resumes where it stopped; if etcd compacted that
         history meanwhile, callback([]) says "events were missed: read
-        again". Returns cancel(): stops the thread and ends its stream."""
+        again" (so it does once etcd answers, for a watch made while etcd
+        was unreachable: that raises nothing). Returns cancel(): stops the
+        thread and ends its stream."""
         if kind not in self.WATCHED:
             raise ValueError(f"watch: unknown kind {kind!r}")
         if kind == "prime":
@@ -808,8 +810,11 @@ class Store:
         else:
             key = self._key(kind, f"{node}/" if kind == "assigned" and node is not None else "")
             end = _end(key)
-        revision = self._call(lambda c: _range(c, key, end, count_only=True).header.revision)
-        watcher = _Watch(self, key, end, callback, revision + 1)
+        try:
+            start = self._call(lambda c: _range(c, key, end, count_only=True).header.revision) + 1
+        except Unavailable:
+            start = None  # the thread waits for etcd, then says callback([]): read everything
+        watcher = _Watch(self, key, end, callback, start)
         with self._lock:
             self._watches.add(watcher)
         watcher.start()
@@ -924,8 +929,9 @@ class _Watch:
     BACKOFF = (0.1, 1.0)  # seconds: first and longest wait before reconnecting
 
     def __init__(self, store, key, end, callback, start_revision):
+        """start_revision None: from when the stream is made, then callback([])."""
         self.store, self.key, self.end, self.callback = store, _b(key), _b(end), callback
-        self.next_revision = start_revision
+        self.next_revision = start_revision or 0  # 0: etcd's "from now"
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stream = self._conn = None  # the stream open now, and its channel
@@ -983,6 +989,11 @@ class _Watch:
                     stream.cancel()
                 for answer in stream:
                     wait = self.BACKOFF[0]
+                    if answer.created and not self.next_revision:
+                        # Started with no revision to resume from: from this
+                        # one on, and whatever came before is unknown.
+                        self.next_revision = answer.header.revision + 1
+                        self._deliver([])
                     if answer.compact_revision:
                         # The history we would resume from is gone: start from
                         # what is left, and say that something was missed.

@@ -56,6 +56,7 @@ class MemStore:
         self._watch_ids = itertools.count(1)
         self._pending = []  # [(watch id, events)] in revision order, not yet delivered
         self._delivering = False
+        self._resync = set()  # watches made while down, owed a callback([])
 
     @property
     def revision(self):
@@ -68,6 +69,9 @@ class MemStore:
         """Every call starts here (under the lock): etcd down, out of space, leases run out."""
         if self.down:
             raise Unavailable("etcd is unreachable at memory (MemStore.down)")
+        if self._resync:  # watches made while it was down: "read everything"
+            self._pending += [(watch_id, []) for watch_id in sorted(self._resync)]
+            self._resync.clear()
         if write and self.nospace:
             raise NoSpace("etcd is out of space (quota unknown bytes): database space exceeded")
         self._expire()
@@ -163,7 +167,6 @@ class MemStore:
         if kind not in etcd_store.Store.WATCHED:
             raise ValueError(f"watch: unknown kind {kind!r}")
         with self._lock:
-            self._enter()
             if kind == "prime":
                 key, end = self._key("prime"), None
             else:
@@ -171,6 +174,8 @@ class MemStore:
                 end = True
             watch_id = next(self._watch_ids)
             self._watches[watch_id] = (key, end, callback)
+            if self.down:  # as Store: no error; callback([]) once etcd answers again
+                self._resync.add(watch_id)
 
         def cancel():
             with self._lock:

@@ -685,3 +685,31 @@ def test_a_watch_leaves_a_member_gone_silent(etcd, prefix):
         s.close()
         proxy.frozen.clear()
         proxy.close()
+
+
+def test_a_watch_made_while_etcd_is_down_starts_when_it_is_back(etcd, prefix):
+    s = Store([etcd.endpoint], prefix=prefix)
+    drained = Events()
+    etcd.stop()
+    cancel = s.watch("drained", drained)  # raises nothing: it waits for etcd
+    try:
+        etcd.start()
+        deadline = time.monotonic() + WAIT
+        while not drained.calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert drained.calls == [[]]  # "read everything": it cannot know what it missed
+        s.drain("n1", {"reason": "", "at": 1.0, "by": "root"})
+        drained.wait_for([("n1", False)])
+    finally:
+        cancel()
+        s.close()
+
+
+def test_memstore_watch_made_while_down_says_read_everything_once_up():
+    s = MemStore()
+    drained = Events()
+    s.down = True
+    s.watch("drained", drained)
+    s.down = False
+    s.drain("n1", {"reason": "", "at": 1.0, "by": "root"})
+    assert drained.calls == [[], [("n1", False)]]
