@@ -247,23 +247,6 @@ def failed_nodes(members, live_nodes, recorded):
     return sorted(set(members) - set(live_nodes) - set(recorded))
 
 
-# What a node did about the prime before issue 11, by (holds it, has free
-# slots), when the prime was the right to claim from the queue for itself.
-# Now the primed node places for the whole cluster and keeps the prime while
-# its lease lives (membership.hold_prime): this table is unused, kept only
-# until its old test (test_cluster.test_prime_policy) goes.
-PRIME_POLICY = {
-    (False, True): "campaign",  # free slots: try to take it (it may be held)
-    (True, False): "resign",  # full: give it up so a node with room takes over
-    (True, True): "keep",
-    (False, False): "idle",
-}
-
-
-def prime_action(holds: bool, free: int) -> str:
-    return PRIME_POLICY[(holds, free > 0)]
-
-
 def node_rows(members, live, failed, prime, drains=None, loads=None):
     """The table of `lclusterc nodes`: members {name: registration}, live
     {name: registration} (with a lease), failed {name: failure record},

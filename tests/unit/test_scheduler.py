@@ -140,6 +140,16 @@ def test_one_plan_spreads_many_jobs_evenly_and_never_over_commits():
     assert all(w.kind == "resources" for w in plan.waiting.values())
 
 
+def test_one_plan_fills_100_nodes_of_16_slots_evenly():
+    """The bench's scale case: one pass places a full cluster's worth, each node its share."""
+    h = Harness([node(f"n{i:03d}", cpus=16.0, slots=16) for i in range(100)])
+    for _ in range(2000):
+        h.submit()
+    plan = h.step()
+    assert len(plan.assign) == 1600
+    assert set(collections.Counter(name for _, name in plan.assign).values()) == {16}
+
+
 def test_assignments_follow_the_queue_order():
     h = Harness([node("n1", slots=2)])
     low = h.submit(priority=-5)
