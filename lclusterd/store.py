@@ -68,7 +68,8 @@ and the endpoint that answered is tried first next time.
 
 Calls added for the cluster scheduler (contract K4): update_many(changes,
 prime=None), get_many(uuids), assigned(node=None), dependents(parent),
-queue_position(job), drain/resume/drains/forget, get_array(id), and
+queue_position(job), drain/resume/drains/forget, get_array(id), reindex()
+(the assigned keys of records from before them), and
 watch(kind, callback, node=None) -> cancel: one gRPC watch stream per call,
 on the Store's channels, resumed from the last revision seen after an error.
 
@@ -758,6 +759,25 @@ class Store:
         if not answer.succeeded:
             raise core.Busy(f"node {name} is live: stop it before forgetting it")
         return any(r.response_delete_range.deleted for r in answer.responses)
+
+    def reindex(self):
+        """Write the assigned/ keys that live records written by an older
+        lclusterd lack (it kept no such index), each guarded by its record's
+        revision; the primed node calls it when it takes the prime, so the
+        placer counts every job that holds a node. Returns how many it wrote."""
+        records = self.all_jobs()
+        held = self.assigned()
+        missing = [(job, rev) for job, rev in records
+                   if _assigned_key(self.prefix, job) is not None
+                   and job.uuid not in held.get(job.node, {})]
+        def write(c, batch):
+            answer = _txn(c, [_mod(self._job_key(job.uuid), rev) for job, rev in batch],
+                          [_put(_assigned_key(self.prefix, job), json.dumps(reservation(job), separators=(",", ":")))
+                           for job, rev in batch])
+            return len(batch) if answer.succeeded else 0  # one moved: the next call sees it again
+        step = MAX_TXN_OPS // 2
+        return sum(self._call(lambda c: write(c, missing[i:i + step]))
+                   for i in range(0, len(missing), step))
 
     def warned(self):
         """{uuid: node} of the warned jobs."""

@@ -279,6 +279,20 @@ class MemStore:
             return None if value is None else json.loads(value)
         return self._read(read)
 
+    def reindex(self):
+        def write():
+            self._enter(write=True)
+            ops = []
+            for key, value, _ in self._range(f"{self.prefix}/jobs/"):
+                job = _decode(value)
+                held = etcd_store._assigned_key(self.prefix, job)
+                if held is not None and held not in self._kv:
+                    ops.append(self._put(held, _dumps(etcd_store.reservation(job))))
+            if ops:
+                self._apply(ops)
+            return len(ops)
+        return self._write(write)
+
     def warned(self):
         return self._read(lambda: {k.rsplit("/", 1)[1]: v
                                    for k, v, _ in self._range(f"{self.prefix}/warned_jobs/")})

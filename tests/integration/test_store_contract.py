@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 
+import etcd3
 import pytest
 
 from lclusterd import core
@@ -270,6 +271,24 @@ def test_resolve_and_all_jobs(any_store):
     records = any_store.all_jobs()
     assert sorted(j.uuid for j, _ in records) == sorted([a.uuid, b.uuid, c.uuid])
     assert all(any_store.get(j.uuid) == (j, rev) for j, rev in records)
+
+
+def test_reindex_writes_what_records_of_an_older_version_lack(any_store, kind, request):
+    """A job running since before the assigned/ index: only its record."""
+    job = core.transition(assign(make_job(cpus=2.0)), core.RUNNING, now=2.0, started_at=2.0)
+    key, value = f"{any_store.prefix}/jobs/{job.uuid}", etcd_store._encode(job)
+    if kind == "memory":
+        any_store._apply([any_store._put(key, value)])
+    else:
+        client = etcd3.client(port=request.getfixturevalue("etcd").client_port)
+        client.put(key, value)
+        client.close()
+    queued = make_job()
+    any_store.submit(queued)
+    assert any_store.assigned() == {}
+    assert any_store.reindex() == 1
+    assert any_store.assigned() == {"n1": {job.uuid: {"cpus": 2.0, "memory": 0, "array": None}}}
+    assert any_store.reindex() == 0
 
 
 # --- the queue -----------------------------------------------------------------
