@@ -1,4 +1,5 @@
-"""The pure core: the job model, its lifecycle, validation and scheduling rules.
+"""The pure core: the job model, its lifecycle, validation and the node's rules
+(reconcile). Placement, dependencies and throttles are in scheduler.py.
 
 Nothing here touches etcd, D-Bus, journald, sockets or the clock: callers
 pass in what they observed (and the time), and get back new records or plans.
