@@ -578,7 +578,9 @@ def _addjob_array(client, as_json, spec, command=None, count=None, commands=None
 def addjob(client, command, wait, retries, priority, as_json, memory, cpus, tasks, timeout, env,
            workdir, network, user, count, file_name, max_running, after, after_any, after_failed,
            constraint):
-    """Queue COMMAND (run by /bin/sh -c) and print the job's uuid."""
+    """Queue COMMAND (run by /bin/sh -c) and print the job's uuid. With
+    --count or --file, an array: its id on the first line, then its
+    members' uuids."""
     from lclusterd import core
     if (command is None) == (file_name is None):
         raise _usage("give COMMAND or --file FILE (one of them)")
