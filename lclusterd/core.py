@@ -632,7 +632,8 @@ def validate_after(value) -> tuple:
 
 def _label(entry: str, what: str):
     """(key, value) of one "KEY=VALUE"; InvalidInput naming what it is."""
-    key, eq, value = entry.strip().partition("=")
+    key, eq, value = entry.partition("=")
+    key, value = key.strip(), value.strip()  # "rack = a" is rack=a
     if not eq or not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
         raise InvalidInput(f"{what} '{entry.strip()[:60]}' is not KEY=VALUE (KEY: letters, digits, "
                            "_ . -; VALUE: no blanks, commas or =)")

@@ -268,6 +268,7 @@ def test_validate_max_running_refuses(value):
 def test_parse_labels():
     assert core.parse_labels("rack=a,ssd=yes") == {"rack": "a", "ssd": "yes"}
     assert core.parse_labels(" rack=a , ") == {"rack": "a"}
+    assert core.parse_labels("rack = a, ssd= yes") == {"rack": "a", "ssd": "yes"}
     assert core.parse_labels("") == {} and core.parse_labels(None) == {}
     for bad, said in (("rack", "is not KEY=VALUE"), ("rack=a,rack=b", "given twice")):
         with pytest.raises(InvalidInput, match=said):
