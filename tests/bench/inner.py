@@ -22,6 +22,7 @@ the job itself writes the clock when it starts (its batch script runs then).
 """
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import pwd
@@ -45,10 +46,9 @@ from lclusterd.units import SIGNATURES, _variant, unit_path
 
 SOCKET = "/run/lclusterd/lclusterd.sock"
 CONF = "/etc/lclusterd/lclusterd.conf"
-# The package's local etcd takes only its client certificate (root's).
-ETCD_TLS = {"ca_cert": "/etc/lclusterd/etcd/ca.pem", "cert_cert": "/etc/lclusterd/etcd/client.pem",
-            "cert_key": "/etc/lclusterd/etcd/client.key"}
-ETCD_METRICS = "https://127.0.0.1:2379/metrics"
+# etcd as the daemon reaches it (lclusterd.config reads CONF): the package's
+# local etcd takes only its client certificate (root's); the 3-node
+# harness's members speak plain http.
 PREFIX = "/lcluster"
 
 # The sizes of the runs: (name, value). BENCH_SCALE < 1 shrinks them for a quick try.
@@ -203,14 +203,31 @@ class RecordWatch:
         self.cancel()  # (closing the client too makes etcd3's watch thread complain)
 
 
+def etcd_settings():
+    """(endpoint URL, TLS arguments of etcd3.client or {}) of the daemon's first etcd endpoint."""
+    from lclusterd import config as configuration
+    config = configuration.load(CONF)
+    endpoint = config.etcd_endpoints[0]
+    if not endpoint.startswith("https://"):
+        return endpoint, {}
+    return endpoint, {"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert,
+                      "cert_key": config.etcd_key}
+
+
 def etcd_client(timeout):
-    return etcd3.client(timeout=timeout, **ETCD_TLS)
+    endpoint, tls = etcd_settings()
+    host, port = endpoint.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    return etcd3.client(host=host, port=int(port), timeout=timeout, **tls)
 
 
 def etcd_counters():
-    context = ssl.create_default_context(cafile=ETCD_TLS["ca_cert"])
-    context.load_cert_chain(ETCD_TLS["cert_cert"], ETCD_TLS["cert_key"])
-    text = urllib.request.urlopen(ETCD_METRICS, timeout=10, context=context).read().decode()
+    endpoint, tls = etcd_settings()
+    context = None
+    if tls:
+        context = ssl.create_default_context(cafile=tls["ca_cert"])
+        context.load_cert_chain(tls["cert_cert"], tls["cert_key"])
+    text = urllib.request.urlopen(f"{endpoint.rstrip('/')}/metrics", timeout=10,
+                                  context=context).read().decode()
     values = {}
     for line in text.splitlines():
         m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
@@ -319,6 +336,23 @@ async def lclusterd_latency(watch, kind, n):
     return samples
 
 
+def addjob_arrays(lclusterc, command, n):
+    """n jobs by `lclusterc addjob --count` (arrays of at most core.MAX_BATCH,
+    one after another); their uuids. lclusterc: the argv before addjob."""
+    uuids = []
+    for i in range(0, n, core.MAX_BATCH):
+        k = min(core.MAX_BATCH, n - i)
+        r = subprocess.run([*lclusterc, "addjob", "--count", str(k), "--", command],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise RuntimeError(f"lclusterc addjob --count {k} exited {r.returncode}: {r.stderr.strip()}")
+        lines = r.stdout.split()
+        uuids += lines[1:]  # the first line is the array's id
+        if len(lines) != k + 1:
+            raise RuntimeError(f"lclusterc addjob --count {k} printed {len(lines)} lines")
+    return uuids
+
+
 def lclusterc_submit(watch):
     t0 = time.time()
     uuids = [sh("lclusterc addjob true").split()[0] for _ in range(N_CLI)]
@@ -328,9 +362,8 @@ def lclusterc_submit(watch):
     par = N_CLI_PARALLEL / (time.time() - t0)
     uuids += out.split()
     t0 = time.time()
-    out = sh(f"lclusterc addjob --count {N_E2E} true")
+    uuids += addjob_arrays(["lclusterc"], "true", N_E2E)
     batch = N_E2E / (time.time() - t0)
-    uuids += out.split()
     watch.wait(uuids, timeout=300)
     return {"sequential_per_s": seq, "parallel_per_s": par, "parallel_procs": CLI_PROCS,
             "count_per_s": batch, "count": N_E2E}
@@ -598,19 +631,15 @@ def spread(ran_on, names):
 
 def cluster_e2e(watch, kind, urls, n):
     """n jobs submitted across the nodes at once (lclusterc --server URL addjob
-    --count, n/len(urls) each) until all are recorded finished; where they ran."""
+    --count, n/len(urls) each, in arrays of at most core.MAX_BATCH) until all
+    are recorded finished; where they ran."""
     shares = [n // len(urls) + (i < n % len(urls)) for i in range(len(urls))]
     t0 = time.time()
-    procs = [subprocess.Popen(["lclusterc", "--server", url, "--token-file", "/etc/lclusterd/token",
-                               "addjob", "--count", str(k), "--", CLUSTER_JOBS[kind]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for url, k in zip(urls, shares)]
-    uuids = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        if p.returncode:
-            raise RuntimeError(f"lclusterc addjob --count exited {p.returncode}: {err.strip()}")
-        uuids += out.split()
+    with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
+        parts = list(pool.map(lambda url_k: addjob_arrays(
+            ["lclusterc", "--server", url_k[0], "--token-file", "/etc/lclusterd/token"],
+            CLUSTER_JOBS[kind], url_k[1]), zip(urls, shares)))
+    uuids = [u for part in parts for u in part]
     t1 = time.time()
     if len(uuids) != n:
         raise RuntimeError(f"submitted {n} jobs, got {len(uuids)} ids")
