@@ -981,13 +981,12 @@ class _Watch:
         if stream is not None:
             stream.cancel()
 
-    def _requests(self, done):
-        create = etcdrpc.WatchCreateRequest(key=self.key, range_end=self.end,
-                                            start_revision=self.next_revision)
-        yield etcdrpc.WatchRequest(create_request=create)
-        # The stream stays open until this attempt is over (half-closing it
-        # would end the watch); then gRPC's thread that reads this ends too.
-        done.wait()
+    def _requests(self):
+        # Only the create: the stream is then half-closed, which etcd (3.4,
+        # 3.5) takes as "no more requests", not as the end of the watch; so
+        # gRPC's thread that sends requests ends at once (one thread a watch).
+        yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=self.key, range_end=self.end, start_revision=self.next_revision))
 
     def _run(self):
         wait = self.BACKOFF[0]
@@ -995,13 +994,13 @@ class _Watch:
             with self.store._lock:
                 index = self.store._current
             conn = self.store._acquire(index)
-            failed, done = False, threading.Event()
+            failed = False
             try:
                 c = conn.client
                 # hasleader: a member cut off from its cluster ends the stream
                 # (else it would stay open and silent).
                 stream = etcdrpc.WatchStub(c.channel).Watch(
-                    self._requests(done), credentials=c.call_credentials,
+                    self._requests(), credentials=c.call_credentials,
                     metadata=(c.metadata or ()) + (("hasleader", "true"),))
                 with self._lock:
                     self._stream, self._conn = stream, conn
@@ -1039,7 +1038,6 @@ class _Watch:
             except Exception:  # noqa: BLE001 -- a bug of ours: logged, and the watch goes on
                 log.exception("watch of %s failed", self.key.decode())
             finally:
-                done.set()
                 with self._lock:
                     self._stream = self._conn = None
                     moving, self._moving = self._moving, False

@@ -619,6 +619,9 @@ def test_watches_leak_no_threads(etcd, prefix):
     cancels = [s.watch(kind, lambda events: None) for kind in etcd_store.Store.WATCHED]
     s.drain("n1", {"reason": "", "at": 1.0, "by": "root"})
     time.sleep(0.2)
+    # One thread a watch (gRPC's request thread ends after the create), and
+    # at most gRPC's channel poller: a node runs 2 watches, its placer 4 more.
+    assert threading.active_count() <= before + len(cancels) + 1
     for cancel in cancels:
         cancel()
     deadline = time.monotonic() + WAIT
