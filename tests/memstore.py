@@ -110,12 +110,12 @@ class MemStore:
         """One transaction's writes at one new revision: ops [("put", key,
         value, lease) | ("delete", key)]. Returns the revision it wrote at
         (unchanged if nothing changed: etcd does not count deletes of nothing)."""
+        if any(op[0] == "put" and op[3] and op[3] not in self._leases for op in ops):
+            raise LeaseExpired("etcd has no such lease any more (requested lease not found)")
         events, revision = [], self._revision + 1
         for op in ops:
             if op[0] == "put":
                 _, key, value, lease = op
-                if lease and lease not in self._leases:
-                    raise LeaseExpired("etcd has no such lease any more (requested lease not found)")
                 self._kv[key] = [value, revision, lease or 0]
                 events.append((key, False))
             elif self._kv.pop(op[1], None) is not None:
