@@ -165,6 +165,31 @@ def test_update_many_of_large_records_stays_under_etcds_request_limit(any_store)
     assert len(any_store.assigned()["n1"]) == 30
 
 
+def test_racing_placers_assign_each_job_once(any_store):
+    """Four threads place the same 100 jobs, each on its own node, from the
+    same read: every job ends on exactly one node, and the index agrees."""
+    jobs = [make_job(submitted_at=1000.0 + i) for i in range(100)]
+    for i in range(0, 100, 50):
+        any_store.submit_many(jobs[i:i + 50])
+    heads = any_store.queued(100)
+    won = {}
+
+    def place(name):
+        results = any_store.update_many([(job, assign(job, name), rev) for job, rev in heads])
+        won[name] = [job.uuid for (job, _), r in zip(heads, results) if r is not None]
+    threads = [threading.Thread(target=place, args=(f"n{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(u for uuids in won.values() for u in uuids) == sorted(j.uuid for j in jobs)
+    found = any_store.get_many([j.uuid for j in jobs])
+    assigned = any_store.assigned()
+    for name, uuids in won.items():
+        assert all(found[u][0].node == name for u in uuids)
+        assert set(assigned.get(name, {})) == set(uuids)
+
+
 def test_update_many_refuses_one_job_twice(any_store):
     job = make_job()
     any_store.submit(job)
