@@ -23,6 +23,7 @@ thread. Deterministic for tests; the real Store calls back from a thread of
 its own per watch, a few milliseconds later.
 """
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -253,6 +254,13 @@ class MemStore:
             mine = f"{self.prefix}/queue/{core.queue_rank(job)}"
             keys = [k for k, _, _ in self._range(f"{self.prefix}/queue/")]
             return sum(k < mine for k in keys), len(keys)
+        return self._read(read)
+
+    def queue_positions(self, jobs):
+        def read():
+            keys = [k for k, _, _ in self._range(f"{self.prefix}/queue/")]
+            return {job.uuid: (bisect.bisect_left(keys, f"{self.prefix}/queue/{core.queue_rank(job)}"), len(keys))
+                    for job in jobs}
         return self._read(read)
 
     def assigned(self, node=None):

@@ -330,13 +330,17 @@ def test_queue_order_is_priority_then_age(any_store):
     assert queued_uuids(any_store, 2) == [j.uuid for j in order[:2]]
     assert any_store.queued(0) == []
     assert [any_store.queue_position(j) for j in order] == [(i, 4) for i in range(4)]
+    assert any_store.queue_positions(order) == {j.uuid: (i, 4) for i, j in enumerate(order)}
+    assert any_store.queue_positions([]) == {}
     assert any_store.queued_count(1000) == 4
 
 
 def test_queue_position_of_a_job_not_queued_counts_those_before_it(any_store):
     a, b = make_job(submitted_at=1000.0), make_job(submitted_at=3000.0)
     any_store.submit_many([a, b])
-    assert any_store.queue_position(make_job(submitted_at=2000.0)) == (1, 2)
+    between = make_job(submitted_at=2000.0)
+    assert any_store.queue_position(between) == (1, 2)
+    assert any_store.queue_positions([between, b]) == {between.uuid: (1, 2), b.uuid: (1, 2)}
 
 
 # --- submissions: idempotency, arrays, dependents -----------------------------------

@@ -42,8 +42,16 @@ def test_20000_records(store, capsys):
     started = time.monotonic()
     assert len(store.all_jobs()) == 20000  # again: only changed records are decoded
     again = time.monotonic() - started
+    started = time.monotonic()
+    positions = store.queue_positions([job for job, _ in records])  # lclusterc list's "waiting"
+    ranked = time.monotonic() - started
+    assert [positions[u] for u in uuids[::5000]] == [(i, 20000) for i in range(0, 20000, 5000)]
+    started = time.monotonic()
+    assert store.queue_position(records[0][0])[1] == 20000
+    one = time.monotonic() - started
     with capsys.disabled():
-        print(f"\n  all_jobs of 20,000 records: {took:.2f} s, again {again:.2f} s")
+        print(f"\n  all_jobs of 20,000 records: {took:.2f} s, again {again:.2f} s; queue_positions "
+              f"of all: {ranked:.2f} s, queue_position of one: {one * 1000:.0f} ms")
 
 
 def test_1000_records_of_16_kib(store):
