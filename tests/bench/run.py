@@ -5,7 +5,9 @@ with a PNG of the latency distributions.
 
 Then the 3-node section: tests/cluster/harness.py's cluster (three containers,
 three etcd members, lclusterd from the .deb on each), inner.py's `cluster`
-run inside node 1. On one 2-core machine this measures overhead, not scaling.
+run inside node 1. On one 2-core machine this measures overhead, not scaling;
+it also checks that short jobs spread evenly (each node within 25% of the
+mean). Scaling is tests/bench/sim.py's (make bench runs it first).
 
     python3 -m tests.bench.run --deb-dir dist --out dist/bench [--scale 0.1] [--only lclusterd]
 """

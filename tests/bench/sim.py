@@ -62,6 +62,7 @@ TARGET_JOBS_PER_S = 1000
 TARGET_P99 = 0.250
 TARGET_REVISIONS = 3
 TICK = 0.2  # seconds between looks at the workers' progress
+WORKER_STACK = 512 * 1024  # bytes of stack per thread in the many-node processes
 IDLE_SECONDS = 5  # the idle cluster measured this long before the runs
 
 
@@ -370,6 +371,8 @@ def node_config(name, spec):
 
 def worker(conn, spec):
     """Entry point of a worker process (multiprocessing, spawned)."""
+    if len(spec["nodes"]) > 1:  # thousands of watch and executor threads: small stacks
+        threading.stack_size(WORKER_STACK)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     import logging  # hundreds of nodes' warnings: counted (fences) rather than printed
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
