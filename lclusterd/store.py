@@ -1018,6 +1018,14 @@ class _Watch:
                     stream.cancel()
                 for answer in stream:
                     wait = self.BACKOFF[0]
+                    if answer.created and answer.header.revision + 1 < self.next_revision:
+                        # etcd is behind what we saw (restored, or made anew):
+                        # a watch from our revision would wait for it silently.
+                        self.next_revision = 0
+                        with self._lock:
+                            self._moving = True  # again at once, from now
+                        stream.cancel()
+                        continue
                     if answer.created and not self.next_revision:
                         # Started with no revision to resume from: from this
                         # one on, and whatever came before is unknown.

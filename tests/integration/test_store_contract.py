@@ -764,3 +764,28 @@ def test_memstore_watch_made_while_down_says_read_everything_once_up():
     s.down = False
     s.drain("n1", {"reason": "", "at": 1.0, "by": "root"})
     assert drained.calls == [[], [("n1", False)]]
+
+
+def test_a_watch_survives_etcd_made_anew(etcd, prefix):
+    """etcd back with an empty data dir (revisions start again at 1): a
+    watch from the revision it had would wait silently; it starts afresh."""
+    import shutil
+    s = Store([etcd.endpoint], prefix=prefix)
+    drained = Events()
+    cancel = s.watch("drained", drained)
+    try:
+        for i in range(20):
+            s.drain(f"n{i}", {"reason": "", "at": 1.0, "by": "root"})
+        drained.wait_for([("n19", False)])
+        etcd.stop()
+        shutil.rmtree(etcd.data_dir)
+        etcd.start()
+        deadline = time.monotonic() + WAIT
+        while [] not in drained.calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [] in drained.calls  # "read everything"
+        s.drain("again", {"reason": "", "at": 1.0, "by": "root"})
+        drained.wait_for([("again", False)])
+    finally:
+        cancel()
+        s.close()
