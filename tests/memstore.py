@@ -48,6 +48,7 @@ class MemStore:
         self.nospace = False
         self._lock = threading.RLock()
         self._kv = {}  # key -> [value (str), mod_revision, lease id or 0]
+        self._keys = []  # the keys of _kv in order: ranges are bisected, not sorted per read
         self._revision = 1  # etcd starts at 1
         self._compacted = 0
         self._leases = {}  # id -> [ttl, deadline]
@@ -103,9 +104,14 @@ class MemStore:
         found = self._kv.get(key)
         return 0 if found is None else found[1]
 
-    def _range(self, prefix):
-        """[(key, value, mod_revision)] under prefix, in key order."""
-        return [(k, v[0], v[1]) for k, v in sorted(self._kv.items()) if k.startswith(prefix)]
+    def _range(self, prefix, limit=None):
+        """[(key, value, mod_revision)] under prefix, in key order (the first limit)."""
+        found, i = [], bisect.bisect_left(self._keys, prefix)
+        while i < len(self._keys) and self._keys[i].startswith(prefix) and len(found) != limit:
+            value = self._kv[self._keys[i]]
+            found.append((self._keys[i], value[0], value[1]))
+            i += 1
+        return found
 
     def _apply(self, ops):
         """One transaction's writes at one new revision: ops [("put", key,
@@ -117,9 +123,12 @@ class MemStore:
         for op in ops:
             if op[0] == "put":
                 _, key, value, lease = op
+                if key not in self._kv:
+                    bisect.insort(self._keys, key)
                 self._kv[key] = [value, revision, lease or 0]
                 events.append((key, False))
             elif self._kv.pop(op[1], None) is not None:
+                del self._keys[bisect.bisect_left(self._keys, op[1])]
                 events.append((op[1], True))
         if events:
             self._revision = revision
@@ -240,7 +249,7 @@ class MemStore:
         if limit < 1:
             return []
         def read():
-            heads = self._range(f"{self.prefix}/queue/")[:min(limit, self.page_keys)]
+            heads = self._range(f"{self.prefix}/queue/", min(limit, self.page_keys))
             found = [(self._value(self._job_key(u)), self._mod(self._job_key(u))) for _, u, _ in heads]
             jobs = [(_decode(v), rev) for v, rev in found if v is not None]
             return [(job, rev) for job, rev in jobs if job.state == core.QUEUED]
@@ -571,7 +580,7 @@ class MemStore:
     def snapshot(self):
         """{key: value} of the whole keyspace (for tests that look at the keys)."""
         with self._lock:
-            return {k: v[0] for k, v in sorted(self._kv.items())}
+            return {k: self._kv[k][0] for k in self._keys}
 
 
 # The same bytes as Store writes.
