@@ -36,11 +36,14 @@ def free_port():
 class Etcd:
     """One etcd member, started and stopped by the test; its own PID only."""
 
-    def __init__(self, workdir, extra_args=()):
+    def __init__(self, workdir, extra_args=(), name="test"):
         self.extra_args = list(extra_args)  # e.g. a tiny --quota-backend-bytes
+        self.name = name
         self.client_port, self.peer_port = free_port(), free_port()
         self.endpoint = f"http://127.0.0.1:{self.client_port}"
         self.peer = f"http://127.0.0.1:{self.peer_port}"
+        self.initial_cluster = f"{name}={self.peer}"  # a member of one; EtcdCluster sets all
+        self.token = f"lclusterd-test-{uuid.uuid4()}"
         self.data_dir = os.path.join(workdir, "data")
         self.log_path = os.path.join(workdir, "etcd.log")
         self.process = None
@@ -51,26 +54,31 @@ class Etcd:
 
     def start(self):
         """Start (or restart, on the same ports and data dir) and wait until it answers."""
+        self.launch()
+        self._wait_until_ready()
+
+    def launch(self):
+        """Start it, not waiting (a member of several answers once a quorum runs)."""
         assert not self.running, "etcd is already running"
+        os.makedirs(os.path.dirname(self.data_dir), exist_ok=True)
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(
-                [ETCD, "--name", "test",
+                [ETCD, "--name", self.name,
                  "--data-dir", self.data_dir,
                  "--listen-client-urls", self.endpoint,
                  "--advertise-client-urls", self.endpoint,
                  "--listen-peer-urls", self.peer,
                  "--initial-advertise-peer-urls", self.peer,
-                 "--initial-cluster", f"test={self.peer}",
+                 "--initial-cluster", self.initial_cluster,
                  "--initial-cluster-state", "new",
-                 "--initial-cluster-token", f"lclusterd-test-{uuid.uuid4()}",
+                 "--initial-cluster-token", self.token,
                  "--listen-metrics-urls", "",
                  "--logger", "zap", "--log-outputs", "stderr", *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)  # a ^C in the terminal is ours to pass on
         finally:
             log.close()
-        self._wait_until_ready()
 
     def _wait_until_ready(self):
         deadline = time.monotonic() + START_DEADLINE
@@ -121,6 +129,38 @@ class Etcd:
             return client.get_response("/revision-probe").header.revision
         finally:
             client.close()
+
+
+class EtcdCluster:
+    """Three members on loopback, each its own process, ports and data dir."""
+
+    def __init__(self, workdir, size=3):
+        self.members = [Etcd(os.path.join(workdir, f"m{i}"), name=f"m{i}") for i in range(size)]
+        everyone = ",".join(f"{m.name}={m.peer}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster, m.token = everyone, self.members[0].token
+        self.endpoints = [m.endpoint for m in self.members]
+
+    def start(self):
+        for m in self.members:
+            m.launch()
+        for m in self.members:
+            m._wait_until_ready()
+
+    def stop(self):
+        for m in self.members:
+            m.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    """A 3-member etcd of the test's own; stopped after it."""
+    cluster = EtcdCluster(str(tmp_path))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")

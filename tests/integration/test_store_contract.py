@@ -789,3 +789,29 @@ def test_a_watch_survives_etcd_made_anew(etcd, prefix):
     finally:
         cancel()
         s.close()
+
+
+def test_placement_and_watches_go_on_when_a_member_dies(etcd_cluster, prefix):
+    """Three members; the one the store and its watches use is killed: the
+    writes fail over, the watches resume on another member from the last
+    revision they saw, nothing missed or seen twice."""
+    s = Store(etcd_cluster.endpoints, prefix=prefix)
+    queue, mine = Events(), Events()
+    cancels = [s.watch("queue", queue), s.watch("assigned", mine, node="n1")]
+    try:
+        jobs = [make_job(submitted_at=1000.0 + i) for i in range(10)]
+        s.submit_many(jobs[:5])
+        queue.wait_for([(core.queue_rank(j), False) for j in jobs[:5]])
+        etcd_cluster.members[0].process.kill()  # the endpoint tried first
+        etcd_cluster.members[0].process.wait()
+        s.submit_many(jobs[5:])
+        found = s.get_many([j.uuid for j in jobs])
+        assert all(s.update_many([(j, assign(j, "n1"), found[j.uuid][1]) for j in jobs]))
+        mine.wait_for([(j.uuid, False) for j in jobs])
+        queue.wait_for([(core.queue_rank(j), True) for j in jobs])
+        assert sorted(mine.seen) == sorted((j.uuid, False) for j in jobs)  # each once
+        assert len(queue.seen) == 20
+    finally:
+        for cancel in cancels:
+            cancel()
+        s.close()
