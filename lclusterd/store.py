@@ -176,38 +176,33 @@ def _assigned_key(prefix, job):
     return f"{prefix}/assigned/{job.node}/{job.uuid}"
 
 
+def index_keys(prefix, job):
+    """{key: value} of the index keys a record in job's state has (job None: none)."""
+    if job is None:
+        return {}
+    keys = {}
+    if job.state == core.QUEUED:
+        keys[f"{prefix}/queue/{core.queue_rank(job)}"] = job.uuid
+        keys[f"{prefix}/queued_by/{job.uid}/{job.uuid}"] = job.uuid
+    if job.state == core.WARNED:
+        keys[f"{prefix}/warned_jobs/{job.uuid}"] = job.node or ""
+    held = _assigned_key(prefix, job)
+    if held is not None:
+        keys[held] = json.dumps(reservation(job), separators=(",", ":"))
+    return keys
+
+
 def index_changes(prefix, old, new):
     """The keys that follow a record from old to new (None: no record,
     i.e. submitted or deleted): ({key: value} to put, [keys] to delete).
     Pure, the one statement of the keyspace's invariants; MemStore uses it too."""
-    puts, deletes = {}, []
-
-    def follow(old_key, new_key, value, changed=False):
-        if old_key is not None and old_key != new_key:
-            deletes.append(old_key)
-        if new_key is not None and (new_key != old_key or changed):
-            puts[new_key] = value
-
-    def when(job, state, key):
-        return key if job is not None and job.state == state else None
-
-    ref = new or old
-    follow(when(old, core.QUEUED, f"{prefix}/queue/{core.queue_rank(old)}" if old else None),
-           when(new, core.QUEUED, f"{prefix}/queue/{core.queue_rank(new)}" if new else None),
-           ref.uuid)
-    follow(when(old, core.QUEUED, f"{prefix}/queued_by/{old.uid}/{old.uuid}" if old else None),
-           when(new, core.QUEUED, f"{prefix}/queued_by/{new.uid}/{new.uuid}" if new else None),
-           ref.uuid)
-    follow(when(old, core.WARNED, f"{prefix}/warned_jobs/{ref.uuid}"),
-           when(new, core.WARNED, f"{prefix}/warned_jobs/{ref.uuid}"),
-           (new.node or "") if new is not None else "")
-    held = reservation(new) if new is not None else None
-    follow(_assigned_key(prefix, old), _assigned_key(prefix, new),
-           json.dumps(held, separators=(",", ":")),
-           changed=old is not None and held is not None and reservation(old) != held)
+    before, after = index_keys(prefix, old), index_keys(prefix, new)
+    deletes = [key for key in before if key not in after]
+    puts = {key: value for key, value in after.items() if before.get(key) != value}
     if old is None or new is None:  # a record made or dropped: its parents' dependents index
-        for parent in getattr(ref, "after", ()) or ():
-            key = f"{prefix}/dependents/{parent}/{ref.uuid}"
+        job = new or old
+        for parent in getattr(job, "after", ()) or ():
+            key = f"{prefix}/dependents/{parent}/{job.uuid}"
             if old is None:
                 puts[key] = ""
             else:
@@ -348,14 +343,8 @@ class Store:
     def _job_key(self, job_uuid):
         return f"{self.prefix}/jobs/{job_uuid}"
 
-    def _warned_key(self, job_uuid):
-        return f"{self.prefix}/warned_jobs/{job_uuid}"
-
     def _queue_key(self, job):
         return f"{self.prefix}/queue/{core.queue_rank(job)}"
-
-    def _by_user_key(self, job):
-        return f"{self.prefix}/queued_by/{job.uid}/{job.uuid}"
 
     # -- reads --------------------------------------------------------------
 
