@@ -815,3 +815,49 @@ def test_placement_and_watches_go_on_when_a_member_dies(etcd_cluster, prefix):
         for cancel in cancels:
             cancel()
         s.close()
+
+
+def test_both_leave_the_same_keys_after_the_same_calls(etcd, prefix):
+    """The keyspace itself, key by key and value by value, after one story
+    told to both stores with the same jobs."""
+    real, fake = Store([etcd.endpoint], prefix=prefix), MemStore(prefix=prefix + "-mem")
+    array_id = str(uuid.uuid4())
+    parent = make_job(submitted_at=1000.0, cpus=1.0, memory=1 << 20)
+    members = [make_job(submitted_at=1001.0 + i, array=array_id, array_index=i, max_running=1,
+                        after=(parent.uuid,), after_mode=core.AFTER_OK) for i in range(3)]
+    for s in (real, fake):
+        lease = s.grant(60)
+        s.register({"name": "n1", "machine": "m1"}, lease)
+        s.campaign("n1", lease)
+        s.submit_many([parent])
+        s.submit_many(members, idempotency_key="story")
+        _, rev = s.get(parent.uuid)
+        starting = assign(parent, "n1", now=2000.0)
+        rev = s.update_many([(parent, starting, rev)], prime="n1")[0]
+        running = core.transition(starting, core.RUNNING, now=2001.0, started_at=2001.0)
+        rev = s.update(starting, running, rev)
+        warned = core.warn(running, 2002.0, "would not stop")
+        rev = s.update(running, warned, rev)
+        _, first_rev = s.get(members[0].uuid)
+        s.update(members[0], core.transition(members[0], core.CANCELLED, now=2003.0), first_rev)
+        s.delete([(members[1].uuid, s.get(members[1].uuid)[1])])
+        s.drain("n2", {"reason": "disk", "at": 5.0, "by": "root"})
+        s.record_failed("n3", 6.0)
+        s.lock("prune", "n1", 60)
+
+    def keyspace(s, base):
+        if isinstance(s, MemStore):
+            items = s.snapshot().items()
+        else:
+            client = etcd3.client(port=etcd.client_port)
+            items = [(m.key.decode(), v.decode()) for v, m in client.get_prefix(base + "/")]
+            client.close()
+        return {k[len(base):]: v for k, v in items}
+    try:
+        found = keyspace(real, prefix)
+        assert keyspace(fake, prefix + "-mem") == found
+        assert {k.split("/")[1] for k in found} == {
+            "jobs", "queue", "queued_by", "warned_jobs", "assigned", "arrays", "dependents",
+            "idempotency", "nodes", "members", "failed_nodes", "prime", "drained", "locks"}
+    finally:
+        real.close()
