@@ -551,7 +551,10 @@ class Store:
         record's new revision, or None: it was not written (its record
         moved, or the prime is not ours: re-read). A transaction that fails
         on a moved record is sent again without it, so one cancelled job does
-        not undo a whole placement; a lost prime stops them all."""
+        not undo a whole placement; a lost prime stops them all. None may
+        also be a change that was written after all (its answer lost before
+        a failover, the retry then finding the record moved): re-reading
+        tells. Unavailable midway loses the answers of the batches before."""
         changes = list(changes)
         if len({new.uuid for _, new, _ in changes}) != len(changes):
             raise ValueError("update_many: a job may change only once per call")
