@@ -188,7 +188,7 @@ def index_keys(prefix, job):
         keys[f"{prefix}/warned_jobs/{job.uuid}"] = job.node or ""
     held = _assigned_key(prefix, job)
     if held is not None:
-        keys[held] = json.dumps(reservation(job), separators=(",", ":"))
+        keys[held] = _dumps(reservation(job))
     return keys
 
 
@@ -773,9 +773,8 @@ class Store:
                    if _assigned_key(self.prefix, job) is not None
                    and job.uuid not in held.get(job.node, {})]
         def write(c, batch):
-            answer = _txn(c, [_mod(self._job_key(job.uuid), rev) for job, rev in batch],
-                          [_put(_assigned_key(self.prefix, job), json.dumps(reservation(job), separators=(",", ":")))
-                           for job, rev in batch])
+            puts = [_put(_assigned_key(self.prefix, job), _dumps(reservation(job))) for job, _ in batch]
+            answer = _txn(c, [_mod(self._job_key(job.uuid), rev) for job, rev in batch], puts)
             return len(batch) if answer.succeeded else 0  # one moved: the next call sees it again
         step = MAX_TXN_OPS // 2
         return sum(self._call(lambda c: write(c, missing[i:i + step]))
@@ -1269,6 +1268,10 @@ def _arrays(jobs):
                 "submitter_uid": job.submitter_uid, "at": job.submitted_at})
             entry["uuids"].append(job.uuid)
     return found
+
+
+def _dumps(value):
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _encode(job):

@@ -268,8 +268,8 @@ class MemStore:
     def queue_positions(self, jobs):
         def read():
             keys = [k for k, _, _ in self._range(f"{self.prefix}/queue/")]
-            return {job.uuid: (bisect.bisect_left(keys, f"{self.prefix}/queue/{core.queue_rank(job)}"), len(keys))
-                    for job in jobs}
+            return {job.uuid: (bisect.bisect_left(keys, f"{self.prefix}/queue/{core.queue_rank(job)}"),
+                               len(keys)) for job in jobs}
         return self._read(read)
 
     def assigned(self, node=None):

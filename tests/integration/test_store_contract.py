@@ -118,7 +118,8 @@ def test_update_many_writes_each_guarded_change(any_store):
     written = [r for i, r in enumerate(results) if i != 2]
     assert all(isinstance(r, int) and r > max(revs.values()) for r in written)
     found = any_store.get_many([j.uuid for j in jobs])
-    assert [found[j.uuid][0].state for j in jobs] == [core.STARTING] * 2 + [core.CANCELLED] + [core.STARTING] * 2
+    assert [found[j.uuid][0].state for j in jobs] == [core.STARTING, core.STARTING, core.CANCELLED,
+                                                      core.STARTING, core.STARTING]
     for j, r in zip(jobs, results):
         if r is not None:
             assert found[j.uuid][1] == r
