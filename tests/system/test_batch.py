@@ -1,5 +1,6 @@
-"""Batch submit on the installed package: `lclusterc addjob --count N`, and
-that every job of a batch runs, as its submitter, and leaves no unit behind."""
+"""Batch submit on the installed package: `lclusterc addjob --count N` (an
+array, queued all or none in one request), and that every member runs, as
+its submitter, with its index, and leaves no unit behind."""
 
 import json
 import re
@@ -8,23 +9,29 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 def test_addjob_count_queues_and_runs_every_copy(box):
-    out = box.lc("addjob --count 70 'id -un'", user="alice").stdout.split()
-    assert len(out) == 70 and len(set(out)) == 70 and all(UUID.match(u) for u in out)
+    array, *out = box.lc("addjob --count 64 'id -un; echo $LCLUSTER_ARRAY_INDEX'",
+                         user="alice").stdout.split()
+    assert UUID.match(array) and array not in out
+    assert len(out) == 64 and len(set(out)) == 64 and all(UUID.match(u) for u in out)
     for uuid in out:
         job = box.wait_state(uuid, timeout=120)
         assert job["state"] == "succeeded" and job["user"] == "alice", job
     log = box.sh(f"journalctl -u lcluster-job@{out[-1]} --no-pager -o cat").stdout
-    assert "alice" in log.split()
+    assert log.split() == ["alice", "63"], log
     box.sh("until [ -z \"$(systemctl list-units --all --plain --no-legend 'lcluster-job@*')\" ];"
            " do sleep 0.2; done", timeout=30)
 
 
 def test_addjob_count_json_and_bad_counts(box):
-    jobs = json.loads(box.lc("addjob --count 3 --json true", user="bob").stdout)
-    assert [j["state"] for j in jobs] != [] and len(jobs) == 3 and {j["user"] for j in jobs} == {"bob"}
+    answer = json.loads(box.lc("addjob --count 3 --json true", user="bob").stdout)
+    jobs = answer["jobs"]
+    assert len(jobs) == 3 and {j["user"] for j in jobs} == {"bob"}
+    assert {j["array"] for j in jobs} == {answer["array"]}
+    assert sorted(j["array_index"] for j in jobs) == [0, 1, 2]
     before = box.job_count()
     for args, message in (("--count 0 true", "count must be a whole number of at least 1"),
-                          ("--count 2 --wait true", "--wait takes one job")):
+                          ("--count 2 --wait true", "--wait takes one job"),
+                          ("--count 65 true", "at most 64")):
         r = box.lc(f"addjob {args}", user="bob", check=False)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
