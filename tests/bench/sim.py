@@ -599,8 +599,15 @@ def run_scale(cluster, n_nodes, jobs, args, ctx):
             workers.append(Worker(ctx, {**spec, "timed": (), "nodes": part, "stores": max(1, len(part) // 100),
                                         "threads": min(64, 4 + len(part)),
                                         "stagger": min(0.01, 5.0 / len(part))}))
-        wait_for(lambda: len(store.cluster()[0]) >= n_nodes, f"{n_nodes} nodes to register",
-                 60 + n_nodes / 10)
+        seen = [0]
+
+        def registered():
+            seen[0] = max(seen[0], len(store.cluster()[0]))
+            return seen[0] >= n_nodes
+        try:
+            wait_for(registered, f"{n_nodes} nodes to register", 60 + n_nodes / 5)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; {seen[0]} registered at most") from None
         say(f"  {n_nodes} nodes registered ({len(workers)} processes); prime {store.cluster()[3]}")
         take(workers)  # start counting from here
         out["idle"] = idle_cost(workers, cluster, n_nodes)
@@ -695,11 +702,19 @@ def idle_cost(workers, cluster, n_nodes, client=None, seconds=None):
 
 
 def wait_for(pred, what, timeout):
+    """Until pred() holds; an etcd too busy to answer (store.Unavailable) is 'not yet'."""
+    from lclusterd.store import Unavailable
     deadline = time.monotonic() + timeout
-    while not pred():
+    last = None
+    while True:
+        try:
+            if pred():
+                return
+        except Unavailable as e:
+            last = e
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+            raise RuntimeError(f"timed out waiting for {what}" + (f" (last: {last})" if last else ""))
+        time.sleep(0.5)
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -885,7 +900,12 @@ def main(argv=None):
         res["etcd_txn_per_s"] = etcd_txn_rate(cluster.endpoints)
         say(f"etcd: {res['etcd_txn_per_s']:,.0f} guarded transactions/s")
         for n in counts:
-            res["scales"].append(run_scale(cluster, n, jobs, args, ctx))
+            try:
+                res["scales"].append(run_scale(cluster, n, jobs, args, ctx))
+            except Exception as e:  # noqa: BLE001  (etcd overwhelmed, ...): said, and the next size runs
+                say(f"{n} nodes: FAILED: {type(e).__name__}: {e}")
+                res["scales"].append({"nodes": n, "slots": args.slots, "runs": {},
+                                      "failed": f"{type(e).__name__}: {e}"})
     except (RuntimeError, OSError) as e:
         print(f"sim: FAILED: {e}", file=sys.stderr)
         return 1
