@@ -153,13 +153,19 @@ def nodes_used(job):
     return [a["node"] for a in job["attempts"]]
 
 
+def brief(job):
+    """What a failed assertion should show of a job."""
+    keys = ("uuid", "state", "reason", "exit_status", "result", "node", "submitted_at", "attempts")
+    return {k: job.get(k) for k in keys}
+
+
 def assert_each_ran_once(job):
     """Succeeded in its last attempt; every earlier attempt lost; no two attempts overlap."""
     outcomes = [a["outcome"] for a in job["attempts"]]
-    assert job["state"] == "succeeded" and outcomes and outcomes[-1] == "succeeded", job
-    assert set(outcomes[:-1]) <= {"lost"}, job
+    assert job["state"] == "succeeded" and outcomes and outcomes[-1] == "succeeded", brief(job)
+    assert set(outcomes[:-1]) <= {"lost"}, brief(job)
     for before, later in zip(job["attempts"], job["attempts"][1:]):
-        assert before["ended_at"] is not None and before["ended_at"] <= later["started_at"], job
+        assert before["ended_at"] is not None and before["ended_at"] <= later["started_at"], brief(job)
 
 
 def waiting_of(node, uuid):
@@ -516,22 +522,26 @@ def test_no_node_is_over_committed_under_concurrent_submissions_and_a_leader_cha
 # --- power-off of the primed node with 200 jobs queued (destructive: last) ---------------
 
 def etcd_timeline(node, keys):
-    """Start recording, at node, when each key is put or deleted (etcdctl
-    watch, one line a key event, host-clock epoch first); read back by
-    timeline_events()."""
-    watches = " & ".join(f"etcdctl watch {k}" for k in keys)
-    script = (f"({watches}; wait) | while read -r line; do "
-              "echo \"$(date +%s.%N) $line\"; done > /tmp/timeline")
-    node.sh(f"systemd-run --unit=lctimeline --collect sh -c {shlex.quote(script)}")
+    """Start recording, at node, when each key is put or deleted: an etcdctl
+    watch a key, each line it prints stamped with the (host's) epoch, in a
+    file of its own (two watches' lines would interleave)."""
+    for i, key in enumerate(keys):
+        script = (f"etcdctl watch {shlex.quote(key)} | while read -r line; do "
+                  f"echo \"$(date +%s.%N) $line\"; done > /tmp/timeline.{i}")
+        node.sh(f"systemd-run --unit=lctimeline{i} --collect sh -c {shlex.quote(script)}")
     time.sleep(0.5)  # the watches are set
 
 
-def timeline_events(node):
-    """[(epoch, 'PUT'|'DELETE', key)] recorded so far (etcdctl prints the
-    event, the key, then the value, each on a line)."""
-    lines = [(line.split(None, 1) + [""])[:2] for line in node.sh("cat /tmp/timeline").stdout.splitlines()]
-    return [(float(at), text, lines[i + 1][1]) for i, (at, text) in enumerate(lines)
-            if text in ("PUT", "DELETE") and i + 1 < len(lines)]
+def timeline_events(node, keys):
+    """{key: [(epoch, 'PUT'|'DELETE')]} recorded so far (etcdctl prints the
+    event, then the key, then for a PUT the value, a line each)."""
+    events = {}
+    for i, key in enumerate(keys):
+        out = node.sh(f"cat /tmp/timeline.{i}").stdout.splitlines()
+        lines = [(line.split(None, 1) + [""])[:2] for line in out]
+        events[key] = [(float(at), text) for n, (at, text) in enumerate(lines)
+                       if text in ("PUT", "DELETE") and n + 1 < len(lines) and lines[n + 1][1] == key]
+    return events
 
 
 def test_power_off_of_the_primed_node_with_200_jobs_queued(cluster):
@@ -546,7 +556,8 @@ def test_power_off_of_the_primed_node_with_200_jobs_queued(cluster):
     # etcd election (whose new leader renews every lease for a TTL); the lease
     # is renewed (every TTL/8) many times before the power-off.
     move_etcd_leader(cluster, asker)
-    etcd_timeline(asker, ["/lcluster/prime", f"/lcluster/nodes/{dead.name}"])
+    watched = ["/lcluster/prime", f"/lcluster/nodes/{dead.name}"]
+    etcd_timeline(asker, watched)
     parent = submit(asker, "sleep 10", f"--constraint node={asker.name}")  # ends after the power-off
     pinned = submit(asker, "true", f"--after {parent} --constraint node={dead.name}")
     uuids = []
@@ -561,11 +572,9 @@ def test_power_off_of_the_primed_node_with_200_jobs_queued(cluster):
     seen = time.time() - t_off
 
     done = wait_ended(asker, uuids, timeout=300)
-    events = timeline_events(asker)
-    gone = min((at for at, what, key in events if what == "DELETE" and key.endswith(f"/{dead.name}")),
-               default=None)
-    taken = min((at for at, what, key in events if what == "PUT" and key.endswith("/prime")
-                 and at > t_off), default=None)
+    events = timeline_events(asker, watched)
+    gone = min((at for at, what in events[watched[1]] if what == "DELETE"), default=None)
+    taken = min((at for at, what in events[watched[0]] if what == "PUT" and at > t_off), default=None)
     assert gone and taken, events
     queued_then = sum(all(a["started_at"] > t_off for a in j["attempts"]) for j in done.values())
     lost = sum(len(j["attempts"]) > 1 for j in done.values())
@@ -584,11 +593,11 @@ def test_power_off_of_the_primed_node_with_200_jobs_queued(cluster):
     for job in done.values():
         assert_each_ran_once(job)
         last = job["attempts"][-1]
-        assert all(a["node"] == dead.name for a in job["attempts"][:-1]), job  # only it lost any
+        assert all(a["node"] == dead.name for a in job["attempts"][:-1]), brief(job)  # only it lost any
         if last["node"] == dead.name:  # ended before the power-off: its output died with it
-            assert last["ended_at"] <= t_dead and ran.get(job["uuid"], 0) == 0, job
+            assert last["ended_at"] <= t_dead and ran.get(job["uuid"], 0) == 0, brief(job)
         else:
-            assert ran.get(job["uuid"], 0) == 1, (job, ran.get(job["uuid"]))
+            assert ran.get(job["uuid"], 0) == 1, (brief(job), ran.get(job["uuid"]))
         assert all(a["started_at"] < t_dead for a in job["attempts"] if a["node"] == dead.name), (
             f"started on {dead.name} after its power-off at {t_off:.3f}-{t_dead:.3f}: "
             f"{job['uuid']} {job['attempts']}")
