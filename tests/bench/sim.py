@@ -392,7 +392,7 @@ async def _worker(conn, spec):
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(spec["threads"]))
     stores = [Store(spec["endpoints"], spec["prefix"]) for _ in range(spec["stores"])]
     stats = Stats()
-    run_dir = tempfile.mkdtemp(prefix="lcsim-run-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    run_dir = tempfile.mkdtemp(prefix="worker-", dir=spec["run_root"])  # the parent removes run_root
     stopping = asyncio.Event()
     nodes, tasks, watches = [], [], []
     passes = []  # (seconds, name) of timed passes of the placement
@@ -581,7 +581,8 @@ def check_records(store, n_expected):
 def run_scale(cluster, n_nodes, jobs, args, ctx):
     from lclusterd.store import Store
     prefix = f"/sim{n_nodes}-{uuidlib.uuid4().hex[:6]}"
-    spec = {"endpoints": cluster.endpoints, "prefix": prefix, "slots": args.slots,
+    run_root = tempfile.mkdtemp(prefix="lcsim-run-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    spec = {"endpoints": cluster.endpoints, "prefix": prefix, "slots": args.slots, "run_root": run_root,
             "lease_ttl": args.lease_ttl, "poll_interval": args.poll_interval,
             "timed": tuple(args.timed)}
     names = [f"n{i:04d}" for i in range(1, n_nodes + 1)]
@@ -683,6 +684,7 @@ def run_scale(cluster, n_nodes, jobs, args, ctx):
             pass
         client.close()
         store.close()
+        shutil.rmtree(run_root, ignore_errors=True)  # the nodes' fence files, a worker killed too
 
 
 def idle_cost(workers, cluster, n_nodes, client=None, seconds=None):
@@ -810,7 +812,7 @@ def fmt(v, unit=""):
 
 def render(res):
     head = ("nodes", "job", "jobs", "jobs/s", "rev/job", "burst p50", "burst p99",
-            f"paced p50", f"paced p99", "prime CPU s", "prime RSS MB")
+            "paced at /s", "paced p50", "paced p99", "prime CPU s", "prime RSS MB")
     lines = []
     for s in res["scales"]:
         for kind, r in s["runs"].items():
@@ -819,14 +821,15 @@ def render(res):
                           fmt(b["revisions_per_job"]),
                           fmt(b["dispatch"].get("p50", 0) * 1000, " ms"),
                           fmt(b["dispatch"].get("p99", 0) * 1000, " ms"),
-                          fmt(p["dispatch"].get("p50", 0) * 1000, " ms"),
+                          fmt(p["rate"]), fmt(p["dispatch"].get("p50", 0) * 1000, " ms"),
                           fmt(p["dispatch"].get("p99", 0) * 1000, " ms"),
                           fmt(b["cpu_s"]["prime"]), fmt(b["prime_rss_mb"])])
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     show = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     text = [f"scale: simulated nodes x {res['slots']} slots, real node code, 3-member etcd on loopback "
-            f"({res['etcd_dir']}); burst = all jobs queued at once; paced = {res['rate']:,} jobs/s "
-            f"offered, dispatch = submission -> unit started",
+            f"({res['etcd_dir']}); burst = all jobs queued at once; paced = at most {res['rate']:,} jobs/s "
+            f"offered (and at most 80% of the burst's rate and of the slots' capacity); "
+            f"dispatch = submission -> unit started; prime = the first node's process (one node)",
             show(head), show(["-" * w for w in widths]), *map(show, lines),
             *(f"{s['nodes']} nodes: FAILED: {s['failed']}" for s in res["scales"] if s.get("failed")),
             "", "idle cluster (registered, no jobs): " + "; ".join(
@@ -866,7 +869,18 @@ def main(argv=None):
     ap.add_argument("--timed", action="append", default=None,
                     help="a Node coroutine method whose calls are timed as the placement pass")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--report", metavar="JSON", help="only print the tables of a saved --out file")
     args = ap.parse_args(argv)
+    if args.report:
+        try:
+            with open(args.report) as f:
+                res = json.load(f)
+            res["ceiling"], res["targets"] = ceiling(res), targets(res)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"sim: cannot read {args.report}: {e}", file=sys.stderr)
+            return 1
+        print(render(res))
+        return 0
     nodes_arg = args.nodes or (FULL_NODES if args.full else DEFAULT_NODES)
     try:
         counts = [int(x) for x in nodes_arg.split(",") if x.strip()]
