@@ -70,6 +70,9 @@ async def supervise(coroutines, stopping):
                 error = None if task.cancelled() else task.exception()
                 raise TaskEnded(tasks[task], error) from error
     finally:
+        # Stopping first: a loop whose cancellation Python 3.11's wait_for
+        # swallowed (it came as its wait ended) still sees it and returns.
+        stopping.set()
         stop.cancel()
         for task in tasks:
             task.cancel()

@@ -134,9 +134,12 @@ class Cluster:
 
     async def power_off(self, name):
         """The machine stops: its loops, its watches and its units, at once."""
-        _, tasks = self.tasks.pop(name)
+        stopping, tasks = self.tasks.pop(name)
         for cancel in self.watches.pop(name):
             cancel()
+        # (stopping too: Python 3.11's wait_for can swallow a cancellation
+        # that comes as its wait ends, and the loop would go on)
+        stopping.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
