@@ -729,7 +729,11 @@ def ceiling(res):
     this cluster / revisions per job; slots: nodes x slots / job length;
     prime: the primed node's process (one Python thread of CPU); placer:
     the time its placement passes took; machine: all CPUs of this machine
-    (etcd, every node and the submitter share them)."""
+    (etcd, every node and the submitter share them). Then CPU ms per job:
+    an etcd member's (each applies every write), the prime's, the other
+    nodes' together, and the part of those the idle cluster spends anyway
+    (heartbeats, sweeps: measured before the runs), and what a core each
+    for an etcd member and the prime would allow after that idle load."""
     txn = res["etcd_txn_per_s"]
     rows = []
     for scale in res["scales"]:
@@ -752,8 +756,16 @@ def ceiling(res):
             per_job = {"etcd member": b["cpu_s"]["etcd"] / MEMBERS / b["jobs"] * 1000,
                        "prime": b["cpu_s"]["prime"] / b["jobs"] * 1000,
                        "other nodes, all": b["cpu_s"]["other nodes"] / b["jobs"] * 1000}
-            # ... so with a core each (real machines), etcd and the prime would allow
-            dedicated = {k: 1000 / per_job[k] for k in ("etcd member", "prime") if per_job[k]}
+            # what the nodes and etcd spend anyway, jobs or not (heartbeats, sweeps), per job
+            idle = scale.get("idle") or {}
+            per_job["other nodes, idle part"] = (idle.get("node_cores", 0) * (scale["nodes"] - 1)
+                                                 * wall / b["jobs"] * 1000)
+            per_job["etcd member, idle part"] = idle.get("etcd_cores", 0) / MEMBERS * wall / b["jobs"] * 1000
+            # ... so with a core each (real machines), what is left after the idle load allows
+            spare = {"etcd member": 1 - idle.get("etcd_cores", 0) / MEMBERS, "prime": 1.0}
+            net = {"etcd member": per_job["etcd member"] - per_job["etcd member, idle part"],
+                   "prime": per_job["prime"]}
+            dedicated = {k: spare[k] * 1000 / net[k] for k in net if net[k] > 0}
             rows.append({"nodes": scale["nodes"], "kind": kind, "jobs_per_s": rate,
                          "revisions_per_job": b["revisions_per_job"], "ceilings": limits,
                          "cpu_share": share, "placer_pass_p50_ms": _ms(b["passes"].get("p50")),
@@ -848,7 +860,7 @@ def render(res):
                     f"{fmt(c['placer_pass_p50_ms'], ' ms')}, p99 {fmt(c['placer_pass_p99_ms'], ' ms')}, "
                     f"{fmt(c['jobs_per_pass'])} jobs a pass")
         text.append("        CPU ms per job: " + ", ".join(f"{k} {v:.2f}" for k, v in c["cpu_ms_per_job"].items())
-                    + "; with a core each, jobs/s: " + ", ".join(f"{k} {fmt(v)}" for k, v in c["dedicated"].items()))
+                    + "; with a core each, after the idle load, jobs/s: " + ", ".join(f"{k} {fmt(v)}" for k, v in c["dedicated"].items()))
     text.append("")
     for what, value, met in res["targets"]:
         text.append(f"  target {what}: {value}: {'met' if met else 'MISSED'}")
