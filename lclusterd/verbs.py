@@ -53,6 +53,7 @@ class Verbs:
         self.clock = clock
         self.signing_key = signing_key
         self.wake = wake
+        self._live = None  # (loop time, live registrations) as _check_fits last read them
 
     @property
     def me(self):
@@ -148,9 +149,14 @@ class Verbs:
         return parents
 
     async def _check_fits(self, job):
-        """A job no registered node could ever run is refused now, with why."""
-        live, *_ = await self.call(self.store.cluster)
-        live = dict(live)
+        """A job no registered node could ever run is refused now, with why.
+        The registrations are read at most once a poll_interval (a read of
+        every node's per submission would cost more than the submission)."""
+        now = asyncio.get_running_loop().time()
+        if self._live is None or now - self._live[0] >= self.config.poll_interval:
+            live, *_ = await self.call(self.store.cluster)
+            self._live = (now, live)
+        live = dict(self._live[1])
         live.setdefault(self.me, self.membership.registration())
         why = scheduler.never_fits(job, scheduler.node_views(live))
         if why is not None:
@@ -243,10 +249,14 @@ class Verbs:
         "cancelled": [uuids], "jobs": [Job]})."""
         try:
             job = await self.find(ref)
-        except LookupError:
-            if not core.is_full_uuid(core.validate_ref(ref)):
-                raise
-            return await self._remove_array(ref, caller)
+        except core.AmbiguousRef:
+            raise
+        except LookupError as missing:
+            try:
+                array = await self.find_array(ref)  # not a job: an array's id?
+            except LookupError:
+                raise missing from None  # neither: the job's "no job matches"
+            return await self._remove_array(array, caller)
         self._check_owner(job, caller)
         if self.runner.ours(job):
             # Its unit is ours to stop: ask systemd first, so that with the bus
@@ -260,10 +270,9 @@ class Verbs:
         # stops the unit (core.reconcile: RELEASE_UNIT).
         return await self._stop_here(job, reason)
 
-    async def _remove_array(self, array_id, caller):
-        array = await self.find_array(array_id)
+    async def _remove_array(self, array, caller):
         if not array["jobs"]:
-            raise LookupError(f"no job matches '{array_id}'")
+            raise LookupError(f"no job matches '{array['id']}'")
         for job in array["jobs"]:
             self._check_owner(job, caller)
         if any(self.runner.ours(job) for job in array["jobs"]):

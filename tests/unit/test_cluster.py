@@ -382,6 +382,7 @@ def test_submit_refuses_a_limit_no_node_can_enforce(tmp_path):
     asyncio.run(n.submit("true", ROOT, {"cpus": "0.5", "tasks": "10"}))
     assert n.membership.registration()["enforces"] == ["cpu", "pids"]
     other_node(n.store, enforces=["cpu", "memory", "pids"])
+    n.verbs._live = None  # (read at most once a poll_interval)
     big = asyncio.run(n.submit("true", ROOT, {"memory": "64M"}))
     asyncio.run(dispatch(n))
     assert n.store.get(big.uuid)[0].node == "other" and big.uuid not in n.units.started
@@ -925,3 +926,14 @@ def test_metrics_count_fences_and_the_jobs_they_lost(tmp_path):
     assert sample(s, "lclusterd_fenced_total") == 1
     assert sample(s, "lclusterd_fenced_jobs_total") == 2
     assert sample(s, "lclusterd_jobs_ended_total", result="lost") == 3
+
+
+def test_remove_of_an_unknown_uuid_says_no_job_matches(tmp_path):
+    n = make_node(tmp_path)
+    with pytest.raises(LookupError, match=f"^no job matches '{U1}'$"):
+        asyncio.run(n.remove(U1, ROOT))
+    alice = Caller(1000, 1000, "alice")
+    array, _ = asyncio.run(n.submit("true", ROOT, count=2))
+    with pytest.raises(core.Forbidden):  # root's array
+        asyncio.run(n.remove(array, alice))
+    assert {j.state for j, _ in n.store.all_jobs()} == {QUEUED}
