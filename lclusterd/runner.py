@@ -112,51 +112,76 @@ class Runner:
 
     # -- starting ------------------------------------------------------------
 
-    async def start(self, job):
-        """Start the unit of a job assigned to us (starting, node = us) and
-        record it running; a start that fails fails the attempt for good (a
-        requeue would place it again and fail again, forever)."""
-        if job.uuid in self.in_flight:
-            return
-        self.mine.add(job.uuid)
-        self.in_flight.add(job.uuid)
+    async def start_many(self, records):
+        """Start the units of jobs assigned to us, [(job, revision)], all at
+        once, and record how each went in as few transactions as etcd takes:
+        running, or failed for good (a requeue would place it again and fail
+        again, forever)."""
+        records = [(job, rev) for job, rev in records if job.uuid not in self.in_flight]
+        for job, _ in records:
+            self.mine.add(job.uuid)
+            self.in_flight.add(job.uuid)
         try:
-            try:
-                if self.signing_key is not None and not core.verify(job, self.signing_key):
-                    raise _NotStarted(core.UNSIGNED)
-                if job.network and job.network.startswith("ns:"):
-                    try:
-                        await asyncio.to_thread(netns.ensure, job.network[3:])
-                    except OSError as e:
-                        raise _NotStarted(f"cannot make network namespace {job.network[3:]}: {e}")
-                await self.units.start(job, self.unit_properties(job))
-                self.applier.counters.started += 1
-                self.applier.counters.dispatched(self.clock() - job.submitted_at)
-            except UnitsUnavailable:
-                # Losing the bus is not the job's fault: it stays starting, and
-                # the sweep after reconnecting finds its unit, or starts it.
-                self.mine.discard(job.uuid)
-                raise
-            except Exception as e:  # noqa: BLE001  whatever it is, this attempt is over
-                if isinstance(e, _NotStarted):
-                    reason = str(e)
-                elif isinstance(e, Refused):
-                    reason = f"systemd refused to start it: {e}"
+            outcomes = await asyncio.gather(*(self._start_unit(job) for job, _ in records),
+                                            return_exceptions=True)
+            why, bus_lost = {}, None
+            for (job, _), outcome in zip(records, outcomes):
+                if isinstance(outcome, UnitsUnavailable):
+                    # Losing the bus is not the job's fault: it stays starting, and
+                    # the sweep after reconnecting finds its unit, or starts it.
+                    self.mine.discard(job.uuid)
+                    bus_lost = outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
                 else:
-                    reason = f"its unit could not be started: {type(e).__name__}: {e}"
-                reason = " ".join(reason.split())  # one line
-                log.warning("job %s: start failed: %s", job.uuid, reason)
-                self.mine.discard(job.uuid)
-                await self.applier.change(job.uuid, lambda j: core.transition(
-                    j, core.FAILED, ended_at=self.clock(), reason=reason)
-                    if self.ours(j, core.STARTING) else None)
-                return
-            await self.applier.change(job.uuid, lambda j: core.transition(
-                j, core.RUNNING, started_at=self.clock()) if self.ours(j, core.STARTING) else None)
+                    why[job.uuid] = outcome
+                    if outcome is not None:
+                        self.mine.discard(job.uuid)
+            now = self.clock()
+
+            def decide(j):
+                if j.uuid not in why or not self.ours(j, core.STARTING):
+                    return None
+                if why[j.uuid] is None:
+                    return core.transition(j, core.RUNNING, started_at=now)
+                return core.transition(j, core.FAILED, ended_at=now, reason=why[j.uuid])
+            await self.applier.change_many({job.uuid: (job, rev) for job, rev in records
+                                            if job.uuid in why}, decide)
+            if bus_lost is not None:
+                raise bus_lost
         finally:
-            self.in_flight.discard(job.uuid)
-            if job.uuid in self.changed:
+            for job, _ in records:
+                self.in_flight.discard(job.uuid)
+            if any(job.uuid in self.changed for job, _ in records):
                 self.wake()
+
+    async def _start_unit(self, job):
+        """Start job's unit: None once started, else why it will not run (one
+        line). units.Unavailable is raised: the bus, not the job, failed."""
+        try:
+            if self.signing_key is not None and not core.verify(job, self.signing_key):
+                raise _NotStarted(core.UNSIGNED)
+            if job.network and job.network.startswith("ns:"):
+                try:
+                    await asyncio.to_thread(netns.ensure, job.network[3:])
+                except OSError as e:
+                    raise _NotStarted(f"cannot make network namespace {job.network[3:]}: {e}")
+            await self.units.start(job, self.unit_properties(job))
+        except UnitsUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001  whatever it is, this attempt is over
+            if isinstance(e, _NotStarted):
+                reason = str(e)
+            elif isinstance(e, Refused):
+                reason = f"systemd refused to start it: {e}"
+            else:
+                reason = f"its unit could not be started: {type(e).__name__}: {e}"
+            reason = " ".join(reason.split())  # one line
+            log.warning("job %s: start failed: %s", job.uuid, reason)
+            return reason
+        self.applier.counters.started += 1
+        self.applier.counters.dispatched(self.clock() - job.submitted_at)
+        return None
 
     def assignment_events(self, events):
         """store.watch("assigned", node=us): [(key suffix, deleted)], from its
@@ -178,11 +203,8 @@ class Runner:
             return  # (kept for when we are registered again)
         self.assigned.clear()
         found = await self.applier.call(self.store.get_many, sorted(todo))
-        jobs = [job for job, _ in found.values() if self.ours(job, core.STARTING)]
-        results = await asyncio.gather(*(self.start(job) for job in jobs), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await self.start_many([(job, rev) for job, rev in found.values()
+                               if self.ours(job, core.STARTING)])
 
     # -- the sweep -------------------------------------------------------------
 
@@ -246,7 +268,7 @@ class Runner:
             await self.units.release(job_uuid)
         elif action == core.START_UNIT:
             if self.registered() and job_uuid not in self.mine | self.in_flight:
-                await self.start(known[0])
+                await self.start_many([known])
         elif action == core.RECORD_RUNNING:
             await change(job_uuid, lambda j: core.transition(
                 j, core.RUNNING, started_at=status.started_at or self.clock())
@@ -274,36 +296,53 @@ class Runner:
     # -- ends ------------------------------------------------------------------
 
     async def record_end(self, job_uuid, status, known=None):
-        if self.markers.was_fenced(job_uuid):  # a fence killed it: it did not end, it was lost
-            decide = self.lose_mine
-        else:
-            decide = lambda j: (core.settle(j, status, self.clock())  # noqa: E731
-                                if self.ours(j, core.STARTING, core.RUNNING, core.WARNED) else None)
-        job = await self.applier.change(job_uuid, decide, known)
-        self.markers.forget(job_uuid)
-        self.mine.discard(job_uuid)
-        if job is None:
-            return  # no record of ours (another daemon's prefix): not ours to release
-        await self.units.release(job_uuid, status)
-        log.info("job %s %s: %s", job_uuid, job.state, job.reason)
+        await self.record_ends({job_uuid: status}, {job_uuid: known} if known else None)
+
+    async def record_ends(self, ended, known=None):
+        """ended: {uuid: its unit's finished status}: record each outcome (a
+        loss if a fence killed it) in as few transactions as etcd takes, then
+        release the units. known: {uuid: (job, revision)} already read."""
+        if not ended:
+            return
+        records = {u: (known or {}).get(u) or self.applier.written.get(u) for u in ended}
+        missing = [u for u, r in records.items() if r is None]
+        records = {u: r for u, r in records.items() if r is not None}
+        if missing:
+            records.update(await self.applier.call(self.store.get_many, missing))
+        now = self.clock()
+
+        def decide(j):
+            if self.markers.was_fenced(j.uuid):  # it did not end, it was lost
+                return self.lose_mine(j)
+            if self.ours(j, core.STARTING, core.RUNNING, core.WARNED):
+                return core.settle(j, ended[j.uuid], now)
+            return None
+        done = await self.applier.change_many(records, decide)
+        for job_uuid, status in ended.items():
+            self.markers.forget(job_uuid)
+            self.mine.discard(job_uuid)
+            if job_uuid not in records:
+                continue  # no record of ours (another daemon's prefix): not ours to release
+            await self.units.release(job_uuid, status)
+            job = done.get(job_uuid) or records[job_uuid][0]
+            log.info("job %s %s: %s", job_uuid, job.state, job.reason)
 
     async def record_changed(self):
         """Record the outcome of units that systemd said changed, all at once
         (one by one, recording ends held the node under load: make bench)."""
-        ready = self.changed - self.in_flight  # the others: once their start is recorded
-        self.changed -= ready
-        results = await asyncio.gather(*(self._record_if_ended(u) for u in ready),
-                                       return_exceptions=True)
-        for error in results:
+        ready = sorted(self.changed - self.in_flight)  # the others: once their start is recorded
+        self.changed -= set(ready)
+        if not ready:
+            return
+        statuses = await asyncio.gather(*(self.units.status(u) for u in ready),
+                                        return_exceptions=True)
+        ended = {u: s for u, s in zip(ready, statuses)
+                 if not isinstance(s, BaseException) and s is not None and s.finished}
+        try:
+            await self.record_ends(ended)
+        except StoreUnavailable:
+            self.changed |= set(ended)  # the units keep their results: retry later
+            raise
+        for error in statuses:
             if isinstance(error, BaseException):
                 raise error
-
-    async def _record_if_ended(self, job_uuid):
-        status = await self.units.status(job_uuid)
-        if status is not None and status.finished:
-            try:
-                await self.record_end(job_uuid, status)
-            except StoreUnavailable:
-                self.changed.add(job_uuid)  # the unit keeps its result: retry later
-                raise
-
