@@ -7,8 +7,9 @@ gateway replaced by SimUnits below: a unit "runs" for the time its command
 says (`sleep 1`: 1 s, `true`: 0 s) and reports its end to on_change as
 units.Units does. Nodes are spread over worker processes: the first node,
 started first so that it takes the prime, in a process of its own (its CPU
-and RSS are the primed node's), the others in 1-3 processes sharing one
-Store each.
+and RSS are the primed node's), the others in 1-3 processes, a Store
+(gRPC channels) shared by each 100 of them; etcd's data dirs and the
+nodes' run dirs are temporary and removed, its processes stopped.
 
     /usr/bin/python3 -m tests.bench.sim --nodes 10,100 --jobs 2000
     /usr/bin/python3 -m tests.bench.sim --full      # 10,100,1000 nodes x 20,000 jobs
@@ -16,10 +17,14 @@ Store each.
 For each N and each job length: a burst (all jobs queued at once in
 addjob-like batches of core.MAX_BATCH through the store) gives completed
 jobs/s and etcd revisions per job (etcd's header revision before and after);
-a paced run (--rate jobs/s offered, default 1,000) gives dispatch latency,
-submission -> unit started, p50 and p99. The ceiling model puts beside them
+a paced run (--rate jobs/s offered, default 1,000, but at most 80% of what
+the burst achieved and of the slots' capacity, so that the queue does not
+just grow) gives dispatch latency, submission -> unit started, p50 and p99. The ceiling model puts beside them
 etcd's guarded transactions/s measured on the same cluster, the primed
-node's placement pass time and the machine's CPU use.
+node's placement pass time and the machine's CPU use (ceiling()).
+On a 2-core machine every simulated node's heartbeat and sweeps share those
+cores with etcd: 1,000 nodes did not all register there (the report says
+so and goes on with the next size).
 """
 
 import argparse
