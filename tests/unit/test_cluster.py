@@ -780,6 +780,10 @@ def test_the_primed_node_keeps_the_prime_when_its_node_is_full(tmp_path):
     assert n.primed and n.store.cluster()[3] == "me"
     placed = {u: n.store.get(u)[0].node for u in (U1, U2, U3)}
     assert sorted(placed.values()) == ["me", "other", "other"] and len(n.units.started) == 1
+    assert n.placer.writes == 1  # the three in one guarded transaction
+    before = n.store.revision
+    asyncio.run(n.placer.place())  # nothing to place: no transaction
+    assert n.store.revision == before and n.placer.writes == 1
 
 
 def test_counters_count_submissions_starts_and_ends_as_they_happen(tmp_path):
