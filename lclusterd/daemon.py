@@ -195,6 +195,8 @@ def status(node, warnings=(), stuck=None):
         state = "registering in the cluster"
     else:
         state = f"running {len(node.mine)} job(s) of {node.config.slots} slot(s); etcd ok"
+        if getattr(node, "primed", False):
+            state += "; primed: placing the cluster's jobs"
     return "; ".join((state, *warnings))
 
 

@@ -322,3 +322,10 @@ def test_watches_start_once_etcd_answers(monkeypatch):
         await asyncio.wait_for(daemon.watch(Watching(), stopping, cancels), 2)
         return cancels
     assert run(go()) == ["cancel-1", "cancel-2"] and len(tries) == 3
+
+
+def test_status_says_when_this_node_places_the_clusters_jobs():
+    node = FakeNode()
+    assert "primed" not in daemon.status(node)
+    node.primed = True
+    assert daemon.status(node) == "running 0 job(s) of 2 slot(s); etcd ok; primed: placing the cluster's jobs"
