@@ -72,6 +72,11 @@ class Placer:
         self._wake = asyncio.Event()
         self.ended = set()  # uuids whose assignment went (they ended): their dependents to look at
         self._cancels = []  # of the watches we hold while primed
+        # The live registrations as last read (loop time, {name: registration}):
+        # read again when a node came or went, or once a poll_interval (their
+        # counts change every sweep; placement reads capacity, not counts).
+        self._live = None
+        self._nodes_changed = True
         self.passes = 0  # passes that read a snapshot (tests, bench)
         self.writes = 0  # transactions of assignments and cancels (tests, bench)
 
@@ -84,6 +89,13 @@ class Placer:
 
     def events(self, events):
         """Any watched change (queue, nodes, drained, prime): place again."""
+        self.wake()
+
+    def node_events(self, events):
+        """store.watch("nodes"): a node that came or went means read them again."""
+        known = self._live[1] if self._live is not None else {}
+        if not events or any(deleted or suffix not in known for suffix, deleted in events):
+            self._nodes_changed = True
         self.wake()
 
     def assigned_events(self, events):
@@ -104,7 +116,7 @@ class Placer:
             def start():
                 cancels = []
                 try:
-                    for kind, callback in (("queue", self.events), ("nodes", self.events),
+                    for kind, callback in (("queue", self.events), ("nodes", self.node_events),
                                            ("drained", self.events), ("assigned", self.assigned_events)):
                         cancels.append(self.store.watch(kind, functools.partial(
                             loop.call_soon_threadsafe, callback)))
@@ -122,6 +134,7 @@ class Placer:
         for cancel in self._cancels:
             cancel()
         self._cancels = []
+        self._live = None  # read afresh once primed again
 
     async def run(self, stopping):
         """Place while we hold the prime, until stopping is set."""
@@ -168,11 +181,16 @@ class Placer:
         if self.ended:
             ended, self.ended = sorted(self.ended), set()
             await cancel_dependents(self.applier, ended, self.clock)
-        live, _, _, prime = await call(store.cluster)
-        if prime != self.me:  # taken from us (deleted by hand, our lease gone): campaign again
-            self.membership.primed = False
-            self.membership.prime_taken = prime is not None
-            return False
+        now = asyncio.get_running_loop().time()
+        if self._nodes_changed or self._live is None or now - self._live[0] >= self.config.poll_interval:
+            self._nodes_changed = False
+            live, _, _, prime = await call(store.cluster)
+            self._live = (now, live)
+            if prime != self.me:  # taken from us (deleted by hand, our lease gone): campaign again
+                self.membership.primed = False
+                self.membership.prime_taken = prime is not None
+                return False
+        live = self._live[1]
         drains = await call(store.drains)
         assigned = await call(store.assigned)
         nodes = scheduler.node_views(live, drains)
@@ -209,5 +227,6 @@ class Placer:
         if cancelled:
             await cancel_dependents(self.applier, cancelled, self.clock)
         if placed < len(plan.assign) or len(cancelled) < len(plan.cancel):
-            self.wake()  # some records moved (or the prime did): read again
+            self._nodes_changed = True  # some records moved, or the prime did: read all again
+            self.wake()
         return placed > 0
