@@ -65,21 +65,26 @@ def test_nodes_registered_with_address_and_slots(cluster):
         assert rows[n.name]["state"] in ("ready", "primed")
     assert sum(r["state"] == "primed" for r in rows.values()) <= 1
     table = cluster[0].lc("nodes").stdout
-    assert table.splitlines()[0].split()[:3] == ["NAME", "ADDRESS", "STATE"] and "n3" in table
+    header = table.splitlines()[0].split()
+    assert header[0] == "NAME" and {"ADDRESS", "STATE"} <= set(header) and "n3" in table
 
 
 def test_nodes_say_what_they_enforce_and_refuse_what_they_cannot(cluster):
-    """Issue 9 item 17 (contract C4), across the cluster."""
+    """Issue 9 item 17 (contract C4), across the cluster: since the primed
+    node places every job (issue 11), a limit is refused at submission only
+    if no node can enforce it; else the job goes to one that can."""
     rows = cluster[0].nodes()
     for n in cluster:
         enforces = rows[n.name]["enforces"]
         assert isinstance(enforces, list) and set(enforces) <= {"memory", "cpu", "pids"}
+    somewhere = any("memory" in rows[n.name]["enforces"] for n in cluster)
+    for n in cluster:
         r = n.lc("addjob --memory 64M true", check=False)
-        if "memory" in enforces:
+        if somewhere:
             assert r.returncode == 0, r.stderr
         else:
-            assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-            assert "this node cannot enforce --memory (no writable memory cgroup controller)" in r.stderr
+            assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "no node enforces --memory (its memory cgroup controller)" in r.stderr
 
 
 def test_tcp_needs_the_token(cluster):

@@ -48,7 +48,8 @@ def cluster(rootfs, deb_dir):
     # Writable controllers: the nodes enforce, and so accept, --memory and --cpus.
     with booted(rootfs, deb_dir, slots=SLOTS, node_config=NODE_CONFIG,
                 resource_control=True) as nodes:
-        nodes[0].sh("useradd -m alice")  # someone who is not root, for drain's refusal
+        for n in nodes:  # someone who is not root, for the refusals of drain, resume, forget
+            n.sh("useradd -m alice")
         yield nodes
 
 
@@ -613,6 +614,7 @@ def test_power_off_of_the_primed_node_with_200_jobs_queued(cluster):
     rows = asker.nodes()
     assert rows[dead.name]["state"] == "failed", rows[dead.name]
     refused(asker, f"nodes --forget {alive[1].name}", code=3)
+    refused(asker, f"nodes --forget {dead.name}", code=4, user="alice")  # root only
     asker.lc(f"nodes --forget {dead.name}")
     rows = asker.nodes()
     assert dead.name not in rows and set(rows) == {n.name for n in alive}, rows
