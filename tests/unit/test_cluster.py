@@ -167,7 +167,7 @@ import subprocess
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from lclusterd import membership, node as node_module  # noqa: E402
+from lclusterd import node as node_module  # noqa: E402
 from lclusterd.node import Caller, Node  # noqa: E402
 from lclusterd.store import NoSpace, Unavailable  # noqa: E402
 from tests.memstore import MemStore  # noqa: E402
