@@ -204,6 +204,12 @@ def test_a_running_job_whose_record_is_deleted_is_stopped(cluster):
     log = runner.sh(f"journalctl -o cat --no-pager -u lclusterd --since @{t - 1:.0f}").stdout
     assert f"job {uuid}: its record is gone from etcd" in log
     wait_for("its slot free", lambda: cluster[0].nodes()[runner.name]["free"] == SLOTS, 30)
+    # ... for placement too (issue 11): its reservation (PREFIX/assigned/<node>/<uuid>)
+    # went with it, else the primed node counts the slot as taken for ever.
+    wait_for("its reservation gone", lambda: (lambda row: row if row["running"] == 0 and not row.get(
+        "reserved_cpus") else None)(cluster[0].nodes()[runner.name]), 30)
+    assert runner.sh(f"etcdctl get --prefix --keys-only /lcluster/assigned/{runner.name}/{uuid}"
+                     ).stdout.strip() == ""
 
 
 def test_one_etcd_member_down_the_cluster_keeps_scheduling(cluster):
