@@ -74,15 +74,17 @@ class Applier:
             self._wrote(job, new, written)
         return written
 
-    async def write_many(self, changes, prime=None):
+    async def write_many(self, changes, prime=None, executor=None):
         """[(old, new, revision)] in as few guarded transactions as etcd takes
-        (store.update_many); per change its new revision, or None (re-read)."""
+        (store.update_many); per change its new revision, or None (re-read).
+        executor: the threads to call etcd from (default: the loop's)."""
         if not changes:
             return []
         if prime is None:
-            results = await self.call(self.store.update_many, changes)
+            results = await self.call(self.store.update_many, changes, executor=executor)
         else:
-            results = await self.call(lambda: self.store.update_many(changes, prime=prime))
+            results = await self.call(lambda: self.store.update_many(changes, prime=prime),
+                                      executor=executor)
         for (job, new, _), written in zip(changes, results):
             if written:
                 self._wrote(job, new, written)

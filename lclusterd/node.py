@@ -145,6 +145,7 @@ class Node:
     def close(self):
         """Close the heartbeat's own stores (the daemon closes self.store)."""
         self.membership.close()
+        self.placer.close()
 
     def watches(self, loop):
         """Wire etcd's watches to wake-ups on loop (each callback comes from

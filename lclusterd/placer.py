@@ -13,6 +13,7 @@ over-committed whoever held the prime before.
 """
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 
@@ -24,6 +25,17 @@ log = logging.getLogger("lclusterd.node")
 # Queued jobs looked at past the cluster's free slots: ones that fit where
 # the head does not (a big job first, small ones behind it; dependencies).
 LOOKAHEAD = 128
+# When the head cannot use the free slots (its jobs wait on dependencies or
+# an array's throttle), the pass reads further down, each read this many
+# times the last, up to MAX_LOOK jobs (store.queued reads at most a page).
+LOOK_GROWTH = 4
+MAX_LOOK = 1000
+# Assignments written per pass at most: short, frequent passes (the first
+# jobs start while the next are placed) and a bounded transaction batch.
+MAX_ASSIGN = 256
+# Threads for the placer's etcd calls: not queued behind the runner's and
+# the API's in the default pool.
+PLACER_THREADS = 4
 
 
 async def cancel_dependents(applier, roots, clock):
@@ -78,6 +90,8 @@ class Placer:
         self._live = None
         self._nodes_changed = True
         self.passes = 0  # passes that read a snapshot (tests, bench)
+        self.last_pass = 0.0  # seconds the last pass that wrote took (bench)
+        self._pool = concurrent.futures.ThreadPoolExecutor(PLACER_THREADS, thread_name_prefix="placer")
         self.writes = 0  # transactions of assignments and cancels (tests, bench)
 
     @property
@@ -173,15 +187,23 @@ class Placer:
                 pass
             self._wake.clear()
 
+    def call(self, method, *args):
+        return self.applier.call(method, *args, executor=self._pool)
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+
     async def place(self):
         """One pass: read, plan, write. True if it wrote assignments (another
         pass may find more room or more jobs)."""
-        call, store = self.applier.call, self.store
+        call, store = self.call, self.store
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         self._wake.clear()  # what changes from now on wakes the next pass
         if self.ended:
             ended, self.ended = sorted(self.ended), set()
             await cancel_dependents(self.applier, ended, self.clock)
-        now = asyncio.get_running_loop().time()
+        now = loop.time()
         if self._nodes_changed or self._live is None or now - self._live[0] >= self.config.poll_interval:
             self._nodes_changed = False
             live, _, _, prime = await call(store.cluster)
@@ -200,33 +222,43 @@ class Placer:
         self.passes += 1
         if not free:
             return False
-        queue = await call(store.queued, free + LOOKAHEAD)
-        if not queue:
-            return False
-        jobs = {job.uuid: (job, rev) for job, rev in queue}
-        wanted = sorted({p for job, _ in queue for p in job.after})
-        found = await call(store.get_many, wanted) if wanted else {}
-        parents = {u: found[u][0] if u in found else None for u in wanted}
-        plan = scheduler.plan([job for job, _ in queue], nodes, loads, parents,
-                              scheduler.array_live(assigned), placement=self.config.placement)
+        wanted_assign = min(free, MAX_ASSIGN)
+        limit = wanted_assign + LOOKAHEAD
+        while True:
+            queue = await call(store.queued, limit)
+            if not queue:
+                return False
+            jobs = {job.uuid: (job, rev) for job, rev in queue}
+            wanted = sorted({p for job, _ in queue for p in job.after})
+            found = await call(store.get_many, wanted) if wanted else {}
+            parents = {u: found[u][0] if u in found else None for u in wanted}
+            plan = scheduler.plan([job for job, _ in queue], nodes, loads, parents,
+                                  scheduler.array_live(assigned), placement=self.config.placement)
+            # Enough placed, the queue's end (queued() filters moved records,
+            # so a short answer is the end as far as this pass knows), or the bound.
+            if len(plan.assign) >= wanted_assign or len(queue) < limit or limit >= MAX_LOOK:
+                break
+            limit = min(limit * LOOK_GROWTH, MAX_LOOK)
+        assign = plan.assign[:MAX_ASSIGN]  # in queue order: a prefix over-commits nothing
         now = self.clock()
         changes = [(jobs[u][0], core.transition(jobs[u][0], core.STARTING, now=now, node=node),
-                    jobs[u][1]) for u, node in plan.assign]
+                    jobs[u][1]) for u, node in assign]
         changes += [(jobs[u][0], core.transition(jobs[u][0], core.CANCELLED, ended_at=now,
                                                  reason=reason), jobs[u][1])
                     for u, reason in plan.cancel]
         if not changes:
             return False  # nothing to write: no transaction
-        results = await self.applier.write_many(changes, prime=self.me)
+        results = await self.applier.write_many(changes, prime=self.me, executor=self._pool)
         self.writes += 1
-        placed = sum(1 for r in results[:len(plan.assign)] if r)
-        cancelled = [u for (u, _), r in zip(plan.cancel, results[len(plan.assign):]) if r]
+        placed = sum(1 for r in results[:len(assign)] if r)
+        cancelled = [u for (u, _), r in zip(plan.cancel, results[len(assign):]) if r]
         for u, reason in plan.cancel:
             if u in cancelled:
                 log.info("job %s cancelled: %s", u, reason)
         if cancelled:
             await cancel_dependents(self.applier, cancelled, self.clock)
-        if placed < len(plan.assign) or len(cancelled) < len(plan.cancel):
+        if placed < len(assign) or len(cancelled) < len(plan.cancel):
             self._nodes_changed = True  # some records moved, or the prime did: read all again
             self.wake()
+        self.last_pass = loop.time() - began
         return placed > 0

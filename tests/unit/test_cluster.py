@@ -941,3 +941,36 @@ def test_remove_of_an_unknown_uuid_says_no_job_matches(tmp_path):
     with pytest.raises(core.Forbidden):  # root's array
         asyncio.run(n.remove(array, alice))
     assert {j.state for j, _ in n.store.all_jobs()} == {QUEUED}
+
+
+def test_the_placer_reads_past_a_head_that_waits(tmp_path):
+    """More jobs waiting at the head (dependencies) than free slots plus
+    LOOKAHEAD: the ones behind them are placed all the same."""
+    from lclusterd import placer
+    n = make_node(tmp_path, slots=2)
+    register(n)
+    parent = on("me", job_uuid=U1)
+    put(n.store, parent)
+    waiting = [job(job_uuid=f"{i:08x}-0000-4000-8000-000000000000", submitted_at=200.0 + i,
+                   after=(U1,)) for i in range(placer.LOOKAHEAD + 10)]
+    for j in waiting:
+        put(n.store, j)
+    behind = job(job_uuid=U2, submitted_at=900.0)
+    put(n.store, behind)
+    asyncio.run(dispatch(n))
+    assert n.store.get(U2)[0].state in (STARTING, RUNNING)
+    assert all(n.store.get(j.uuid)[0].state == QUEUED for j in waiting)
+
+
+def test_a_placer_pass_assigns_at_most_max_assign(tmp_path, monkeypatch):
+    from lclusterd import placer
+    monkeypatch.setattr(placer, "MAX_ASSIGN", 2)
+    n = make_node(tmp_path, slots=8)
+    register(n)
+    for u in (U1, U2, U3):
+        put(n.store, job(job_uuid=u))
+    assert asyncio.run(n.membership.hold_prime())
+    assert asyncio.run(n.placer.place())
+    assert sorted(n.store.get(u)[0].state for u in (U1, U2, U3)) == [QUEUED, STARTING, STARTING]
+    asyncio.run(n.placer.place())
+    assert {n.store.get(u)[0].state for u in (U1, U2, U3)} == {STARTING}
