@@ -86,6 +86,7 @@ class Membership:
         # it free (the watch, or a sweep's read of the cluster).
         self._prime_lease = None  # the lease we took the prime under
         self.prime_taken = False  # another node held the prime when we last looked
+        self._reindexed = None  # the lease under which we last took the prime and reindexed
         self._published = None  # the registration last written
         self._judged = set()  # lease-less members whose jobs we have looked for
         self.others_live = False  # did another node hold a lease when we last looked?
@@ -147,13 +148,20 @@ class Membership:
         if self.lease is None:
             self.primed = False  # not registered (etcd unreachable, or fenced): place nothing
             return False
-        if self.primed and self._prime_lease == self.lease:
-            return True
-        if self.prime_taken:
-            return False  # another node holds it: the watch or the sweep says when it is free
-        self.primed = await self.applier.call(self.store.campaign, self.me, self.lease)
-        self._prime_lease = self.lease if self.primed else None
-        self.prime_taken = not self.primed
+        if not (self.primed and self._prime_lease == self.lease):
+            if self.prime_taken:
+                return False  # another node holds it: the watch or the sweep says when it is free
+            self.primed = await self.applier.call(self.store.campaign, self.me, self.lease)
+            self._prime_lease = self.lease if self.primed else None
+            self.prime_taken = not self.primed
+        if self.primed and self._reindexed != self.lease:
+            # Records of an older lclusterd have no assigned/ keys: without
+            # them the placer would not count the jobs that hold a node.
+            # (Once per prime taken; retried on the next pass if etcd fails.)
+            written = await self.applier.call(self.store.reindex)
+            self._reindexed = self.lease
+            if written:
+                log.info("wrote %d missing assigned/ keys (records of an older lclusterd)", written)
         return self.primed
 
     def prime_events(self, events):

@@ -219,9 +219,10 @@ class Verbs:
         wanted = sorted({p for job in queued for p in job.after})
         found = await self.call(self.store.get_many, wanted) if wanted else {}
         parents = {u: found[u][0] if u in found else None for u in wanted}
+        positions = await self.call(self.store.queue_positions, queued)  # one read, not one per job
         answer = {}
         for job in queued:
-            ahead, total = await self.call(self.store.queue_position, job)
+            ahead, total = positions[job.uuid]
             why = scheduler.explain(job, nodes, loads, parents, array_live, ahead, total)
             if why is None:  # it fits now: next to be placed
                 why = scheduler.Waiting("priority", f"{ahead} of {total} ahead; being placed")

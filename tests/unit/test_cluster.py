@@ -974,3 +974,42 @@ def test_a_placer_pass_assigns_at_most_max_assign(tmp_path, monkeypatch):
     assert sorted(n.store.get(u)[0].state for u in (U1, U2, U3)) == [QUEUED, STARTING, STARTING]
     asyncio.run(n.placer.place())
     assert {n.store.get(u)[0].state for u in (U1, U2, U3)} == {STARTING}
+
+
+class ReindexCounting(MemStore):
+    reindexed = 0
+    positions = 0
+
+    def reindex(self):
+        self.reindexed += 1
+        return super().reindex()
+
+    def queue_position(self, job):
+        self.positions += 1
+        return super().queue_position(job)
+
+
+def test_taking_the_prime_reindexes_once(tmp_path):
+    """Records of an older lclusterd lack assigned/ keys: the new primed node writes them."""
+    store = ReindexCounting()
+    n = make_node(tmp_path, store=store)
+    register(n)
+    assert asyncio.run(n.membership.hold_prime()) and store.reindexed == 1
+    assert asyncio.run(n.membership.hold_prime()) and store.reindexed == 1
+    store.resign("me")
+    n.membership.primed = False
+    assert asyncio.run(n.membership.hold_prime())
+    register(n)  # a new lease: the prime taken afresh
+    n.membership.primed = False
+    assert asyncio.run(n.membership.hold_prime()) and store.reindexed == 2
+
+
+def test_waiting_reads_the_queue_positions_once(tmp_path):
+    store = ReindexCounting()
+    n = make_node(tmp_path, store=store)
+    register(n)
+    jobs = [job(job_uuid=u, submitted_at=100.0 + i) for i, u in enumerate((U1, U2, U3))]
+    for j in jobs:
+        put(store, j)
+    answer = asyncio.run(n.waiting(jobs))
+    assert [answer[u]["ahead"] for u in (U1, U2, U3)] == [0, 1, 2] and store.positions == 0
