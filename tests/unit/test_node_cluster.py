@@ -33,6 +33,7 @@ class World:
         self.starts = []  # (uuid, node) in order
         self.violations = []
         self.most = {}  # node -> most jobs at once
+        self.started_at, self.ended_at = {}, {}  # uuid -> loop time its unit started, ended
 
 
 class SimUnits:
@@ -63,6 +64,7 @@ class SimUnits:
                                     f"{world.running[job.uuid]}")
         world.running[job.uuid] = self.name
         world.starts.append((job.uuid, self.name))
+        world.started_at[job.uuid] = asyncio.get_running_loop().time()
         self.loaded[job.uuid] = RUNNING_UNIT
         self.reserved[job.uuid] = (job.cpus or 0.0, job.memory or 0)
         slots, cpus, memory = self.capacity
@@ -82,6 +84,7 @@ class SimUnits:
         self.timers.pop(job_uuid, None)
         if job_uuid in self.loaded:
             self.loaded[job_uuid] = status
+            self.world.ended_at[job_uuid] = asyncio.get_running_loop().time()
             self.world.running.pop(job_uuid, None)
             self.on_change(job_uuid)
 
@@ -110,14 +113,15 @@ class SimUnits:
 
 
 class Cluster:
-    def __init__(self, tmp_path, names, slots=2, cpus=4, memory="8G", labels=None, **settings):
+    def __init__(self, tmp_path, names, slots=2, cpus=4, memory="8G", labels=None,
+                 unit_class=SimUnits, **settings):
         self.store, self.world, self.nodes, self.tasks, self.watches = MemStore(), World(), {}, {}, {}
         for name in names:
             cfg = config.from_mapping({"node_name": name, "slots": str(slots), "lease_ttl": "2",
                                        "poll_interval": "0.2", "cpus": str(cpus), "memory": memory,
                                        "labels": (labels or {}).get(name, ""),
                                        **settings}, exists=lambda path: False)
-            units = SimUnits(self.world, name, (slots, cfg.cpus, cfg.memory))
+            units = unit_class(self.world, name, (slots, cfg.cpus, cfg.memory))
             node = Node(cfg, self.store, units, run_dir=str(tmp_path / name), machine=f"m-{name}",
                         lease_stores=[self.store])
             units.on_change = node.unit_changed
@@ -377,3 +381,40 @@ def test_removing_a_queued_parent_cancels_its_dependents_at_once(tmp_path):
     assert parent.state == child.state == core.CANCELLED
     assert child.reason == f"dependency failed: {parent.uuid[:8]} cancelled"
     assert grandchild.state == core.QUEUED  # after-any: its parent ended; it runs once n1 resumes
+
+
+def test_a_slot_is_reused_at_once_when_its_job_ends(tmp_path):
+    """The end is recorded when systemd says so, its assignment's deletion
+    wakes the placer, the new assignment wakes the runner: no step waits
+    for poll_interval (2 s here, the default)."""
+    async def scenario(c):
+        n1 = c.nodes["n1"]
+        await asyncio.sleep(0.5)  # the prime taken, the first sweep done
+        made = [await n1.submit("sleep 1", ROOT) for _ in range(3)]
+        await c.until(lambda: c.all_ended([j.uuid for j in made]), timeout=20)
+        w = c.world
+        return [w.started_at[b.uuid] - w.ended_at[a.uuid] for a, b in zip(made, made[1:])]
+    gaps = run(tmp_path, ["n1"], scenario, slots=1, poll_interval="2")
+    assert max(gaps) < 0.1, gaps
+    # systemd's signal came before its end could be read (the state read
+    # before the exit code): read again soon, not at the next sweep.
+    gaps = run(tmp_path, ["n1"], scenario, slots=1, poll_interval="2", unit_class=LateExitUnits)
+    assert max(gaps) < 0.1, gaps
+
+
+class LateExitUnits(SimUnits):
+    """Its end signalled once, readable as an end only 30 ms later."""
+
+    def _end(self, job_uuid, status):
+        if job_uuid not in self.loaded:
+            return
+        self.loaded[job_uuid] = core.UnitStatus("active", "exited", "success", 0, 0)
+        self.on_change(job_uuid)
+        asyncio.get_running_loop().call_later(0.03, self._late, job_uuid, status)
+
+    def _late(self, job_uuid, status):  # no signal this time
+        self.timers.pop(job_uuid, None)
+        if job_uuid in self.loaded:
+            self.loaded[job_uuid] = status
+            self.world.running.pop(job_uuid, None)
+            self.world.ended_at[job_uuid] = asyncio.get_running_loop().time() - 0.03
