@@ -91,6 +91,7 @@ class Membership:
         self._judged = set()  # lease-less members whose jobs we have looked for
         self.others_live = False  # did another node hold a lease when we last looked?
         self._missing_since = {}  # member name -> loop time we first saw it without a lease
+        self._next_look = 0.0  # loop time a node without the prime next reads the cluster
         self._fence_file_error = None  # why FENCE_FILE cannot be written, said once
         # The heartbeat's etcd calls get threads of their own: slow calls of
         # the API or the scheduler must not delay a renewal into a fence.
@@ -310,24 +311,36 @@ class Membership:
     # -- other nodes ------------------------------------------------------------
 
     async def watch_cluster(self):
-        """Record members whose lease expired as failed, and lose (requeue or
-        fail) the jobs assigned to them, once REQUEUE_GUARD × TTL has passed
-        since we first saw the lease gone (the fencing margin). Every
-        registered node does this; the guarded transactions make doing it
-        twice harmless."""
+        """On the primed node only: record members whose lease expired as
+        failed, and lose (requeue or fail) the jobs assigned to them, once
+        REQUEUE_GUARD × TTL has passed since we first saw the lease gone (the
+        fencing margin). A node that takes the prime starts that clock when
+        it first looks, so a dead primed node's jobs wait no less. The others
+        read the cluster only once a lease_ttl (the prime's watch tells them
+        when it is free; a read of every registration per node per sweep was
+        N² reads): another node holding the prime is a live one (others_live)."""
         if self.lease is None:
             return  # we may be the one cut off: judge nobody
+        seen = asyncio.get_running_loop().time()
+        if not self.primed:
+            self._missing_since, self._judged = {}, set()  # the primed node's clock, not ours
+            if self.prime_taken:
+                self.others_live = True
+            if seen < self._next_look:
+                return
+            self._next_look = seen + self.config.lease_ttl
         live, members, failed, prime = await self.applier.call(self.store.cluster)
         self.others_live = bool(set(live) - {self.me})
         if self.primed and prime != self.me:
             self.primed, self._prime_lease = False, None  # deleted meanwhile (etcdctl del): campaign again
         self.prime_taken = prime is not None and prime != self.me
+        if not self.primed:
+            return
         now = self.clock()
         for name in core.failed_nodes(members, live, failed):
             if await self.applier.call(self.store.record_failed, name, now):
                 log.warning("node %s failed: its lease expired", name)
         missing = set(members) - set(live)
-        seen = asyncio.get_running_loop().time()
         self._missing_since = {n: self._missing_since.get(n, seen) for n in missing}
         due = {n for n in missing
                if seen - self._missing_since[n] >= REQUEUE_GUARD * self.config.lease_ttl}

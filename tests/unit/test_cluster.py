@@ -539,6 +539,7 @@ def test_a_dead_nodes_jobs_are_requeued_only_after_the_guard(tmp_path):
     put(n.store, on("me", job_uuid=U2))
 
     async def watch():
+        assert await n.membership.hold_prime()  # the primed node judges the others
         await n.membership.watch_cluster()
         first = n.store.get(U1)[0].state
         await asyncio.sleep(0.3)
@@ -764,9 +765,38 @@ def test_an_idle_node_whose_prime_another_holds_writes_nothing(tmp_path):
     before = n.store.revision
     idle_passes(n, 50)
     assert n.store.revision == before and not n.primed
-    n.store.revoke(theirs)  # the other node died: a sweep sees the prime free
-    idle_passes(n, 2)
+    n.store.revoke(theirs)  # the other node died: the prime's watch says it is free
+    n.membership.prime_events([("", True)])
+    idle_passes(n, 1)
     assert n.primed
+
+
+def test_only_the_primed_node_reads_the_whole_cluster_each_sweep(tmp_path):
+    """Every node reading every registration every sweep was N² reads."""
+    store = ClusterCounting()
+    n = make_node(tmp_path, store=store)
+    register(n)
+    theirs = other_node(store)
+    store.campaign("other", theirs)
+    idle_passes(n, 1)
+    reads = store.reads
+    idle_passes(n, 20)
+    assert store.reads == reads and not n.primed and n.membership.others_live
+    store.revoke(theirs)  # the watch's event missed: the read once a lease_ttl finds the prime free
+    n.membership._next_look = 0.0
+    idle_passes(n, 1)
+    assert n.primed
+    reads = store.reads
+    idle_passes(n, 3)
+    assert store.reads == reads + 3  # primed: it judges the others, every sweep
+
+
+class ClusterCounting(MemStore):
+    reads = 0
+
+    def cluster(self):
+        self.reads += 1
+        return super().cluster()
 
 
 def test_the_primed_node_keeps_the_prime_when_its_node_is_full(tmp_path):
