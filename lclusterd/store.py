@@ -762,6 +762,15 @@ class Store:
             raise core.Busy(f"node {name} is live: stop it before forgetting it")
         return any(r.response_delete_range.deleted for r in answer.responses)
 
+    def drop_orphan(self, node, job_uuid):
+        """Delete node's assigned/ key of a job whose record is gone (deleted
+        by hand): it would hold its share of the node for good. Checked in
+        the same transaction, so a record that exists keeps its key. True
+        if a key was deleted."""
+        answer = self._call(lambda c: _txn(c, [_version(self._job_key(job_uuid), 0)],
+                                           [_delete(self._key("assigned", f"{node}/{job_uuid}"))]))
+        return answer.succeeded and answer.responses[0].response_delete_range.deleted > 0
+
     def reindex(self):
         """Write the assigned/ keys that live records written by an older
         lclusterd lack (it kept no such index), each guarded by its record's

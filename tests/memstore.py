@@ -436,6 +436,16 @@ class MemStore:
             return found
         return self._write(write)
 
+    def drop_orphan(self, node, job_uuid):
+        def write():
+            self._enter()
+            key = self._key("assigned", f"{node}/{job_uuid}")
+            if self._value(self._job_key(job_uuid)) is not None or self._value(key) is None:
+                return False
+            self._apply([("delete", key)])
+            return True
+        return self._write(write)
+
     def forget(self, name):
         def write():
             self._enter()

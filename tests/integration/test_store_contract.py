@@ -862,3 +862,23 @@ def test_both_leave_the_same_keys_after_the_same_calls(etcd, prefix):
             "idempotency", "nodes", "members", "failed_nodes", "prime", "drained", "locks"}
     finally:
         real.close()
+
+
+def test_drop_orphan_deletes_the_assignment_of_a_record_deleted_by_hand(any_store):
+    job = make_job()
+    any_store.submit(job)
+    _, revision = any_store.get(job.uuid)
+    [revision] = any_store.update_many([(job, assign(job, "n1"), revision)])
+    assert any_store.drop_orphan("n1", job.uuid) is False  # its record is there: kept
+    assert job.uuid in any_store.assigned("n1")["n1"]
+    key = f"{any_store.prefix}/jobs/{job.uuid}"
+    if isinstance(any_store, MemStore):  # `etcdctl del` of the record alone
+        with any_store._lock:
+            any_store._apply([("delete", key)])
+    else:
+        any_store._call(lambda c: c.delete(key))
+    assert any_store.get(job.uuid) is None
+    assert job.uuid in any_store.assigned("n1")["n1"]  # what the runner finds
+    assert any_store.drop_orphan("n1", job.uuid) is True
+    assert any_store.assigned("n1") == {"n1": {}}
+    assert any_store.drop_orphan("n1", job.uuid) is False
