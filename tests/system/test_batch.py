@@ -16,7 +16,8 @@ def test_addjob_count_queues_and_runs_every_copy(box):
     for uuid in out:
         job = box.wait_state(uuid, timeout=120)
         assert job["state"] == "succeeded" and job["user"] == "alice", job
-    log = box.sh(f"journalctl -u lcluster-job@{out[-1]} --no-pager -o cat").stdout
+    assert job["array"] == array and job["array_index"] == 63, job  # printed in index order
+    log = box.lc(f"logs {out[-1]}", user="alice").stdout
     assert log.split() == ["alice", "63"], log
     box.sh("until [ -z \"$(systemctl list-units --all --plain --no-legend 'lcluster-job@*')\" ];"
            " do sleep 0.2; done", timeout=30)
