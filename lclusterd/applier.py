@@ -108,6 +108,12 @@ class Applier:
                     done[job.uuid] = found
         return done
 
+    def keep_only(self, uuids):
+        """Forget what was written of jobs not in uuids (ended, or moved to
+        another node by someone else's write, which _wrote never saw)."""
+        for u in set(self.written) - set(uuids):
+            del self.written[u]
+
     def _wrote(self, job, new, revision):
         me = self.node_name
         if not new.terminal and new.node == me:

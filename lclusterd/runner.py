@@ -204,7 +204,8 @@ class Runner:
 
     async def start_assigned(self):
         """Start what the watch said was assigned to us, all at once."""
-        todo = self.assigned - self.mine - self.in_flight
+        self.assigned -= self.mine | self.in_flight  # started already (the sweep): not read again
+        todo = set(self.assigned)
         if not todo or not self.registered():
             return  # (kept for when we are registered again)
         self.assigned.clear()
@@ -257,6 +258,10 @@ class Runner:
         # A record gone (and nothing loaded) holds no slot either.
         settled |= gone - set(units)
         self.mine = core.slot_holders(jobs, units, settled, self.me) | self.in_flight
+        # What is kept per job is kept for live jobs only (RSS grew 75 -> 290
+        # MB over a 20,000-job burst): the rest went elsewhere or ended unseen.
+        self.applier.keep_only(self.mine | set(units))
+        self.recheck = {u: d for u, d in self.recheck.items() if u in units}
         self.markers.sweep(set(units) | self.mine | self.in_flight)
 
     async def _our_records(self):

@@ -1043,3 +1043,18 @@ def test_waiting_reads_the_queue_positions_once(tmp_path):
         put(store, j)
     answer = asyncio.run(n.waiting(jobs))
     assert [answer[u]["ahead"] for u in (U1, U2, U3)] == [0, 1, 2] and store.positions == 0
+
+
+def test_what_is_kept_per_job_is_kept_for_live_jobs_only(tmp_path):
+    """A record moved by another node's write (cancelled, requeued) leaves
+    nothing behind here after a sweep."""
+    n = make_node(tmp_path)
+    register(n)
+    put(n.store, job(job_uuid=U1))
+    asyncio.run(dispatch(n))
+    assert U1 in n.applier.written
+    found, rev = n.store.get(U1)
+    n.store.update(found, core.transition(found, CANCELLED, ended_at=5.0, reason="elsewhere"), rev)
+    n.units.loaded.pop(U1)  # its unit gone too
+    asyncio.run(n.runner.sweep())
+    assert n.applier.written == {} and n.runner.recheck == {} and n.mine == set()
