@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from lclusterd import core, metrics, store as etcd_store
+from lclusterd import metrics, store as etcd_store
 from lclusterd.applier import Applier
 from lclusterd.history import History
 from lclusterd.membership import (FENCE_AFTER, FENCE_FILE, HEARTBEAT, REQUEUE_GUARD,  # noqa: F401
@@ -25,12 +25,9 @@ from lclusterd.placer import Placer
 from lclusterd.runner import FENCED_DIR, RUN_DIR, FenceMarkers, Runner  # noqa: F401
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Unavailable as UnitsUnavailable
-from lclusterd.verbs import Caller, PermissionDenied, Verbs  # noqa: F401
+from lclusterd.verbs import Caller, Verbs  # noqa: F401  (Caller: api.py imports it from here)
 
 log = logging.getLogger(__name__)
-
-# Until api.py imports them from core (K1).
-Conflict, Elsewhere = core.Conflict, core.Elsewhere
 
 
 class Node:
