@@ -38,21 +38,24 @@ MAX_ASSIGN = 256
 PLACER_THREADS = 4
 
 
-async def cancel_dependents(applier, roots, clock):
+async def cancel_dependents(applier, roots, clock, call=None):
     """Jobs roots ended (or were cancelled): cancel their dependents whose
     dependency can never be met now, and theirs after them, at once (as
-    Flux does, not Slurm's forever-pending). Returns the uuids cancelled."""
-    call, store = applier.call, applier.store
+    Flux does, not Slurm's forever-pending). Returns the uuids cancelled.
+    call: how to call the store (default applier.call). Each generation's
+    dependents are read at once, not one job after another (the primed node
+    looks at every job that ended: ~1,000 a second at 100 nodes)."""
+    call, store = call or applier.call, applier.store
     todo, seen, cancelled = list(roots), set(), []
     while todo:
-        parent = todo.pop()
-        if parent in seen:
-            continue
-        seen.add(parent)
-        children = await call(store.dependents, parent)
+        parents_now = [p for p in dict.fromkeys(todo) if p not in seen]
+        seen.update(parents_now)
+        todo = []
+        answers = await asyncio.gather(*(call(store.dependents, p) for p in parents_now))
+        children = sorted({c for found in answers for c in found})
         if not children:
             continue
-        found = await call(store.get_many, list(children))
+        found = await call(store.get_many, children)
         wanted = sorted({p for job, _ in found.values() for p in job.after})
         known = await call(store.get_many, wanted) if wanted else {}
         parents = {u: known[u][0] if u in known else None for u in wanted}
@@ -202,7 +205,7 @@ class Placer:
         self._wake.clear()  # what changes from now on wakes the next pass
         if self.ended:
             ended, self.ended = sorted(self.ended), set()
-            await cancel_dependents(self.applier, ended, self.clock)
+            await cancel_dependents(self.applier, ended, self.clock, self.call)
         now = loop.time()
         if self._nodes_changed or self._live is None or now - self._live[0] >= self.config.poll_interval:
             self._nodes_changed = False
@@ -256,7 +259,7 @@ class Placer:
             if u in cancelled:
                 log.info("job %s cancelled: %s", u, reason)
         if cancelled:
-            await cancel_dependents(self.applier, cancelled, self.clock)
+            await cancel_dependents(self.applier, cancelled, self.clock, self.call)
         if placed < len(assign) or len(cancelled) < len(plan.cancel):
             self._nodes_changed = True  # some records moved, or the prime did: read all again
             self.wake()
