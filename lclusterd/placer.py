@@ -216,8 +216,9 @@ class Placer:
                 self.membership.prime_taken = prime is not None
                 return False
         live = self._live[1]
-        drains = await call(store.drains)
-        assigned = await call(store.assigned)
+        # Both at once (two round trips' wait, not their sum): only this
+        # placer adds assignments, so the loads can only shrink after the read.
+        drains, assigned = await asyncio.gather(call(store.drains), call(store.assigned))
         nodes = scheduler.node_views(live, drains)
         loads = scheduler.loads(assigned)
         free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)
