@@ -7,8 +7,9 @@ The fencing margin is designed (README, "Fencing"): a node stops its jobs by
 (itself, or lclusterd-fence.service when the daemon is not running, reading
 D from FENCE_FILE); etcd keeps the lease until at least that send time +
 TTL (a renewal restarts the TTL when etcd gets it; a new etcd leader
-restarts every TTL in full), and the other nodes requeue its jobs only
-REQUEUE_GUARD x TTL after they first see the lease gone. So a job stops on
+restarts every TTL in full), and the primed node requeues its jobs only
+REQUEUE_GUARD x TTL after it first sees the lease gone (a node that takes
+the prime starts that clock at its first look). So a job stops on
 its node at least (1 - FENCE_AFTER + REQUEUE_GUARD) x TTL before it can
 start elsewhere: 6 s at TTL 8, 7.5 s at the default 10, less the fence's
 0.2 s poll; clocks are never compared across machines.
