@@ -61,7 +61,9 @@ def test_a_node_says_which_limits_it_cannot_enforce_and_refuses_them(box):
         r = box.lc("addjob --memory 64M true", user="alice", check=False)
         assert r.returncode != 0 and r.stdout == ""
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "cannot enforce --memory" in lines[0], r.stderr
+        # Refused at submission: no registered node could ever run it (scheduler.never_fits).
+        assert len(lines) == 1 and "no node enforces --memory" in lines[0], r.stderr
+        assert r.returncode == 2, r.returncode
     # With the controllers writable (as on a real machine) it enforces them all.
     box.c.enable_resource_control()
     since = now(box)
