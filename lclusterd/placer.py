@@ -4,10 +4,11 @@ transaction, and cancels jobs whose dependency can never be met.
 
 It is woken by etcd's watches (a job queued, a node changed, an assignment
 gone, a drain; held only while primed) with poll_interval as a backstop; each pass reads
-a snapshot (the queue's head, live registrations, store.assigned(), drains,
-the parents of jobs with dependencies), asks scheduler.plan() and writes
-its answer with update_many(..., prime=us): a pass of a node that lost the
-prime writes nothing. One placer, so nodes never race on the queue; every
+a snapshot (the queue's head, and further down while the head's jobs wait
+and slots stay free; live registrations, store.assigned(), drains, the
+parents of jobs with dependencies), asks scheduler.plan() and writes at
+most MAX_ASSIGN assignments with update_many(..., prime=us): a pass of a
+node that lost the prime writes nothing. One placer, so nodes never race on the queue; every
 assignment is checked against what etcd says is assigned, so no node is
 over-committed whoever held the prime before.
 """
