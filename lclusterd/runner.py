@@ -268,6 +268,12 @@ class Runner:
         """{uuid: (job, revision)} of the live records assigned to this node."""
         uuids = sorted((await self.applier.call(self.store.assigned, self.me)).get(self.me, {}))
         found = await self.applier.call(self.store.get_many, uuids) if uuids else {}
+        for job_uuid in set(uuids) - set(found):
+            # Its record was deleted by hand (etcdctl del): without this its
+            # reservation would hold a share of this node for good.
+            if await self.applier.call(self.store.drop_orphan, self.me, job_uuid):
+                log.warning("job %s: its record is gone from etcd; its reservation here is dropped",
+                            job_uuid)
         return {u: r for u, r in found.items() if r[0].node == self.me and not r[0].terminal}
 
     async def _apply(self, action, known, status):

@@ -300,6 +300,21 @@ def test_a_unit_whose_record_is_gone_is_stopped_and_released(tmp_path, caplog):
     assert n.mine == set()
 
 
+def test_the_reservation_of_a_record_deleted_by_hand_is_dropped(tmp_path, caplog):
+    """Found by the cluster tests: the record deleted (etcdctl del) after its
+    job was placed here left assigned/me/<uuid>, a slot lost for good."""
+    n = make_node(tmp_path)
+    queued = job()
+    n.store.submit(queued)
+    [_] = n.store.update_many([(queued, on("me", STARTING), n.store.get(U1)[1])])
+    n.units.loaded[U1] = ACTIVE
+    with n.store._lock:  # the record alone, as etcdctl del does
+        n.store._apply([("delete", f"{n.store.prefix}/jobs/{U1}")])
+    asyncio.run(n.runner.sweep())
+    assert n.store.assigned("me") == {"me": {}}
+    assert f"job {U1}: its record is gone from etcd; its reservation here is dropped" in caplog.text
+
+
 def test_reconcile_releases_units_of_records_looked_for_and_gone():
     assert core.reconcile({}, {U1: ACTIVE}, gone={U1}) == [(core.RELEASE_ORPHAN, U1)]
     assert core.reconcile({}, {U1: ACTIVE}, in_flight={U1}, gone={U1}) == []
