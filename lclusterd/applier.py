@@ -8,14 +8,49 @@ the same function, never with a second hand-written guard.
 """
 
 import asyncio
+import contextlib
+import logging
 import time
 
 from lclusterd import core, store as etcd_store
 from lclusterd.store import Unavailable as StoreUnavailable
 
+log = logging.getLogger("lclusterd.node")
+
 MAX_CHANGE_ATTEMPTS = 5  # re-reads of a record whose revision moved under us
 
 Conflict = core.Conflict
+
+
+class Passes:
+    """How a loop's passes say what went wrong: an expected problem (etcd
+    away, ...) once, not every pass, until a pass succeeds; anything else
+    with its traceback every time. The loop goes on either way."""
+
+    def __init__(self, what, expected):
+        self.what, self.expected, self.last_problem = what, expected, None
+
+    @contextlib.contextmanager
+    def one(self):
+        try:
+            yield
+        except self.expected as e:
+            if str(e) != self.last_problem:
+                log.warning("%s", e)
+            self.last_problem = str(e)
+        except Exception:
+            log.exception("%s pass failed; retrying", self.what)
+        else:
+            self.last_problem = None
+
+
+async def woken(event, timeout):
+    """Wait until event is set or timeout passed, then clear it."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    event.clear()
 
 
 class Applier:

@@ -609,17 +609,23 @@ _LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9_.:/+@-]{1,255}")
 
 
-def validate_after(value) -> tuple:
-    """Parent uuids from a list or a comma-separated string: full uuids
-    (lower-cased, repeats dropped, order kept); () for None or empty."""
+def string_list(value, wrong: str) -> list:
+    """A list of strings from a list or a comma-separated string ([] for
+    None); InvalidInput(wrong) for anything else."""
     if value is None:
-        return ()
+        return []
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise InvalidInput("after must be a list of job uuids")
+        raise InvalidInput(wrong)
+    return list(value)
+
+
+def validate_after(value) -> tuple:
+    """Parent uuids from a list or a comma-separated string: full uuids
+    (lower-cased, repeats dropped, order kept); () for None or empty."""
     parents = []
-    for ref in value:
+    for ref in string_list(value, "after must be a list of job uuids"):
         ref = ref.strip().lower()
         if not _UUID.match(ref):
             raise InvalidInput(f"after: '{ref[:40]}' is not a full job uuid")
@@ -643,14 +649,8 @@ def _label(entry: str, what: str):
 def validate_constraints(value) -> tuple:
     """"KEY=VALUE" labels a node must have, from a list or a comma-separated
     string; repeats dropped. Two values for one key could never be met: refused."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [part for part in value.split(",") if part.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise InvalidInput("constraints must be a list of KEY=VALUE strings")
     wanted = {}
-    for entry in value:
+    for entry in string_list(value, "constraints must be a list of KEY=VALUE strings"):
         key, label = _label(entry, "constraint")
         if wanted.get(key, label) != label:
             raise InvalidInput(f"constraints ask {key}={wanted[key]} and {key}={label}: no node has both")
@@ -905,10 +905,6 @@ RECORD_RUNNING = "record-running"  # unit runs, record says starting
 RECORD_END = "record-end"  # unit finished, record still live: record its outcome
 RELEASE_UNIT = "release-unit"  # record terminal, unit still loaded: stop/unload it
 START_UNIT = "start-unit"  # assigned to this node (starting), no unit yet: start it
-# No longer planned by reconcile (a starting job without a unit is started,
-# not requeued: the primed node chose this node for it); kept until node.py's
-# old claim path is gone.
-REQUEUE = "requeue"
 RECORD_VANISHED = "record-vanished"  # running, but its unit is gone (reboot, fencing): lose it
 RELEASE_ORPHAN = "release-orphan"  # a unit whose record is gone (deleted): stop and release it
 WARN = "warn"  # its unit would not stop: record it warned (it keeps its slot)

@@ -358,8 +358,8 @@ async def serve(config, config_path=None):
         probe.cancel()
         watching.cancel()
         await asyncio.gather(probe, watching, return_exceptions=True)
-        for cancel in cancels:
-            cancel()
+        # (A cancel joins its watch's thread: not on the loop.)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [c() for c in cancels])
         await runner.cleanup()
         node.close()  # the heartbeat's per-endpoint stores and threads
         units.close()

@@ -209,9 +209,7 @@ class Counters:
         self.submitted = 0
         self.started = 0
         self.ended = dict.fromkeys(RESULTS, 0)
-        self.buckets = tuple(buckets)
-        self._dispatch = [0] * (len(self.buckets) + 1)  # per bucket, the last is +Inf
-        self.dispatch_sum = 0.0
+        self.dispatch = Histogram(buckets)
         self.etcd_errors = dict.fromkeys(ETCD_ERROR_KINDS, 0)
         self.etcd = Histogram(ETCD_BUCKETS)
         self.prime_changes = 0
@@ -227,18 +225,14 @@ class Counters:
 
     def dispatched(self, seconds):
         """A job started `seconds` after it was queued."""
-        seconds = max(0.0, seconds)
-        i = next((i for i, le in enumerate(self.buckets) if seconds <= le), len(self.buckets))
-        self._dispatch[i] += 1
-        self.dispatch_sum += seconds
+        self.dispatch.observe(seconds)
 
     def dispatch_buckets(self):
-        """Cumulative counts per upper bound, the way Prometheus wants them."""
-        out, total = [], 0
-        for le, n in zip([*(f"{b:g}" for b in self.buckets), "+Inf"], self._dispatch):
-            total += n
-            out.append((le, total))
-        return tuple(out)
+        return self.dispatch.buckets()
+
+    @property
+    def dispatch_sum(self):
+        return self.dispatch.sum
 
 
 def snapshot(node, jobs, counters, *, slots, cpus, memory_bytes, primed=False, cluster_jobs=None,

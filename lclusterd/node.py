@@ -13,21 +13,19 @@ api.py, ui.py, metrics and the daemon call the facade below (node.<verb>).
 """
 
 import asyncio
-import logging
 import time
 
 from lclusterd import metrics, store as etcd_store
-from lclusterd.applier import Applier
+from lclusterd.applier import Applier, Passes, woken
 from lclusterd.history import History
-from lclusterd.membership import (FENCE_AFTER, FENCE_FILE, HEARTBEAT, REQUEUE_GUARD,  # noqa: F401
+from lclusterd.membership import (FENCE_AFTER, HEARTBEAT, REQUEUE_GUARD,  # noqa: F401
                                   Membership, endpoint_stores, machine_id)
 from lclusterd.placer import Placer
-from lclusterd.runner import FENCED_DIR, RUN_DIR, FenceMarkers, Runner  # noqa: F401
+from lclusterd.runner import RUN_DIR, FenceMarkers, Runner
 from lclusterd.store import Unavailable as StoreUnavailable
 from lclusterd.units import Unavailable as UnitsUnavailable
 from lclusterd.verbs import Caller, Verbs  # noqa: F401  (Caller: api.py imports it from here)
 
-log = logging.getLogger(__name__)
 
 
 class Node:
@@ -173,11 +171,13 @@ class Node:
         """This node's own work until stopping is set: on every wake-up
         record what units told us and start what was assigned to us; every
         poll_interval also sweep, judge other nodes and publish."""
-        next_sweep, last_problem = 0.0, None
+        next_sweep = 0.0
+        # (LeaseExpired: the heartbeat's next renewal hears it too, and fences.)
+        passes = Passes("node", (StoreUnavailable, UnitsUnavailable, OSError, etcd_store.LeaseExpired))
         loop = asyncio.get_running_loop()
         while not stopping.is_set():
             self.progress["runner"] = loop.time()
-            try:
+            with passes.one():
                 if not self.units.connected:
                     await self.units.connect()
                     next_sweep = 0.0  # what happened while we were away?
@@ -195,17 +195,4 @@ class Node:
                 await self.runner.record_changed()
                 await self.runner.start_assigned()
                 await self.history.prune_when_due(loop.time())
-            except (StoreUnavailable, UnitsUnavailable, OSError, etcd_store.LeaseExpired) as e:
-                # (LeaseExpired: the heartbeat's next renewal hears it too, and fences.)
-                if str(e) != last_problem:  # say it once, not every pass
-                    log.warning("%s", e)
-                last_problem = str(e)
-            except Exception:
-                log.exception("node pass failed; retrying")
-            else:
-                last_problem = None
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
+            await woken(self._wake, self.config.poll_interval)

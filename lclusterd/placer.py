@@ -19,6 +19,7 @@ import functools
 import logging
 
 from lclusterd import core, scheduler
+from lclusterd.applier import Passes, woken
 from lclusterd.store import LeaseExpired, Unavailable as StoreUnavailable
 
 log = logging.getLogger("lclusterd.node")
@@ -65,7 +66,7 @@ async def cancel_dependents(applier, roots, clock, call=None):
             if job.state != core.QUEUED:
                 return None
             status, text = scheduler.dependency(job, parents)
-            if status != "never":
+            if status != scheduler.NEVER:
                 return None
             return core.transition(job, core.CANCELLED, ended_at=clock(), reason=text)
         done = await applier.change_many(found, decide)
@@ -93,8 +94,6 @@ class Placer:
         # counts change every sweep; placement reads capacity, not counts).
         self._live = None
         self._nodes_changed = True
-        self.passes = 0  # passes that read a snapshot (tests, bench)
-        self.last_pass = 0.0  # seconds the last pass that wrote took (bench)
         self._pool = concurrent.futures.ThreadPoolExecutor(PLACER_THREADS, thread_name_prefix="placer")
         self.writes = 0  # transactions of assignments and cancels (tests, bench)
 
@@ -163,33 +162,21 @@ class Placer:
             self.stop_watching()
 
     async def _run(self, stopping, loop):
-        last_problem = None
+        passes = Passes("placement", (StoreUnavailable, LeaseExpired, OSError))
         while not stopping.is_set():
             self.progress["placer"] = loop.time()
             again = False
-            try:
+            with passes.one():
                 primed = await self.membership.hold_prime()
                 await self._watch(primed)
                 if primed:
                     again = await self.place()
                 else:
                     self.ended.clear()  # the primed node looks at them
-            except (StoreUnavailable, LeaseExpired, OSError) as e:
-                if str(e) != last_problem:  # say it once, not every pass
-                    log.warning("%s", e)
-                last_problem = str(e)
-            except Exception:
-                log.exception("placement pass failed; retrying")
-            else:
-                last_problem = None
             if again:
                 await asyncio.sleep(0)  # let the API's requests in between passes
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
+            await woken(self._wake, self.config.poll_interval)
 
     def call(self, method, *args):
         return self.applier.call(method, *args, executor=self._pool)
@@ -202,7 +189,6 @@ class Placer:
         pass may find more room or more jobs)."""
         call, store = self.call, self.store
         loop = asyncio.get_running_loop()
-        began = loop.time()
         self._wake.clear()  # what changes from now on wakes the next pass
         if self.ended:
             ended, self.ended = sorted(self.ended), set()
@@ -224,7 +210,6 @@ class Placer:
         loads = scheduler.loads(assigned)
         free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)
                    for n in nodes if not n.drained)
-        self.passes += 1
         if not free:
             return False
         wanted_assign = min(free, MAX_ASSIGN)
@@ -265,5 +250,4 @@ class Placer:
         if placed < len(assign) or len(cancelled) < len(plan.cancel):
             self._nodes_changed = True  # some records moved, or the prime did: read all again
             self.wake()
-        self.last_pass = loop.time() - began
         return placed > 0

@@ -224,13 +224,10 @@ class Runner:
         # What etcd says is assigned to us, every sweep: after a (re)start we
         # know nothing, and a watch event may have been missed (START_UNIT).
         records = await self._our_records()
-        gone = set()  # units whose record is not there any more
-        for job_uuid in (self.mine | set(units)) - set(records):
-            found = await self.applier.call(self.store.get, job_uuid)
-            if found is not None:
-                records[job_uuid] = found
-            else:
-                gone.add(job_uuid)
+        missing = (self.mine | set(units)) - set(records)
+        found = await self.applier.call(self.store.get_many, sorted(missing)) if missing else {}
+        records.update(found)
+        gone = missing - set(found)  # units whose record is not there any more
         jobs = {u: job for u, (job, _) in records.items()}
         settled = set()
         plan = core.reconcile(jobs, units, self.in_flight, self.me, self.clock(),
@@ -290,9 +287,6 @@ class Runner:
             await change(job_uuid, lambda j: core.transition(
                 j, core.RUNNING, started_at=status.started_at or self.clock())
                 if self.ours(j, core.STARTING) else None, known)
-        elif action == core.REQUEUE:
-            await change(job_uuid, lambda j: core.transition(
-                j, core.QUEUED, node=None) if self.ours(j, core.STARTING) else None, known)
         elif action == core.WARN:
             why = (f"its unit has been stopping for {self.clock() - status.stopped_at:.0f} s "
                    f"and still has {status.processes} process(es)")

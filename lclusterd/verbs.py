@@ -118,12 +118,8 @@ class Verbs:
 
     async def _resolve_parents(self, refs):
         """--after's refs (uuids, prefixes or array ids) as full job uuids."""
-        if isinstance(refs, str):
-            refs = [r for r in refs.split(",") if r.strip()]
-        if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
-            raise core.InvalidInput("after must be a list of job uuids")
         parents = []
-        for ref in refs:
+        for ref in core.string_list(refs, "after must be a list of job uuids"):
             ref = ref.strip().lower()
             try:
                 ref = core.validate_ref(ref)
