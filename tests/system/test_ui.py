@@ -130,7 +130,10 @@ try:
     out["login_url"] = driver.current_url
     driver.find_element(By.NAME, "token").send_keys("wrong")
     driver.find_element(By.CSS_SELECTOR, "form.login button").click()
-    out["wrong"] = [driver.find_element(By.ID, "login-error").text, driver.get_cookies()]
+    # The click only sends the form: wait for the answer's page (a slow
+    # container once had none yet).
+    error = wait.until(lambda d: d.find_elements(By.ID, "login-error"))[0]
+    out["wrong"] = [error.text, driver.get_cookies()]
     driver.find_element(By.NAME, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form.login button").click()
     wait.until(lambda d: d.current_url == base + "/ui/")
