@@ -22,7 +22,11 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+# A service every node has (systemd loads a unit on demand when its object is
+# asked for): its introspection tells which service properties systemd knows.
+SELF_UNIT = "lclusterd.service"
 
 # dbus-next 0.2.3 breaks with ~200 calls in flight on one connection: at
 # most this many messages wait for their answer (a status read is 12 of them).
@@ -226,6 +230,15 @@ class Units:
 
     async def _manager(self, member, signature, body):
         return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, body)
+
+    async def service_has(self, property_name):
+        """Whether this systemd's services have property_name (PrivatePIDs
+        came with 257): asked of systemd itself, from the introspection of
+        a service's object, never guessed from its version."""
+        (xml,) = await self._call(SYSTEMD, unit_path(SELF_UNIT), INTROSPECTABLE, "Introspect",
+                                  "", [])
+        service = xml.partition(f'<interface name="{SERVICE}">')[2].partition("</interface>")[0]
+        return f'<property name="{property_name}"' in service
 
     # -- what the node uses ---------------------------------------------------
 
