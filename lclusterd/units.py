@@ -5,6 +5,7 @@ it, and reports changes of lcluster-job units as they happen.
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 
@@ -55,6 +56,7 @@ SIGNATURES = {
     "PrivateIPC": "b", "ProtectClock": "b", "ProtectHostname": "b", "RestrictRealtime": "b",
     "RestrictNamespaces": "t", "RestrictAddressFamilies": "(bas)",
     "SystemCallArchitectures": "as", "DynamicUser": "b", "TemporaryFileSystem": "a(ss)",
+    "PrivatePIDs": "s",  # systemd 257 (service_has): a string, "yes" or "no", on the bus
 }
 
 # What status() reads, per interface. Only these, with one Get each: a GetAll
@@ -69,6 +71,14 @@ STATUS_PROPERTIES = (
     (SERVICE, ("ExecMainStartTimestamp", "ExecMainCode", "ExecMainStatus", "Result",
                "ExecMainExitTimestamp", "ExecStopPost", "ControlGroup")),
 )
+# What a job unit's PropertiesChanged signals carry of that (systemd sends
+# the Service interface's, then the Unit interface's, at once after every
+# change: "clients may rely on this order to get atomic behavior", its
+# dbus-unit.c). Seen on 252 and 257: LoadState, ExecStopPost (only
+# invalidated) and ControlGroup are not among them.
+SIGNALLED = frozenset(("ActiveState", "SubState", "Job", "ActiveExitTimestamp",
+                       "ExecMainStartTimestamp", "ExecMainCode", "ExecMainStatus", "Result",
+                       "ExecMainExitTimestamp"))
 # Where cgroup v1 mounts the memory controller (OomWatch).
 MEMORY_V1 = "/sys/fs/cgroup/memory"
 
@@ -106,6 +116,9 @@ class Units:
         self.on_change = on_change  # called with a job uuid when its unit changes
         self._bus = None
         self._watched = set()  # uuids whose unit has a match rule on this connection
+        # uuid: {name: value} of SIGNALLED as the unit's last signals (or
+        # status read) said, while it is watched; "Unit": a Unit signal came.
+        self._seen = {}
         self._in_flight = 0  # messages sent and not answered yet
         self._room = asyncio.Condition()
         self.oom = OomWatch()
@@ -121,6 +134,7 @@ class Units:
         bus.add_message_handler(self._on_message)
         self._bus = bus
         self._watched = set()  # match rules live as long as their connection
+        self._seen = {}  # and what they brought: read afresh (the sweep)
         # Without Subscribe systemd sends no PropertiesChanged for units.
         await self._manager("Subscribe", "", [])
 
@@ -135,12 +149,26 @@ class Units:
 
     def _on_message(self, msg):
         if (msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged"
-                and msg.path and msg.path.startswith(_JOB_PATH_PREFIX) and self.on_change
-                and _may_have_ended(msg.body)):
+                and msg.path and msg.path.startswith(_JOB_PATH_PREFIX)):
             job_uuid = _uuid_of_path(msg.path)
-            if job_uuid:
-                self.on_change(job_uuid)
+            seen = self._seen.get(job_uuid)
+            if seen is None:
+                return None  # not watched (any more): a signal sent before its rule went
+            interface, changed = msg.body[0], msg.body[1]
+            seen.update((name, v.value) for name, v in changed.items() if name in SIGNALLED)
+            if interface == UNIT:
+                seen["Unit"] = True
+                if self.on_change and _may_have_ended(msg.body):
+                    self.on_change(job_uuid)
         return None  # never consume: dbus-next routes the message on
+
+    def signalled(self, job_uuid):
+        """core.UnitStatus as the unit's signals said, or None if they did
+        not say it all (no Service and Unit signal since it was watched)."""
+        v = self._seen.get(job_uuid)
+        if v is None or "Unit" not in v or not SIGNALLED <= v.keys():
+            return None
+        return _status(v, 0, self.oom.kills(job_uuid), stop_post=None)
 
     async def _call(self, destination, path, interface, member, signature, body):
         (answer,) = await self._calls([Message(
@@ -204,29 +232,47 @@ class Units:
         if bus is self._bus:
             self.close()
 
-    async def _bus_match(self, member, job_uuid):
-        # One rule per job unit, only for its Unit interface: a rule for all
-        # units would also bring every other unit's changes (each job changes
-        # the dependency lists of ~8 others) and the Service interface's big
-        # ones; unmarshalling those was most of the daemon's CPU (make bench).
+    def _match_rule(self, job_uuid):
+        # One rule per job unit: its Unit and its Service interface's changes
+        # (a rule for all units would also bring every other unit's, as each
+        # job changes the dependency lists of ~8 others; unmarshalling those
+        # was most of the daemon's CPU: make bench).
         # (dbus-daemon allows 512 rules per connection: far above `slots`.)
-        rule = (f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
-                f"member='PropertiesChanged',path='{unit_path(core.unit_name(job_uuid))}',"
-                f"arg0='{UNIT}'")
-        await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                         member, "s", [rule])
+        return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                       interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                       body=[f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',"
+                             f"member='PropertiesChanged',"
+                             f"path='{unit_path(core.unit_name(job_uuid))}'"])
 
     async def watch(self, job_uuid):
         """Have systemd's changes of this job's unit reported to on_change."""
         if job_uuid not in self._watched:
-            await self._bus_match("AddMatch", job_uuid)
             self._watched.add(job_uuid)
+            self._seen.setdefault(job_uuid, {})
+            try:
+                (answer,) = await self._calls([self._match_rule(job_uuid)])
+                if isinstance(answer, BaseException):
+                    raise answer
+            except BaseException:
+                self._forget(job_uuid)
+                raise
 
     async def unwatch(self, job_uuid):
+        await self._calls(self._unwatching(job_uuid))
+
+    def _unwatching(self, job_uuid):
+        """[the message that removes its rule] if it is watched, else []."""
         self.oom.forget(job_uuid)
-        if job_uuid in self._watched:
-            self._watched.discard(job_uuid)
-            await self._bus_match("RemoveMatch", job_uuid)
+        if job_uuid not in self._watched:
+            return []
+        self._forget(job_uuid)
+        remove = self._match_rule(job_uuid)
+        remove.member = "RemoveMatch"
+        return [remove]
+
+    def _forget(self, job_uuid):
+        self._watched.discard(job_uuid)
+        self._seen.pop(job_uuid, None)
 
     async def _manager(self, member, signature, body):
         return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, body)
@@ -235,8 +281,11 @@ class Units:
         """Whether this systemd's services have property_name (PrivatePIDs
         came with 257): asked of systemd itself, from the introspection of
         a service's object, never guessed from its version."""
-        (xml,) = await self._call(SYSTEMD, unit_path(SELF_UNIT), INTROSPECTABLE, "Introspect",
-                                  "", [])
+        try:
+            (xml,) = await self._call(SYSTEMD, unit_path(SELF_UNIT), INTROSPECTABLE,
+                                      "Introspect", "", [])
+        except DBusError as e:
+            raise Unavailable(f"systemd did not say what {SELF_UNIT} has: {e.text}") from None
         service = xml.partition(f'<interface name="{SERVICE}">')[2].partition("</interface>")[0]
         return f'<property name="{property_name}"' in service
 
@@ -246,13 +295,28 @@ class Units:
         """Start the job's transient service with properties (name, value)
         from core.unit_properties; Refused if systemd says no."""
         props = [[name, Variant(SIGNATURES[name], _variant(value))] for name, value in properties]
-        await self.watch(job.uuid)  # before the start: its first changes must not be missed
+        # Its rule first: its first changes must not be missed (dbus-daemon
+        # takes the rule before it passes the start on: one round trip).
+        messages = []
+        if job.uuid not in self._watched:
+            self._watched.add(job.uuid)
+            self._seen.setdefault(job.uuid, {})
+            messages.append(self._match_rule(job.uuid))
+        messages.append(Message(destination=SYSTEMD, path=MANAGER_PATH, interface=MANAGER,
+                                member="StartTransientUnit", signature="ssa(sv)a(sa(sv))",
+                                body=[job.unit, "fail", props, []]))
         try:
-            await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                [job.unit, "fail", props, []])
-        except DBusError as e:
+            *watched, started = await self._calls(messages)
+        except BaseException:
+            self._forget(job.uuid)
+            raise
+        if watched and isinstance(watched[0], BaseException):
+            # (Never seen: the sweep's reads then tell how it ends.)
+            log.warning("job %s: no signals of its unit: %s", job.uuid, watched[0])
+            self._forget(job.uuid)
+        if isinstance(started, DBusError):
             await self.unwatch(job.uuid)
-            raise Refused(e.text) from None
+            raise Refused(started.text) from None
         if job.memory is not None:
             # Its cgroup exists once systemd ran the start (else the next status read looks).
             try:
@@ -264,7 +328,12 @@ class Units:
                 self.oom.add(job.uuid, cg.value)
 
     async def status(self, job_uuid):
-        """core.UnitStatus of the job's unit, or None if it is not loaded."""
+        """core.UnitStatus of the job's unit, or None if it is not loaded.
+        A unit whose signals said it exited (active, exited, with an exit
+        code) is not read again: nothing but our stop changes it then."""
+        signalled = self.signalled(job_uuid)
+        if signalled is not None and signalled.active_state == "active" and signalled.finished:
+            return signalled
         path = unit_path(core.unit_name(job_uuid))
         wanted = [(iface, name) for iface, names in STATUS_PROPERTIES for name in names]
         # All at once, in order: one round trip's wait, not twelve. Any error
@@ -292,27 +361,32 @@ class Units:
             if e.type in GONE:
                 return None
             raise
-        return core.UnitStatus(
-            active_state=active, sub_state=v["SubState"],
-            result=v["Result"], exit_code=v["ExecMainCode"], exit_status=v["ExecMainStatus"],
-            started_at=_seconds(v["ExecMainStartTimestamp"]),
-            ended_at=_seconds(v["ExecMainExitTimestamp"]),
-            stopped_at=_seconds(v["ActiveExitTimestamp"]), processes=processes,
-            pending=_job_pending(v["Job"]),
-            oom_kills=max(_oom_seen(p["ExecStopPost"]), self.oom.kills(job_uuid)))
+        if job_uuid in self._seen:  # as new as a signal (the next one overwrites it)
+            self._seen[job_uuid].update((name, v[name]) for name in SIGNALLED)
+            self._seen[job_uuid]["Unit"] = True
+        return _status(v, processes, self.oom.kills(job_uuid), p["ExecStopPost"])
 
     async def list(self):
-        """{uuid: UnitStatus} of every lcluster-job unit loaded here."""
+        """{uuid: UnitStatus} of every lcluster-job unit loaded here. A unit
+        the list says is running, as its signals said, is not read again."""
         (units,) = await self._manager("ListUnitsByPatterns", "asas",
                                        [[], [core.unit_name("*")]])
         found = {}
-        for name, *_ in units:
+        for name, _, _, active, sub, _, _, job_id, *_ in units:
             job_uuid = core.uuid_of_unit(name)
-            if job_uuid:
-                status = await self.status(job_uuid)
-                if status is not None:
-                    found[job_uuid] = status
-                    await self.watch(job_uuid)  # e.g. found after a restart
+            if not job_uuid:
+                continue
+            await self.watch(job_uuid)  # e.g. found after a restart
+            signalled = self.signalled(job_uuid)
+            if (active, sub) == ("active", "running") and signalled is not None and (
+                    signalled.active_state, signalled.sub_state) == (active, sub):
+                found[job_uuid] = dataclasses.replace(signalled, pending=job_id != 0)
+                continue
+            status = await self.status(job_uuid)
+            if status is not None:
+                found[job_uuid] = status
+            else:
+                await self.unwatch(job_uuid)
         return found
 
     async def stop(self, job_uuid):
@@ -333,20 +407,21 @@ class Units:
     async def release(self, job_uuid, status=None):
         """Unload a finished unit whose outcome is recorded: a stopped unit is
         garbage-collected, a failed one needs its failure reset first.
-        status: the unit's status if the caller just read it."""
+        status: the unit's status if the caller just read it. Its rule goes
+        first, in the same round trip: the stop's changes are not wanted."""
         status = status or await self.status(job_uuid)
-        if status is None:
-            await self.unwatch(job_uuid)
-            return
-        try:
-            if status.active_state == "failed":
-                await self._manager("ResetFailedUnit", "s", [core.unit_name(job_uuid)])
-            else:
-                await self.stop(job_uuid)
-        except DBusError as e:
-            if e.type not in GONE:
-                raise
-        await self.unwatch(job_uuid)
+        messages = self._unwatching(job_uuid)
+        if status is not None:
+            member, signature, body = (("ResetFailedUnit", "s", [core.unit_name(job_uuid)])
+                                       if status.active_state == "failed" else
+                                       ("StopUnit", "ss", [core.unit_name(job_uuid), "replace"]))
+            messages.append(Message(destination=SYSTEMD, path=MANAGER_PATH, interface=MANAGER,
+                                    member=member, signature=signature, body=body))
+        answers = await self._calls(messages) if messages else []
+        if status is not None:
+            error = answers[-1]
+            if isinstance(error, DBusError) and error.type not in GONE:
+                raise error
 
     async def stop_and_wait(self, job_uuid, timeout):
         """Stop the unit and wait until it is gone (or timeout seconds pass)."""
@@ -496,6 +571,17 @@ def _oom_seen(exec_stop_post):
     return max([e[9] - core.OOM_SEEN for e in entries
                 if e[8] == core.CLD_EXITED and core.OOM_SEEN < e[9] <= core.OOM_SEEN + core.OOM_KILLS_MAX]
                or [0])
+
+
+def _status(v, processes, oom_kills, stop_post):
+    """core.UnitStatus of a unit's property values v (SIGNALLED at least)."""
+    return core.UnitStatus(
+        active_state=v["ActiveState"], sub_state=v["SubState"],
+        result=v["Result"], exit_code=v["ExecMainCode"], exit_status=v["ExecMainStatus"],
+        started_at=_seconds(v["ExecMainStartTimestamp"]),
+        ended_at=_seconds(v["ExecMainExitTimestamp"]),
+        stopped_at=_seconds(v["ActiveExitTimestamp"]), processes=processes,
+        pending=_job_pending(v["Job"]), oom_kills=max(_oom_seen(stop_post), oom_kills))
 
 
 def _job_pending(job):
