@@ -14,6 +14,7 @@ slow ones are closed (Gate, Connection): one user cannot stop the node.
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -213,12 +214,18 @@ def caller_of(request):
     checked) is root."""
     if not _is_unix(request):
         return REMOTE
+    connection = request.protocol
+    if getattr(connection, "caller", None) is not None:  # SO_PEERCRED is fixed at connect
+        return connection.caller
     _, uid, gid = peer_uid(request.transport.get_extra_info("socket"))
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    return Caller(uid=uid, gid=gid, user=user)
+    caller = Caller(uid=uid, gid=gid, user=user)
+    if isinstance(connection, Connection):
+        connection.caller = caller  # the next requests on it need no passwd lookup
+    return caller
 
 
 # --- what a caller may see ---------------------------------------------------------
@@ -226,10 +233,24 @@ def caller_of(request):
 def shown(job, caller):
     """The job's record for this caller: env values only for its submitter
     and root (issue 10 item 2); others see the keys."""
-    record = job.to_dict()
+    record = _record(job)
     if caller.uid != 0 and caller.uid != job.owner_uid:
         record["env"] = [entry.partition("=")[0] + "=" + HIDDEN for entry in job.env]
     return record
+
+
+def _record(job):
+    """job.to_dict() without dataclasses.asdict's deep copy (a third of a
+    submission's time): the answer is only read and serialized."""
+    names = _FIELDS.get(type(job))
+    if names is None:
+        names = _FIELDS[type(job)] = tuple(f.name for f in dataclasses.fields(job))
+    record = {name: getattr(job, name) for name in names}
+    record["unit"] = job.unit
+    return record
+
+
+_FIELDS = {}
 
 
 def shown_properties(properties, job, caller):
@@ -625,6 +646,8 @@ class Connection(RequestHandler):
     slowloris connections; aiohttp's keepalive_timeout covers the later
     ones), and aiohttp's own errors (malformed HTTP, a line too long) as one
     JSON line, logged as one line."""
+
+    caller = None  # who the unix peer is, once caller_of looked
 
     def connection_made(self, transport):
         sock = transport.get_extra_info("socket")

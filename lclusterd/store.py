@@ -1119,6 +1119,14 @@ def _lease_is(key, lease):
                            result=etcdrpc.Compare.EQUAL, lease=lease)
 
 
+def submit_size(job, prefix="/lcluster"):
+    """(ops, bytes) of a new job in submit_many's transaction: its record and
+    index keys (what batches() cuts a group commit's transactions by)."""
+    puts, _ = index_changes(prefix, None, job)
+    size = len(prefix) + 6 + len(job.uuid) + len(_encode(job))
+    return 1 + len(puts), size + sum(len(k) + len(v) for k, v in puts.items())
+
+
 def _txn(c, compare, success, failure=()):
     request = etcdrpc.TxnRequest(compare=compare, success=success, failure=list(failure))
     return c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from dbus_next.errors import DBusError
 
 from lclusterd import core, scheduler
+from lclusterd import store as etcd_store
+from lclusterd.groupcommit import GroupCommit
 from lclusterd.placer import cancel_dependents
 from lclusterd.peers import Unreachable as PeerUnreachable
 from lclusterd.store import Unavailable as StoreUnavailable
@@ -25,6 +27,7 @@ log = logging.getLogger("lclusterd.node")
 # nothing new for the unit for QUIET seconds.
 LATE_OUTPUT = 10.0
 QUIET = 1.0
+MAX_USERS = 1024  # passwd entries Verbs._user keeps
 
 
 class PermissionDenied(core.Forbidden):
@@ -54,6 +57,10 @@ class Verbs:
         self.signing_key = signing_key
         self.wake = wake
         self._live = None  # (loop time, live registrations) as _check_fits last read them
+        self._users = {}  # name -> (loop time, pwd entry) as submit last looked it up
+        # Single jobs share transactions; arrays and keyed requests keep their own.
+        self.commits = GroupCommit(lambda jobs: self.call(self.store.submit_many, jobs),
+                                   lambda job: etcd_store.submit_size(job, self.store.prefix))
 
     @property
     def me(self):
@@ -81,10 +88,7 @@ class Verbs:
         uid, gid, user = caller.uid, caller.gid, caller.user
         name = core.run_as(caller.uid, caller.user, request.get("user"))
         if name is not None:
-            try:
-                entry = pwd.getpwnam(name)
-            except KeyError:
-                raise core.InvalidInput(f"no such user '{name}' on this node") from None
+            entry = self._user(name)
             uid, gid, user = entry.pw_uid, entry.pw_gid, entry.pw_name
         if commands is not None:
             if not isinstance(commands, (list, tuple)) or not commands:
@@ -106,8 +110,11 @@ class Verbs:
         await self._check_quota(caller, uid, len(jobs))
         if self.signing_key is not None:
             jobs = [core.sign(job, self.signing_key) for job in jobs]
-        existing = await self.call(functools.partial(
-            self.store.submit_many, jobs, idempotency_key=idempotency_key))
+        if array or idempotency_key is not None:  # its own transaction: its compares are its own
+            existing = await self.call(functools.partial(
+                self.store.submit_many, jobs, idempotency_key=idempotency_key))
+        else:
+            existing = await self.commits.submit(jobs[0])  # answered once its transaction committed
         if existing is not None:  # this key queued these before: answer with them
             jobs = [await self.find(u) for u in existing]
             array_id = jobs[0].array if array else None
@@ -115,6 +122,23 @@ class Verbs:
             self.applier.counters.submitted += len(jobs)
         self.wake()
         return (array_id, jobs) if array else jobs[0]
+
+    def _user(self, name):
+        """name's passwd entry, looked up at most once a poll_interval (NSS
+        reads /etc/passwd a call); a name not found is looked up every time."""
+        now = asyncio.get_running_loop().time()
+        known = self._users.get(name)
+        if known is not None and now - known[0] < self.config.poll_interval:
+            return known[1]
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            self._users.pop(name, None)
+            raise core.InvalidInput(f"no such user '{name}' on this node") from None
+        if len(self._users) >= MAX_USERS:
+            self._users.clear()
+        self._users[name] = (now, entry)
+        return entry
 
     async def _resolve_parents(self, refs):
         """--after's refs (uuids, prefixes or array ids) as full job uuids."""
