@@ -4,77 +4,31 @@ Thin on purpose: parse arguments, refuse what is plainly bad before bothering
 the daemon, format answers. Every decision is the daemon's (docs/api.md).
 """
 
-import os
 import sys
 import time
 
 import click
 
-from lclusterd import __version__
+from lclusterd import __version__, quick
+from lclusterd.quick import (  # noqa: F401  (main, the entry point, and the exit codes: cli's too)
+    EXIT_DENIED, EXIT_ETCD, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_JOB, EXIT_OK, EXIT_TABLE,
+    EXIT_UNREACHABLE, EXIT_USAGE, STATES, TERMINAL, Failure, _rewrite_old_spellings, _text,
+    checked, echo_json, main, say_if_unsuccessful, wait_exit_code)
 
-# Start-up is most of what `lclusterc addjob` costs in a shell loop, so this
-# module imports only click at the top: core (validation), client (HTTP) and
-# the formatting modules are imported by the functions that use them, and
-# --help and --version need none of them (test_cli_startup.py guards it).
-DEFAULT_SOCKET = "/run/lclusterd/lclusterd.sock"  # = client.DEFAULT_SOCKET
-DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # = client.DEFAULT_TOKEN_FILE
-# core's constants that the options below need before core is imported
-# (test_cli_startup.py checks that they equal core's).
-STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled", "warned", "lost")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-MAX_BATCH = 64
-MIN_PRIORITY, MAX_PRIORITY = -100, 100
-DEFAULT_ATTEMPTS, MAX_ATTEMPTS = 3, 100
-
-# Exit codes: the one table. `lclusterc --help` prints it as it is.
-EXIT_TABLE = (
-    (0, "ok"),
-    (1, "the job failed (addjob --wait: the job's own status), or a bad answer"),
-    (2, "bad input or usage (HTTP 400)"),
-    (3, "no such job, array or node; ambiguous uuid prefix; a conflict, e.g. forgetting a live "
-        "node (HTTP 404, 409)"),
-    (4, "permission denied, or over a quota (HTTP 401, 403, 429, the socket's file mode, "
-        "the token file, an HTTPS certificate that --ca does not trust)"),
-    (5, "daemon unreachable (not running: no socket, refused, closed, no answer)"),
-    (6, "etcd or systemd unavailable, or etcd out of space (HTTP 503, 507)"),
-    (130, "interrupted (Ctrl-C), or addjob --wait on a job that was cancelled"),
-)
-(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_JOB, EXIT_DENIED, EXIT_UNREACHABLE,
- EXIT_ETCD, EXIT_INTERRUPTED) = (code for code, _ in EXIT_TABLE)
-
-# What a ClientError's cause (HTTP status or transport failure: client's
-# BAD_URL, DENIED, UNTRUSTED, UNREACHABLE) exits with; anything else (HTTP 500,
-# a malformed answer) is EXIT_FAILED.
-EXIT_FOR_CAUSE = {
-    400: EXIT_USAGE, 413: EXIT_USAGE, 401: EXIT_DENIED, 403: EXIT_DENIED, 429: EXIT_DENIED,
-    "bad-url": EXIT_USAGE, 404: EXIT_NO_JOB, 409: EXIT_NO_JOB, 503: EXIT_ETCD, 507: EXIT_ETCD,
-    "denied": EXIT_DENIED, "untrusted": EXIT_DENIED, "unreachable": EXIT_UNREACHABLE,
-}
-
-POLL_INTERVAL = 0.2  # seconds between get_job calls of addjob --wait and wait
+# Start-up is most of what `lclusterc addjob` costs in a shell loop: quick.py
+# runs addjob without this module (and click); the other commands come here.
+# This module imports only click and quick at the top: core (validation),
+# client (HTTP) and the formatting modules are imported by the functions that
+# use them, and --help and --version need none of them (test_cli_startup.py
+# guards it).
 MIN_COMMAND_COLUMN = 7  # list never squeezes COMMAND below its header
 NODE_COLUMN = 16  # longer node and user names are cut in list
 CHECKJOB_LINES = 5  # lines of output checkjob shows
 REASON_COLUMN = 60  # list cuts a queued job's reason to this many characters
 
-# The Go lclusterc's options, still accepted: --addjob=CMD is `addjob CMD`.
-OLD_SPELLINGS = {"--addjob": "addjob", "--checkjob": "checkjob", "--removejob": "removejob"}
-GLOBAL_OPTIONS_WITH_VALUE = ("--socket", "--server", "--token-file", "--ca", "--cert", "--key")
-
 EPILOG = ("\b\nExit status:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_TABLE)
           + "\n\n\b\nThe old spellings --addjob=CMD, --checkjob=UUID and --removejob=UUID"
           "\nstill work.")
-
-
-class Failure(click.ClickException):
-    """A one-line error for people, `lclusterc: ` in front, and its exit code."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file=None):
-        click.echo(f"lclusterc: {_text(self.format_message())}", err=True)
 
 
 # click 8.2 (Debian 13) raises this usage error for a bare group: it is the help text.
@@ -87,55 +41,7 @@ def _usage_line(error):
     return f"lclusterc: {_text(error.format_message())} (see '{where} --help')"
 
 
-# --- early checks (the daemon checks again) ----------------------------------
-
-def _usage(message):
-    """Options that do not go together: a usage error, as click's own."""
-    return click.UsageError(message, click.get_current_context())
-
-
-def _checked(check, value):
-    """core's validation (the daemon checks again), as a Failure."""
-    from lclusterd import core
-    try:
-        return check(value)
-    except core.InvalidInput as e:
-        raise Failure(str(e), EXIT_USAGE) from None
-
-
-def _rewrite_old_spellings(args):
-    """`[global options] --addjob=CMD [more]` -> `[global options] addjob [more] -- CMD`.
-
-    Only before the subcommand, so a command text that happens to read
-    '--addjob=x' after `addjob --` stays untouched. The `--` keeps a value
-    that starts with '-' from being read as an option.
-    """
-    args = list(args)
-    i = 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        if name in OLD_SPELLINGS:
-            rest = args[i + 1:]
-            if not eq:
-                if not rest:  # no value: let click say what is missing
-                    return args[:i] + [OLD_SPELLINGS[name]]
-                value, rest = rest[0], rest[1:]
-            return args[:i] + [OLD_SPELLINGS[name]] + rest + ["--", value]
-        if args[i] == "--" or not args[i].startswith("-"):
-            break  # a subcommand: what follows is its own
-        i += 2 if args[i] in GLOBAL_OPTIONS_WITH_VALUE else 1
-    return args
-
-
 # --- formatting ----------------------------------------------------------------
-
-def _text(value):
-    """One printable line: None is '-', control characters are escaped so that a
-    job's command cannot drive the terminal."""
-    if value is None:
-        return "-"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
-
 
 def _local_time(epoch, fmt=None):
     if not isinstance(epoch, (int, float)):
@@ -370,28 +276,6 @@ def _table(jobs, width):
     return "\n".join(lines)
 
 
-def _echo_json(value):
-    import json
-    click.echo(json.dumps(value, indent=2))
-
-
-def _say_if_unsuccessful(job):
-    if job["state"] != "succeeded":
-        click.echo(f"lclusterc: job {job['uuid']} {job['state']}: {_text(job.get('reason'))}", err=True)
-
-
-def _wait_exit_code(job):
-    """addjob --wait exits like `systemd-run --wait`: 0 if the job succeeded,
-    its exit status if it failed with one (1 if none). A cancelled job gives
-    130, the shell's "interrupted": it did not finish, somebody stopped it."""
-    if job["state"] == "succeeded":
-        return EXIT_OK
-    if job["state"] == "cancelled":
-        return EXIT_INTERRUPTED
-    status = job.get("exit_status")
-    return status if type(status) is int and 0 < status < 256 else EXIT_FAILED
-
-
 # --- commands --------------------------------------------------------------------
 
 class _Group(click.Group):
@@ -402,23 +286,19 @@ class _Group(click.Group):
         """click's main, with every error one line on stderr (usage errors:
         exit 2), Ctrl-C 130, and `| head` quiet; standalone_mode=False
         returns the exit code instead of exiting."""
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except NO_ARGS_IS_HELP as e:  # click >= 8.2: bare `lclusterc` prints its help
-            e.show()
-            code = e.exit_code
-        except click.UsageError as e:
-            click.echo(_usage_line(e), err=True)
-            code = e.exit_code
-        except click.ClickException as e:  # our Failures
-            e.show()
-            code = e.exit_code
-        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            code = EXIT_INTERRUPTED
-        except BrokenPipeError:  # `lclusterc list | head`: stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            code = EXIT_FAILED
-        code = code if isinstance(code, int) else EXIT_OK
+        def work():
+            try:
+                return super(_Group, self).main(args, prog_name, complete_var,
+                                                standalone_mode=False, **extra)
+            except NO_ARGS_IS_HELP as e:  # click >= 8.2: bare `lclusterc` prints its help
+                e.show()
+                return e.exit_code
+            except click.UsageError as e:
+                click.echo(_usage_line(e), err=True)
+                return e.exit_code
+            except click.Abort:  # click's Ctrl-C
+                return EXIT_INTERRUPTED
+        code = quick.guarded(work)
         if not standalone_mode:
             return code
         sys.exit(code)
@@ -429,209 +309,60 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ClientError as e:
-            raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
+            raise quick.failure(e) from None
+
+
+def _options(table):
+    """click options of one of quick.py's tables, in its order."""
+    def decorate(function):
+        for spelling, name, kind, metavar, help in reversed(table):
+            if kind == "flag":
+                extra = {"is_flag": True}
+            elif kind == "text":
+                extra = {}
+            elif kind == "many":
+                extra = {"multiple": True}
+            else:
+                extra = {"type": int if kind == (None, None) else click.IntRange(*kind)}
+            function = click.option(spelling, name, metavar=metavar, help=help, **extra)(function)
+        return function
+    return decorate
+
+
+def _global_options(function):
+    for spelling, name, envvar, default, metavar, help in reversed(quick.GLOBAL_OPTIONS):
+        function = click.option(spelling, name, metavar=metavar, envvar=envvar, show_envvar=True,
+                                default=default, show_default=default is not None,
+                                help=help)(function)
+    return function
 
 
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_path", metavar="PATH", envvar="LCLUSTER_SOCKET",
-              default=DEFAULT_SOCKET, show_default=True, show_envvar=True,
-              help="The daemon's unix socket.")
-@click.option("--server", metavar="URL", envvar="LCLUSTER_SERVER", show_envvar=True,
-              help="Talk to the daemon at http://HOST:PORT or https://HOST:PORT over TCP "
-                   "instead (with the token).")
-@click.option("--token-file", metavar="FILE", envvar="LCLUSTER_TOKEN_FILE", show_envvar=True,
-              default=DEFAULT_TOKEN_FILE, show_default=True, help="The cluster's token, for --server.")
-@click.option("--ca", metavar="FILE", envvar="LCLUSTER_CA", show_envvar=True,
-              help="For https:// --server: the CA that signed the node's certificate "
-                   "(default: the system's CAs).")
-@click.option("--cert", metavar="FILE", envvar="LCLUSTER_CERT", show_envvar=True,
-              help="For https:// --server: a client certificate (a node with tls_client_ca).")
-@click.option("--key", metavar="FILE", envvar="LCLUSTER_KEY", show_envvar=True,
-              help="The key of --cert (default: in the --cert file).")
+@_global_options
 @click.version_option(__version__, "--version", prog_name="lclusterc")
 @click.pass_context
-def lclusterc(ctx, socket_path, server, token_file, ca, cert, key):
+def lclusterc(ctx, **given):
     """Queue shell commands on the lclusterd cluster, and follow them.
 
     REF is a job's uuid or a unique prefix of it (at least 4 hex digits).
     """
-    from lclusterd.client import Client, ClientError, read_token
-    try:
-        token = read_token(token_file) if server else None
-        ctx.obj = Client(socket_path, server=server, token=token, ca=ca, cert=cert, key=key)
-    except ClientError as e:
-        raise Failure(e.message, EXIT_FOR_CAUSE.get(e.cause, EXIT_FAILED)) from None
+    ctx.obj = quick.make_client(**given)
 
 
-def _read_file(name):
-    """addjob --file: one command per non-empty line of FILE, or of stdin
-    for '-'. Empty or unreadable: a Failure (exit 2), nothing sent."""
-    from lclusterd import core
-    where = "stdin" if name == "-" else name
-    try:
-        if name == "-":
-            data = click.get_binary_stream("stdin").read()
-        else:
-            with open(name, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        raise Failure(f"cannot read {where}: {e.strerror or e}", EXIT_USAGE) from None
-    # Undecodable bytes stay as surrogates, so that core says which line is not UTF-8.
-    lines = data.decode("utf-8", "surrogateescape").splitlines()
-    commands = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            commands.append(core.validate_command(line))
-        except core.InvalidInput as e:
-            raise Failure(f"{where} line {number}: {e}", EXIT_USAGE) from None
-    if not commands:
-        raise Failure(f"{where} has no commands (one job per non-empty line)", EXIT_USAGE)
-    if len(commands) > core.MAX_BATCH:
-        raise Failure(f"{where} has {len(commands)} commands; an array holds at most "
-                      f"{core.MAX_BATCH}", EXIT_USAGE)
-    return commands
-
-
-def _after(after, after_any, after_failed):
-    """(parents, mode) of --after / --after-any / --after-failed (one of them)."""
-    from lclusterd import core
-    given = [(value, mode) for value, mode in ((after, core.AFTER_OK), (after_any, core.AFTER_ANY),
-                                               (after_failed, core.AFTER_FAILED)) if value]
-    if not given:
-        return None, None
-    if len(given) > 1:
-        raise _usage("give one of --after, --after-any and --after-failed")
-    value, mode = given[0]
-    option = {core.AFTER_OK: "--after", core.AFTER_ANY: "--after-any",
-              core.AFTER_FAILED: "--after-failed"}[mode]
-    parents = []
-    # A job's uuid, a unique prefix of one, or an array's id (all its
-    # members): the daemon resolves them and refuses one it does not know.
-    for ref in (part.strip() for text in value for part in text.split(",")):
-        if not ref:
-            continue
-        try:
-            ref = core.validate_ref(ref)
-        except core.InvalidInput as e:
-            raise Failure(f"{option}: {e}", EXIT_USAGE) from None
-        if ref not in parents:
-            parents.append(ref)
-    if not parents:
-        raise Failure(f"{option} needs a job uuid", EXIT_USAGE)
-    if len(parents) > core.MAX_AFTER:
-        raise Failure(f"{option}: at most {core.MAX_AFTER} parent jobs", EXIT_USAGE)
-    return parents, mode
-
-
-def _addjob_array(client, as_json, spec, command=None, count=None, commands=None):
-    """--count or --file: one array, queued all or none; prints its id on
-    the first line, then the members' uuids."""
-    from lclusterd import core
-    if count is not None:
-        if count > core.MAX_BATCH:  # what `--count 1000` did before arrays: say what to do now
-            raise Failure(f"--count {count}: an array holds at most {core.MAX_BATCH} jobs (one "
-                          "etcd transaction); queue more as several arrays", EXIT_USAGE)
-        _checked(lambda c: core.validate_count(count, c), command)  # 0, -1, too large
-    answer = client.add_array(command, count=count, commands=commands, **spec)
-    if as_json:
-        _echo_json(answer)
-    else:
-        click.echo("\n".join([answer["array"], *(job["uuid"] for job in answer["jobs"])]))
+def run(args):
+    """The click commands on the command line args; returns the exit code."""
+    return lclusterc.main(args=args, prog_name="lclusterc", standalone_mode=False)
 
 
 @lclusterc.command()
 @click.argument("command", required=False)
-@click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its status.")
-@click.option("--retries", type=click.IntRange(1, MAX_ATTEMPTS), metavar="N",
-              help=f"Attempts in all when its nodes die (default {DEFAULT_ATTEMPTS}).")
-@click.option("--priority", type=click.IntRange(MIN_PRIORITY, MAX_PRIORITY), metavar="N",
-              help="Higher runs first (default 0; from -100 to 100).")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole job record.")
-@click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 256M, 2G (OOM-killed past it); "
-              "placement reserves it.")
-@click.option("--cpus", metavar="N", help="CPU time limit in CPUs, e.g. 0.5; placement reserves it.")
-@click.option("--tasks", metavar="N", help="Most processes and threads at once.")
-@click.option("--timeout", metavar="TIME", help="Stop it after this long, e.g. 90s, 10m, 2h.")
-@click.option("--env", metavar="KEY=VAL", multiple=True, help="Set a variable (repeatable).")
-@click.option("--workdir", metavar="DIR", help="Working directory (absolute).")
-@click.option("--network", metavar="NET",
-              help="none (own loopback, the default), host or ns:NAME, where the node allows it.")
-@click.option("--user", metavar="NAME",
-              help="Run as this user (root only; root's jobs run as nobody without it).")
-@click.option("--count", type=int, metavar="N",
-              help=f"An array of N copies (at most {MAX_BATCH}); print its id, then their uuids.")
-@click.option("--file", "file_name", metavar="FILE",
-              help="An array of one job per non-empty line of FILE ('-': stdin), instead of COMMAND.")
-@click.option("--max-running", metavar="K", help="With --count or --file: at most K members "
-              "run at once.")
-@click.option("--after", "after", metavar="UUID[,UUID]", multiple=True,
-              help="Run once these jobs have all succeeded (cancelled if one cannot).")
-@click.option("--after-any", metavar="UUID[,UUID]", multiple=True,
-              help="Run once these jobs have ended, whatever their outcome.")
-@click.option("--after-failed", metavar="UUID[,UUID]", multiple=True,
-              help="Run once these jobs have failed (cancelled if one succeeds).")
-@click.option("--constraint", metavar="KEY=VALUE", multiple=True,
-              help="Only on nodes with this label (repeatable; node=NAME pins it to one).")
+@_options(quick.ADDJOB_OPTIONS)
 @click.pass_obj
-def addjob(client, command, wait, retries, priority, as_json, memory, cpus, tasks, timeout, env,
-           workdir, network, user, count, file_name, max_running, after, after_any, after_failed,
-           constraint):
+def addjob(client, **values):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid. With
     --count or --file, an array: its id on the first line, then its
     members' uuids."""
-    from lclusterd import core
-    if (command is None) == (file_name is None):
-        raise _usage("give COMMAND or --file FILE (one of them)")
-    if file_name is not None and count is not None:
-        raise _usage("--file makes one job per line: not with --count")
-    if wait and (count is not None or file_name is not None):
-        raise _usage(f"--wait takes one job, not {'--count' if count is not None else '--file'} "
-                     "(lclusterc wait ARRAY waits for an array)")
-    if max_running is not None:
-        if count is None and file_name is None:
-            raise _usage("--max-running throttles an array: give --count or --file")
-        max_running = _checked(core.validate_max_running, max_running)
-    checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
-              "timeout": core.parse_duration, "workdir": core.validate_workdir,
-              "network": core.validate_network}
-    given = {"memory": memory, "cpus": cpus, "tasks": tasks, "timeout": timeout,
-             "workdir": workdir, "network": network}
-    for name, value in given.items():
-        if value is not None:
-            _checked(checks[name], value)  # the daemon parses the text again
-    if env:
-        _checked(core.validate_env, list(env))
-    parents, mode = _after(after, after_any, after_failed)
-    constraints = list(_checked(core.validate_constraints, list(constraint))) if constraint else None
-    spec = dict(env=list(env) or None, user=user, max_attempts=retries, priority=priority,
-                after=parents, after_mode=mode, constraints=constraints, **given)
-    if file_name is not None:
-        _addjob_array(client, as_json, dict(spec, max_running=max_running),
-                      commands=_read_file(file_name))
-        return
-    command = _checked(core.validate_command, command)
-    if count is not None:
-        _addjob_array(client, as_json, dict(spec, max_running=max_running), command, count=count)
-        return
-    job = client.add_job(command, **spec)
-    if not as_json:
-        click.echo(job["uuid"])  # at once, even with --wait: the user may need it
-    if wait:
-        try:
-            while job["state"] not in TERMINAL:
-                time.sleep(POLL_INTERVAL)
-                job = client.get_job(job["uuid"])
-        except KeyboardInterrupt:
-            raise Failure(f"stopped waiting; the job goes on (lclusterc removejob {job['uuid']} stops it)",
-                          EXIT_INTERRUPTED) from None
-        if not as_json:
-            _say_if_unsuccessful(job)
-    if as_json:
-        _echo_json(job)
-    if wait:
-        click.get_current_context().exit(_wait_exit_code(job))
+    click.get_current_context().exit(quick.addjob(client, **values))
 
 
 @lclusterc.command()
@@ -647,22 +378,22 @@ def checkjob(client, ref, as_json, properties):
     from lclusterd import core
     from lclusterd.client import ClientError
     if properties:
-        props = client.unit_properties(_checked(core.validate_ref, ref))
+        props = client.unit_properties(checked(core.validate_ref, ref))
         if as_json:
-            _echo_json(props)
+            echo_json(props)
         else:
             click.echo("\n".join(_property(name, value) for name, value in props))
         return
-    answer = client.lookup(_checked(core.validate_ref, ref))
+    answer = client.lookup(checked(core.validate_ref, ref))
     if "array" in answer:
         if as_json:
-            _echo_json(answer)
+            echo_json(answer)
         else:
             click.echo(_describe_array(answer))
         return
     job = answer["job"]
     if as_json:
-        _echo_json(job)
+        echo_json(job)
         return
     output = None
     if job.get("node"):
@@ -682,12 +413,12 @@ def removejob(client, ref, as_json):
     """Take a queued job off the queue, or stop a running one. REF may be
     an array's id: every live member is cancelled."""
     from lclusterd import core
-    job = client.remove_job(_checked(core.validate_ref, ref))
+    job = client.remove_job(checked(core.validate_ref, ref))
     if "jobs" in job:  # an array's answer (a job's record has "array" too: its id or null)
         _removed_array(job, as_json)
         return
     if as_json:
-        _echo_json(job)
+        echo_json(job)
     else:
         click.echo(f"{_text(job['state'])} {job['uuid']}")
     if job["state"] == "warned":
@@ -699,7 +430,7 @@ def _removed_array(answer, as_json):
     """removejob ARRAY: a line per member it cancelled (as for one job)."""
     jobs = {job["uuid"]: job for job in answer["jobs"]}
     if as_json:
-        _echo_json(answer)
+        echo_json(answer)
     else:
         for uuid in answer["cancelled"]:
             click.echo(f"{_text((jobs.get(uuid) or {}).get('state', 'cancelled'))} {_text(uuid)}")
@@ -715,7 +446,7 @@ def _removed_array(answer, as_json):
 
 def _when(text):
     from lclusterd import core
-    return None if text is None else _checked(lambda t: core.parse_when(t, time.time()), text)
+    return None if text is None else checked(lambda t: core.parse_when(t, time.time()), text)
 
 
 @lclusterc.command("list")
@@ -736,7 +467,7 @@ def list_jobs(client, limit, state, node, user, since, until, as_json):
     jobs = client.list_jobs(limit=limit, state=state, node=node, user=user,
                             since=_when(since), until=_when(until))
     if as_json:
-        _echo_json(jobs)
+        echo_json(jobs)
     else:
         import shutil
         click.echo(_table(jobs, shutil.get_terminal_size().columns))
@@ -754,7 +485,7 @@ def logs(client, ref, follow, tail, since):
     """Print a job's output (its stdout and stderr, from the journal of the
     node that ran it). Only its submitter or root may read it."""
     from lclusterd import core
-    ref = _checked(core.validate_ref, ref)
+    ref = checked(core.validate_ref, ref)
     out = click.get_binary_stream("stdout")
     printed = False
     try:
@@ -775,8 +506,8 @@ def logs(client, ref, follow, tail, since):
         if job["state"] not in TERMINAL:
             raise Failure(f"the output of job {job['uuid']} ended while it is {job['state']}",
                           EXIT_FAILED)
-        _say_if_unsuccessful(job)
-        click.get_current_context().exit(_wait_exit_code(job))
+        say_if_unsuccessful(job)
+        click.get_current_context().exit(wait_exit_code(job))
 
 
 @lclusterc.command()
@@ -786,7 +517,7 @@ def wait(client, refs):
     """Wait until the jobs have ended; print each one's state. REF may be an
     array's id: all its members. Exit 0 only if all of them succeeded, else 1."""
     from lclusterd import core
-    wanted = list(dict.fromkeys(_checked(core.validate_ref, ref) for ref in refs))
+    wanted = list(dict.fromkeys(checked(core.validate_ref, ref) for ref in refs))
     pending, ended = list(wanted), {}
     try:
         while pending:
@@ -797,7 +528,7 @@ def wait(client, refs):
                     ended[ref] = jobs
                     pending.remove(ref)
             if pending:
-                time.sleep(POLL_INTERVAL)
+                time.sleep(quick.POLL_INTERVAL)
     except KeyboardInterrupt:
         raise Failure("stopped waiting; the jobs go on", EXIT_INTERRUPTED) from None
     shown = {}
@@ -806,7 +537,7 @@ def wait(client, refs):
             if job["uuid"] not in shown:
                 shown[job["uuid"]] = job
                 click.echo(f"{_text(job['state'])} {job['uuid']}")
-                _say_if_unsuccessful(job)
+                say_if_unsuccessful(job)
     failed = any(job["state"] != "succeeded" for job in shown.values())
     click.get_current_context().exit(EXIT_FAILED if failed else EXIT_OK)
 
@@ -824,7 +555,7 @@ def nodes(client, as_json, forget):
         return
     found = client.nodes()
     if as_json:
-        _echo_json(found)
+        echo_json(found)
     else:
         click.echo(_nodes_table(found))
 
@@ -859,11 +590,6 @@ def drain(client, node, reason):
 def resume(client, node):
     """Let a drained NODE take jobs again. Root only."""
     _node_changed(client.resume(_node_name(node)), node)
-
-
-def main(argv=None):
-    """The `lclusterc` entry point (see _Group.main: every error is one line)."""
-    sys.exit(lclusterc.main(args=argv, prog_name="lclusterc", standalone_mode=False))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import uuid as uuidlib
 import pytest
 from click.testing import CliRunner
 
-from lclusterd import __version__, cli, client
+from lclusterd import __version__, cli, client, quick
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 JOB_A = "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77"
@@ -105,14 +105,14 @@ class FakeDaemon:
             array = route[len("/v1/jobs/"):]
             jobs = [self.jobs[u] for u in self.arrays[array]]
             if method == "DELETE":
-                live = [j for j in jobs if j["state"] not in cli.TERMINAL]
+                live = [j for j in jobs if j["state"] not in quick.TERMINAL]
                 for j in live:
                     j.update(state="cancelled", reason="removed by alice")
                 return 200, {"array": array, "cancelled": [j["uuid"] for j in live], "jobs": jobs}
             if self.finish:
                 for j in jobs:
                     j.update(state=self.finish[0], exit_status=self.finish[1])
-            counts = {state: sum(j["state"] == state for j in jobs) for state in cli.STATES}
+            counts = {state: sum(j["state"] == state for j in jobs) for state in quick.STATES}
             return 200, {"array": array, "counts": counts, "max_running": jobs[0].get("max_running"),
                          "jobs": jobs}
         if route.startswith("/v1/jobs/"):
@@ -125,7 +125,7 @@ class FakeDaemon:
             job = self.jobs[matches[0]]
             if method == "DELETE":
                 job.update(state="cancelled", reason="removed by alice")
-            elif method == "GET" and self.finish and job["state"] not in cli.TERMINAL:
+            elif method == "GET" and self.finish and job["state"] not in quick.TERMINAL:
                 state, status = self.finish
                 job.update(state=state, exit_status=status, ended_at=job["submitted_at"] + 1,
                            reason=f"exited with status {status}")
@@ -183,7 +183,7 @@ def fake(tmp_path):
 
 @pytest.fixture(autouse=True)
 def fast_polls(monkeypatch):
-    monkeypatch.setattr(cli, "POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(quick, "POLL_INTERVAL", 0.01)
 
 
 def run(fake_or_path, *args, env=None, input=None):
@@ -801,7 +801,7 @@ def test_addjob_after_sends_the_parents_and_the_mode(fake, option, mode):
 ])
 def test_bad_scheduling_options_are_one_line_and_nothing_is_sent(fake, args, words):
     result = run(fake, "addjob", *args, "true")
-    assert result.exit_code == cli.EXIT_USAGE
+    assert result.exit_code == quick.EXIT_USAGE
     assert words in one_error_line(result)
     assert fake.requests == []
 
@@ -845,7 +845,7 @@ def test_an_unusable_file_is_one_line_exit_2_nothing_sent(fake, tmp_path, conten
     path = tmp_path / "commands"
     path.write_bytes(content)
     result = run(fake, "addjob", "--file", str(path))
-    assert result.exit_code == cli.EXIT_USAGE
+    assert result.exit_code == quick.EXIT_USAGE
     assert words in one_error_line(result)
     assert fake.requests == []
 
@@ -860,7 +860,7 @@ def test_an_unusable_file_is_one_line_exit_2_nothing_sent(fake, tmp_path, conten
 ])
 def test_file_refusals(fake, args, words):
     result = run(fake, "addjob", *args, input="")
-    assert result.exit_code == cli.EXIT_USAGE
+    assert result.exit_code == quick.EXIT_USAGE
     assert words in one_error_line(result)
     assert fake.requests == []
 

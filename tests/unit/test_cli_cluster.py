@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lclusterd import cli
+from lclusterd import cli, quick
 from tests.unit.test_cli import JOB_A, fake, one_error_line, record, run  # noqa: F401  (fake: a fixture)
 
 NODES = [{"name": "n1", "address": "http://10.0.0.1:7800", "state": "primed", "slots": 2,
@@ -60,7 +60,7 @@ def test_nodes_forget(fake):  # noqa: F811
     assert result.exit_code == 0 and result.stdout == "forgot n2\n"
     assert fake.requests[-1][:2] == ("DELETE", "/v1/nodes/n2") and "n2" not in fake.nodes
     live = run(fake, "nodes", "--forget", "n1")  # a live node: 409
-    assert live.exit_code == cli.EXIT_NO_JOB and "is live" in one_error_line(live)
+    assert live.exit_code == quick.EXIT_NO_JOB and "is live" in one_error_line(live)
 
 
 @pytest.mark.parametrize("args", [["drain", "nosuch"], ["resume", "nosuch"],
@@ -68,7 +68,7 @@ def test_nodes_forget(fake):  # noqa: F811
 def test_an_unknown_node_is_one_line_and_exit_3(fake, args):  # noqa: F811
     _rows(fake)
     result = run(fake, *args)
-    assert result.exit_code == cli.EXIT_NO_JOB and "no node 'nosuch'" in one_error_line(result)
+    assert result.exit_code == quick.EXIT_NO_JOB and "no node 'nosuch'" in one_error_line(result)
     assert fake.nodes["n1"]["state"] == "ready" and "n2" in fake.nodes
 
 
@@ -76,14 +76,14 @@ def test_an_unknown_node_is_one_line_and_exit_3(fake, args):  # noqa: F811
                                   ["nodes", "--forget", "a/b"]])
 def test_a_name_that_is_no_node_name_is_never_sent(fake, args):  # noqa: F811
     result = run(fake, *args)
-    assert result.exit_code == cli.EXIT_USAGE and "is not a node name" in one_error_line(result)
+    assert result.exit_code == quick.EXIT_USAGE and "is not a node name" in one_error_line(result)
     assert fake.requests == []
 
 
 def test_drain_by_a_user_is_denied(fake):  # noqa: F811
     fake.force = (403, {"error": "permission denied: only root may drain a node"})
     result = run(fake, "drain", "n1")
-    assert result.exit_code == cli.EXIT_DENIED and "only root" in one_error_line(result)
+    assert result.exit_code == quick.EXIT_DENIED and "only root" in one_error_line(result)
 
 
 def test_addjob_retries_is_sent_and_checked(fake):  # noqa: F811
@@ -92,22 +92,22 @@ def test_addjob_retries_is_sent_and_checked(fake):  # noqa: F811
     assert run(fake, "addjob", "true").exit_code == 0
     assert fake.requests[-1][2] == {"command": "true"}
     bad = run(fake, "addjob", "--retries", "0", "true")
-    assert bad.exit_code == cli.EXIT_USAGE and len(fake.requests) == 2
+    assert bad.exit_code == quick.EXIT_USAGE and len(fake.requests) == 2
 
 
 def test_401_is_permission_denied(fake):  # noqa: F811
     fake.force = (401, {"error": "unauthorized: a valid token is required over TCP"})
     result = run(fake, "list")
-    assert result.exit_code == cli.EXIT_DENIED
+    assert result.exit_code == quick.EXIT_DENIED
     assert "unauthorized" in one_error_line(result)
 
 
 def test_server_url_and_token_file_are_checked(tmp_path):
     result = run(str(tmp_path / "s"), "--server", "ftp://x", "--token-file", "/dev/null", "list")
-    assert result.exit_code == cli.EXIT_USAGE and "http://HOST:PORT" in one_error_line(result)
+    assert result.exit_code == quick.EXIT_USAGE and "http://HOST:PORT" in one_error_line(result)
     result = run(str(tmp_path / "s"), "--server", "http://10.0.0.1:7800", "--token-file",
                  str(tmp_path / "missing"), "list")
-    assert result.exit_code == cli.EXIT_DENIED and "token file" in one_error_line(result)
+    assert result.exit_code == quick.EXIT_DENIED and "token file" in one_error_line(result)
 
 
 def test_checkjob_shows_attempts(fake):  # noqa: F811
@@ -120,4 +120,4 @@ def test_checkjob_shows_attempts(fake):  # noqa: F811
 def test_addjob_priority_is_sent_and_checked(fake):  # noqa: F811
     assert run(fake, "addjob", "--priority", "-7", "true").exit_code == 0
     assert fake.requests[-1] == ("POST", "/v1/jobs", {"command": "true", "priority": -7})
-    assert run(fake, "addjob", "--priority", "101", "true").exit_code == cli.EXIT_USAGE
+    assert run(fake, "addjob", "--priority", "101", "true").exit_code == quick.EXIT_USAGE

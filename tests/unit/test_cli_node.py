@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from lclusterd import api, cli
+from lclusterd import api, cli, quick
 from tests.unit.test_node_cluster import Cluster
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -79,7 +79,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(quick, "POLL_INTERVAL", 0.02)
     monkeypatch.setenv("COLUMNS", "250")  # list keeps every column
     # Whoever runs the tests, the socket's caller is root: drain and forget are root's.
     monkeypatch.setattr(api, "peer_uid", lambda sock: (os.getpid(), 0, 0))
@@ -109,7 +109,7 @@ def test_a_file_makes_an_array_and_removejob_cancels_its_live_members(served):
     assert [served.jobs()[u].command for u in members] == ["sleep 30", "sleep 30"]
     cancelled = served.ok("removejob", array).splitlines()
     assert sorted(cancelled) == sorted(f"cancelled {u}" for u in members)
-    assert served.lc("wait", array).exit_code == cli.EXIT_FAILED  # 0 only if all succeeded
+    assert served.lc("wait", array).exit_code == quick.EXIT_FAILED  # 0 only if all succeeded
     one = served.ok("addjob", "--", "sleep 30").strip()
     assert served.ok("removejob", one) == f"cancelled {one}\n"  # a job: its record, not an array
 
@@ -127,15 +127,15 @@ def test_dependencies_wait_with_a_reason_and_a_failed_parent_cancels(served):
     assert served.ok("wait", child).strip() == f"succeeded {child}"
     never = served.ok("addjob", "--after-failed", parent, "--", "true").strip()
     result = served.lc("wait", never)
-    assert result.exit_code == cli.EXIT_FAILED and result.stdout.startswith("cancelled ")
+    assert result.exit_code == quick.EXIT_FAILED and result.stdout.startswith("cancelled ")
 
 
 def test_what_no_node_could_run_is_refused_and_nothing_is_queued(served):
     before = len(served.jobs())
-    assert "gpu=1" in served.refused(cli.EXIT_USAGE, "addjob", "--constraint", "gpu=1", "true")
-    assert served.refused(cli.EXIT_USAGE, "addjob", "--memory", "64G", "true")
-    served.refused(cli.EXIT_USAGE, "addjob", "--after", "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77", "true")
-    served.refused(cli.EXIT_USAGE, "addjob", "--count", "2", "--max-running", "0", "true")
+    assert "gpu=1" in served.refused(quick.EXIT_USAGE, "addjob", "--constraint", "gpu=1", "true")
+    assert served.refused(quick.EXIT_USAGE, "addjob", "--memory", "64G", "true")
+    served.refused(quick.EXIT_USAGE, "addjob", "--after", "0b5e8c1e-3c1f-4a43-9d59-1d1c1f0a2b77", "true")
+    served.refused(quick.EXIT_USAGE, "addjob", "--count", "2", "--max-running", "0", "true")
     assert len(served.jobs()) == before
     pinned = served.ok("addjob", "--constraint", "ssd=yes", "--", "true").strip()
     assert served.ok("wait", pinned) and served.jobs()[pinned].node == "n2"
@@ -153,5 +153,5 @@ def test_drain_resume_and_forget_from_the_command_line(served):
     assert re.search(r"^waiting: +drained", text, re.M), text
     assert served.ok("resume", "n2").split()[1] == "n2"
     assert served.ok("wait", pinned).strip() == f"succeeded {pinned}"
-    assert "no node" in served.refused(cli.EXIT_NO_JOB, "drain", "n9")
-    assert "is live" in served.refused(cli.EXIT_NO_JOB, "nodes", "--forget", "n1")
+    assert "no node" in served.refused(quick.EXIT_NO_JOB, "drain", "n9")
+    assert "is live" in served.refused(quick.EXIT_NO_JOB, "nodes", "--forget", "n1")

@@ -5,6 +5,7 @@ sys.modules at exit, not by timing (a busy machine would make a timed test
 flaky, and a slow import is a slow import on any machine)."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lclusterd import cli, client, core
+from lclusterd import cli, client, core, quick
 from tests.unit.test_cli import fake  # noqa: F401  (a fixture)
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -28,18 +29,21 @@ DAEMON_ONLY = ("aiohttp", "etcd3", "dbus_next", "grpc", "systemd", "pyroute2", "
 NOT_FOR_HELP = DAEMON_ONLY + ("lclusterd.core", "lclusterd.client", "lclusterd.tls", "http.client",
                               "ssl", "email", "json", "socket", "uuid", "hashlib", "urllib.parse",
                               "dataclasses", "shlex")  # shutil: click's help asks the terminal's width
-# Not for a submission over the unix socket: HTTP over it is a few lines on
-# a plain socket (client.py), http.client (with email and ssl) is for TCP.
-NOT_FOR_ADDJOB = DAEMON_ONLY + ("http.client", "ssl", "email", "lclusterd.tls", "urllib.parse",
+# Not for a request over the unix socket: HTTP over it is a few lines on a
+# plain socket (client.py), http.client (with email and ssl) is for TCP.
+NOT_FOR_SOCKET = DAEMON_ONLY + ("http.client", "ssl", "email", "lclusterd.tls", "urllib.parse",
                                 "shlex")
+# Nor for a submission: quick.py reads addjob's command line without click.
+NOT_FOR_ADDJOB = NOT_FOR_SOCKET + ("click", "lclusterd.cli")
 
 
 def modules_after(*args, env=None):
-    """The modules a fresh `lclusterc ARGS` has imported when it exits, and its exit code."""
+    """The modules a fresh `lclusterc ARGS` has imported when it exits, and its
+    exit code; lclusterc as debian/rules writes it."""
     code = ("import atexit, sys\n"  # nothing more: the hook must not import what it reports
             "atexit.register(lambda: sys.__stderr__.write('\\nMODULES ' + ' '.join(sys.modules)))\n"
-            "from lclusterd.cli import main\n"
-            "main(sys.argv[1:])\n")
+            "from lclusterd.quick import main\n"
+            "main()\n")
     env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, timeout=60)
@@ -60,7 +64,7 @@ def test_help_and_version_import_only_click(args):
 def test_a_subcommands_help_imports_no_http_client():
     modules, done = modules_after("addjob", "--help")  # the group made its Client already
     assert done.returncode == 0 and "--count" in done.stdout, done.stderr
-    assert imported(modules, NOT_FOR_ADDJOB + ("lclusterd.core",)) == []
+    assert imported(modules, NOT_FOR_SOCKET + ("lclusterd.core",)) == []
 
 
 def test_importing_the_cli_imports_only_click():
@@ -70,11 +74,50 @@ def test_importing_the_cli_imports_only_click():
     assert imported(done.stdout.split(), NOT_FOR_HELP) == []
 
 
-def test_addjob_over_the_socket_needs_no_http_client_nor_ssl(fake):  # noqa: F811
-    modules, done = modules_after("--socket", fake.socket, "addjob", "true")
+@pytest.mark.parametrize("args", [
+    ["addjob", "true"],
+    ["--addjob=true"],
+    ["addjob", "--json", "--priority", "5", "--retries=2", "--memory", "1G", "--env", "A=1",
+     "--cpus=0.5", "--timeout", "1h", "--constraint", "a=b", "--after", "0b5e8c1e", "--", "-true"],
+])
+def test_addjob_over_the_socket_needs_no_click_nor_http_client(fake, args):  # noqa: F811
+    modules, done = modules_after("--socket", fake.socket, *args)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() in fake.jobs
+    assert done.stdout.strip() in fake.jobs or fake.requests[0][2]["command"] == "-true"
     assert imported(modules, NOT_FOR_ADDJOB) == []
+
+
+def test_addjob_wait_needs_no_click(fake):  # noqa: F811
+    fake.finish = ("failed", 7)
+    modules, done = modules_after("--socket", fake.socket, "addjob", "--wait", "exit 7")
+    assert done.returncode == 7 and done.stdout.strip() in fake.jobs
+    assert done.stderr.startswith("lclusterc: job ") and " failed: exited with status 7" in done.stderr
+    assert "click" not in modules
+
+
+@pytest.mark.parametrize("args, code, line", [
+    (["addjob", ""], 2, "lclusterc: command is empty"),
+    (["addjob", "--count", "3", "--wait", "true"], 2, "lclusterc: --wait takes one job, not --count "
+     "(lclusterc wait ARRAY waits for an array) (see 'lclusterc addjob --help')"),
+])
+def test_addjob_refusals_of_the_quick_path_are_clicks(fake, args, code, line):  # noqa: F811
+    modules, done = modules_after("--socket", fake.socket, *args)
+    assert (done.returncode, done.stderr.partition("\nMODULES")[0]) == (code, line + "\n")
+    assert "click" not in modules and fake.requests == []
+
+
+def test_the_daemon_down_is_one_line_exit_5_without_click(tmp_path):
+    modules, done = modules_after("--socket", str(tmp_path / "none.sock"), "addjob", "true")
+    assert done.returncode == quick.EXIT_UNREACHABLE
+    assert done.stderr.startswith("lclusterc: lclusterd is not running (no socket ")
+    assert "click" not in modules
+
+
+def test_other_commands_and_help_go_to_click(fake):  # noqa: F811
+    for args in (["list"], ["addjob", "--help"], ["addjob", "--priority", "500", "true"]):
+        modules, done = modules_after("--socket", fake.socket, *args)
+        assert "click" in modules, args
+    assert done.returncode == 2 and "'--priority': 500 is not in the range" in done.stderr
 
 
 @pytest.mark.parametrize("args", [
@@ -91,13 +134,114 @@ def test_an_array_with_dependencies_needs_no_more(fake, args, tmp_path):  # noqa
 
 
 def test_the_cli_constants_are_cores():
-    # cli keeps copies so that its options need not import core
-    assert cli.STATES == core.STATES and cli.TERMINAL == core.TERMINAL
-    assert cli.MAX_BATCH == core.MAX_BATCH
-    assert (cli.MIN_PRIORITY, cli.MAX_PRIORITY) == (core.MIN_PRIORITY, core.MAX_PRIORITY)
-    assert (cli.DEFAULT_ATTEMPTS, cli.MAX_ATTEMPTS) == (core.DEFAULT_ATTEMPTS, core.MAX_ATTEMPTS)
-    assert (cli.DEFAULT_SOCKET, cli.DEFAULT_TOKEN_FILE) == (client.DEFAULT_SOCKET, client.DEFAULT_TOKEN_FILE)
-    assert {client.BAD_URL, client.DENIED, client.UNTRUSTED, client.UNREACHABLE} <= set(cli.EXIT_FOR_CAUSE)
+    # quick keeps copies so that the options need not import core
+    assert quick.STATES == core.STATES and quick.TERMINAL == core.TERMINAL
+    assert quick.MAX_BATCH == core.MAX_BATCH
+    assert (quick.MIN_PRIORITY, quick.MAX_PRIORITY) == (core.MIN_PRIORITY, core.MAX_PRIORITY)
+    assert (quick.DEFAULT_ATTEMPTS, quick.MAX_ATTEMPTS) == (core.DEFAULT_ATTEMPTS, core.MAX_ATTEMPTS)
+    assert (quick.DEFAULT_SOCKET, quick.DEFAULT_TOKEN_FILE) == (client.DEFAULT_SOCKET,
+                                                                client.DEFAULT_TOKEN_FILE)
+    assert {client.BAD_URL, client.DENIED, client.UNTRUSTED, client.UNREACHABLE} <= set(quick.EXIT_FOR_CAUSE)
+
+
+# --- quick.parse reads addjob's command line as click does ---------------------------
+
+def clicks_reading(args, monkeypatch):
+    """What click's commands give addjob for args: (group's values, addjob's
+    values), or None if click does not run addjob (help, a usage error)."""
+    seen = []
+
+    class Given(dict):  # the group's values, as the client that other commands would use
+        def __getattr__(self, name):
+            raise LookupError("another command")
+    monkeypatch.setattr(quick, "make_client", lambda **given: Given(given))
+    monkeypatch.setattr(quick, "addjob", lambda given, **values: seen.append((given, values)) or 0)
+    try:
+        cli.run(list(args))
+    except LookupError:
+        return None
+    return seen[0] if seen else None
+
+
+def command_lines(rng, n):
+    """n addjob command lines made of quick.ADDJOB_OPTIONS and GLOBAL_OPTIONS,
+    in every spelling and order click takes, and some that it refuses."""
+    values = {"flag": ["", "=1"], "text": ["256M", "", "-5", "--", "a=b"],
+              "many": ["A=1", "x,y", "-"], (None, None): ["3", "-1", " 7 ", "1.5", "x"]}
+    for _, name, kind, _, _ in quick.ADDJOB_OPTIONS:
+        if kind not in values:
+            low, high = kind
+            values[kind] = [str(low), str(high), str(low - 1), str(high + 1), "+4", "0x1"]
+    for _ in range(n):
+        words = []
+        for _ in range(rng.randint(0, 2)):
+            spelling = rng.choice(quick.GLOBAL_OPTIONS)[0]
+            words += ([f"{spelling}=/g"] if rng.random() < 0.5 else [spelling, "/g"])
+        words.append(rng.choice(["addjob"] * 8 + ["--addjob=echo old", "checkjob", "--", "-h"]))
+        body = []
+        for _ in range(rng.randint(0, 4)):
+            spelling, _, kind, _, _ = rng.choice(quick.ADDJOB_OPTIONS)
+            value = rng.choice(values[kind])
+            if kind == "flag":
+                body.append(spelling + value)
+            elif rng.random() < 0.5:
+                body.append(f"{spelling}={value}")
+            else:
+                body += [spelling, value]
+        commands = rng.choice([[], ["echo hi"], ["a", "b"], ["--", "-n x"], ["-"], ["--help"],
+                               ["--bogus", "x"], ["-x"]])
+        at = rng.randint(0, len(body))
+        words += body[:at] + commands + body[at:]
+        if rng.random() < 0.1:
+            words.append(rng.choice(["--memory", "--wait=", "--count"]))  # a value missing
+        yield words
+
+
+def test_quick_parse_reads_every_command_line_as_click_does(monkeypatch):
+    # Each line that click runs addjob with, quick.parse reads the same (it
+    # declines only `lclusterc -- addjob`, and click's completion); each
+    # other line it leaves to click.
+    taken = 0
+    for args in command_lines(random.Random(13), 600):
+        theirs = clicks_reading(args, monkeypatch)
+        assert quick.parse(args) == theirs, args
+        taken += theirs is not None
+    assert taken > 100  # lines of both kinds
+
+
+@pytest.mark.parametrize("args", [
+    ["addjob", "echo hi"], ["--addjob=-n x"], ["--addjob", "x", "--wait"],
+    ["--socket", "/s", "--socket=/t", "addjob", "--env", "A=1", "x", "--env=B=2", "--json"],
+    ["addjob", "--memory", "-5", "--", "--count"], ["addjob", "-"],
+    ["addjob", "--priority", "-100", "--retries=100", "--count", "-1", "x"],
+])
+def test_quick_parse_takes_the_usual_command_lines(args, monkeypatch):
+    assert quick.parse(args) is not None
+    assert quick.parse(args) == clicks_reading(args, monkeypatch)
+
+
+def test_quick_parse_reads_the_environment_as_click(monkeypatch):
+    monkeypatch.setenv("LCLUSTER_SOCKET", "/env.sock")
+    monkeypatch.setenv("LCLUSTER_SERVER", "")  # empty: as if not set
+    monkeypatch.setenv("LCLUSTER_CA", "/ca.pem")
+    for args in (["addjob", "x"], ["--socket", "/given", "--ca=", "addjob", "x"]):
+        ours = quick.parse(args)
+        assert ours is not None and ours == clicks_reading(args, monkeypatch)
+    assert quick.parse(["addjob", "x"])[0]["socket_path"] == "/env.sock"
+
+
+def test_clicks_own_completion_goes_to_click(monkeypatch):
+    monkeypatch.setenv("_LCLUSTERC_COMPLETE", "bash_complete")
+    assert quick.parse(["addjob", "x"]) is None
+
+
+def test_the_click_options_are_the_tables():
+    addjob = cli.lclusterc.commands["addjob"]
+    options = [(p.opts[0], p.name) for p in addjob.params if p.param_type_name == "option"]
+    assert options == [(spelling, name) for spelling, name, *_ in quick.ADDJOB_OPTIONS]
+    group = [(p.opts[0], p.name, p.envvar, p.default) for p in cli.lclusterc.params
+             if p.param_type_name == "option" and p.envvar]
+    assert group == [option[:4] for option in quick.GLOBAL_OPTIONS]
 
 
 # --- the plain socket's HTTP (client.PlainAnswer) ------------------------------------
@@ -157,3 +301,12 @@ def test_a_cut_answer_is_one_line_lost_connection(tmp_path):
     assert caught.value.cause == client.UNREACHABLE and caught.value.lost
     assert caught.value.message == (f"lost the connection to lclusterd at {path}: "
                                     "the answer ended after 10 of its 50 bytes")
+
+
+def test_the_idempotency_key_is_a_random_uuid4_made_without_the_uuid_module():
+    import uuid
+    keys = {client._random_uuid() for _ in range(1000)}
+    assert len(keys) == 1000
+    for key in keys:
+        assert str(uuid.UUID(key)) == key
+        assert uuid.UUID(key).version == 4 and uuid.UUID(key).variant == uuid.RFC_4122
