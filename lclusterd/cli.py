@@ -312,28 +312,27 @@ class _Group(click.Group):
             raise quick.failure(e) from None
 
 
-def _options(table):
-    """click options of one of quick.py's tables, in its order."""
-    def decorate(function):
-        for spelling, name, kind, metavar, help in reversed(table):
-            if kind == "flag":
-                extra = {"is_flag": True}
-            elif kind == "text":
-                extra = {}
-            elif kind == "many":
-                extra = {"multiple": True}
-            else:
-                extra = {"type": int if kind == (None, None) else click.IntRange(*kind)}
-            function = click.option(spelling, name, metavar=metavar, help=help, **extra)(function)
-        return function
-    return decorate
-
+# The options of quick.py's tables, in their order: quick.py reads them without click.
 
 def _global_options(function):
     for spelling, name, envvar, default, metavar, help in reversed(quick.GLOBAL_OPTIONS):
         function = click.option(spelling, name, metavar=metavar, envvar=envvar, show_envvar=True,
                                 default=default, show_default=default is not None,
                                 help=help)(function)
+    return function
+
+
+def _addjob_options(function):
+    for spelling, name, kind, metavar, help in reversed(quick.ADDJOB_OPTIONS):
+        if kind == "flag":
+            extra = {"is_flag": True}
+        elif kind == "text":
+            extra = {}
+        elif kind == "many":
+            extra = {"multiple": True}
+        else:
+            extra = {"type": int if kind == (None, None) else click.IntRange(*kind)}
+        function = click.option(spelling, name, metavar=metavar, help=help, **extra)(function)
     return function
 
 
@@ -356,7 +355,7 @@ def run(args):
 
 @lclusterc.command()
 @click.argument("command", required=False)
-@_options(quick.ADDJOB_OPTIONS)
+@_addjob_options
 @click.pass_obj
 def addjob(client, **values):
     """Queue COMMAND (run by /bin/sh -c) and print the job's uuid. With
