@@ -5,6 +5,7 @@ a restart, a missed signal or an etcd outage.
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 
@@ -21,6 +22,12 @@ FENCED_DIR = "fenced"  # <uuid>: an empty file per unit killed by a fence; its j
 # read again after this, doubling up to poll_interval, rather than leave
 # its slot held until the next sweep (a 1 s job held its slot ~2.3 s).
 RECHECK_FIRST = 0.02
+# A job whose unit started is recorded running this long after, or with the
+# node's next write if that comes first: a job that ends by then is written
+# once (starting -> its end), and the starts of many jobs share one
+# transaction with each other and with ends (issue 13: one etcd revision a
+# job fewer; users see "running" up to this much later).
+RECORD_RUNNING_AFTER = 0.5
 
 
 class _NotStarted(Exception):
@@ -90,6 +97,9 @@ class Runner:
         self.changed = set()  # uuids whose unit systemd told us about
         self.assigned = set()  # uuids etcd said were assigned to us (the watch): to start
         self.recheck = {}  # uuid -> seconds until the next re-read of its changing unit
+        # uuid -> (job, revision, started_at, loop time) of jobs whose unit
+        # started and whose record is not written running yet
+        self.started = {}
 
     @property
     def me(self):
@@ -121,8 +131,8 @@ class Runner:
     async def start_many(self, records):
         """Start the units of jobs assigned to us, [(job, revision)], all at
         once, and record how each went in as few transactions as etcd takes:
-        running, or failed for good (a requeue would place it again and fail
-        again, forever)."""
+        failed for good now (a requeue would place it again and fail again,
+        forever); running with the next write (RECORD_RUNNING_AFTER)."""
         records = [(job, rev) for job, rev in records if job.uuid not in self.in_flight]
         for job, _ in records:
             self.mine.add(job.uuid)
@@ -143,16 +153,16 @@ class Runner:
                     why[job.uuid] = outcome
                     if outcome is not None:
                         self.mine.discard(job.uuid)
-            now = self.clock()
-
-            def decide(j):
-                if j.uuid not in why or not self.ours(j, core.STARTING):
-                    return None
-                if why[j.uuid] is None:
-                    return core.transition(j, core.RUNNING, started_at=now)
-                return core.transition(j, core.FAILED, ended_at=now, reason=why[j.uuid])
-            await self.applier.change_many({job.uuid: (job, rev) for job, rev in records
-                                            if job.uuid in why}, decide)
+            now, loop = self.clock(), asyncio.get_running_loop()
+            started = [(job, rev) for job, rev in records if job.uuid in why and why[job.uuid] is None]
+            for job, rev in started:
+                self.started[job.uuid] = (job, rev, now, loop.time())
+            if started:
+                loop.call_later(RECORD_RUNNING_AFTER, self.wake)
+            refused = {job.uuid: (job, rev) for job, rev in records if why.get(job.uuid) is not None}
+            await self.applier.change_many(refused, lambda j: core.transition(
+                j, core.FAILED, ended_at=now, reason=why[j.uuid])
+                if self.ours(j, core.STARTING) else None)
             if bus_lost is not None:
                 raise bus_lost
         finally:
@@ -209,7 +219,13 @@ class Runner:
         if not todo or not self.registered():
             return  # (kept for when we are registered again)
         self.assigned.clear()
-        found = await self.applier.call(self.store.get_many, sorted(todo))
+        # What this node's own placer assigned (the primed node's jobs) is
+        # known as it wrote it: no read. A record that moved since fails the
+        # guarded write that follows, and is read then.
+        found = {u: self.applier.written[u] for u in todo if u in self.applier.written
+                 and self.applier.written[u][0].state == core.STARTING}
+        if todo - set(found):
+            found.update(await self.applier.call(self.store.get_many, sorted(todo - set(found))))
         await self.start_many([(job, rev) for job, rev in found.values()
                                if self.ours(job, core.STARTING)])
 
@@ -235,6 +251,8 @@ class Runner:
         for action, job_uuid in plan:
             if action == core.START_UNIT and job_uuid in known:
                 continue  # started since the unit list was read (the watch's start)
+            if action == core.RECORD_RUNNING and job_uuid in self.started:
+                continue  # written with the next write (record_ends)
             log.info("reconcile: %s %s", action, job_uuid)
             if action == core.RELEASE_ORPHAN:
                 log.warning("job %s: its record is gone from etcd; stopping its unit %s",
@@ -255,6 +273,7 @@ class Runner:
         # A record gone (and nothing loaded) holds no slot either.
         settled |= gone - set(units)
         self.mine = core.slot_holders(jobs, units, settled, self.me) | self.in_flight
+        self.started = {u: v for u, v in self.started.items() if u in self.mine}
         # What is kept per job is kept for live jobs only (RSS grew 75 -> 290
         # MB over a 20,000-job burst): the rest went elsewhere or ended unseen.
         self.applier.keep_only(self.mine | set(units))
@@ -311,33 +330,57 @@ class Runner:
 
     async def record_ends(self, ended, known=None):
         """ended: {uuid: its unit's finished status}: record each outcome (a
-        loss if a fence killed it) in as few transactions as etcd takes, then
-        release the units. known: {uuid: (job, revision)} already read."""
-        if not ended:
+        loss if a fence killed it), and every start not yet recorded, in as
+        few transactions as etcd takes; then release the units. known:
+        {uuid: (job, revision)} already read."""
+        due = asyncio.get_running_loop().time() - RECORD_RUNNING_AFTER
+        started = dict(self.started) if ended or any(
+            t <= due for *_, t in self.started.values()) else {}
+        if not ended and not started:
             return
-        records = {u: (known or {}).get(u) or self.applier.written.get(u) for u in ended}
+        records = {u: (known or {}).get(u) or self.applier.written.get(u)
+                   or (started[u][:2] if u in started else None) for u in ended}
         missing = [u for u, r in records.items() if r is None]
         records = {u: r for u, r in records.items() if r is not None}
         if missing:
             records.update(await self.applier.call(self.store.get_many, missing))
+        for u, (job, rev, _, _) in started.items():
+            records.setdefault(u, self.applier.written.get(u) or (job, rev))
         now = self.clock()
 
         def decide(j):
+            if j.uuid not in ended:  # started: running since then
+                return (core.transition(j, core.RUNNING, started_at=started[j.uuid][2])
+                        if self.ours(j, core.STARTING) and not self.markers.was_fenced(j.uuid)
+                        else None)
             if self.markers.was_fenced(j.uuid):  # it did not end, it was lost
                 return self.lose_mine(j)
             if self.ours(j, core.STARTING, core.RUNNING, core.WARNED):
-                return core.settle(j, ended[j.uuid], now)
+                status = ended[j.uuid]
+                if status.started_at is None and j.uuid in started:  # (systemd said no time)
+                    status = dataclasses.replace(status, started_at=started[j.uuid][2])
+                return core.settle(j, status, now)
             return None
         done = await self.applier.change_many(records, decide)
-        for job_uuid, status in ended.items():
+        for job_uuid in started:
+            if self.started.get(job_uuid) == started[job_uuid]:
+                del self.started[job_uuid]
+        for job_uuid in ended:
             self.markers.forget(job_uuid)
             self.mine.discard(job_uuid)
             self.recheck.pop(job_uuid, None)
-            if job_uuid not in records:
-                continue  # no record of ours (another daemon's prefix): not ours to release
-            await self.units.release(job_uuid, status)
+            self.started.pop(job_uuid, None)
+        # (Units without a record of ours, another daemon's prefix: not ours to release.)
+        released = [u for u in ended if u in records]
+        # All at once: one round trip's wait, not one per job.
+        outcomes = await asyncio.gather(*(self.units.release(u, ended[u]) for u in released),
+                                        return_exceptions=True)
+        for job_uuid in released:
             job = done.get(job_uuid) or records[job_uuid][0]
             log.info("job %s %s: %s", job_uuid, job.state, job.reason)
+        for error in outcomes:
+            if isinstance(error, BaseException):
+                raise error
 
     def _read_again(self, uuids, statuses):
         """Units that changed towards an end not yet readable: look again soon."""
@@ -357,7 +400,7 @@ class Runner:
         (one by one, recording ends held the node under load: make bench)."""
         ready = sorted(self.changed - self.in_flight)  # the others: once their start is recorded
         self.changed -= set(ready)
-        if not ready:
+        if not ready and not self.started:
             return
         statuses = await asyncio.gather(*(self.units.status(u) for u in ready),
                                         return_exceptions=True)

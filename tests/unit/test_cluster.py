@@ -356,10 +356,17 @@ def test_a_job_assigned_here_is_started_from_the_watch_or_the_sweep(tmp_path):
     put(n.store, on("me", STARTING, job_uuid=U1))
     n.runner.assignment_events([(U1, False)])
     asyncio.run(n.runner.start_assigned())
-    assert n.units.started == [U1] and n.store.get(U1)[0].state == RUNNING
+    assert n.units.started == [U1] and n.store.get(U1)[0].state == STARTING
+    asyncio.run(n.runner.record_ends({}))  # running is written with the next write, or soon
+    assert n.store.get(U1)[0].state == STARTING
+    n.runner.started[U1] = n.runner.started[U1][:3] + (0.0,)  # due now
+    asyncio.run(n.runner.record_ends({}))
+    assert n.store.get(U1)[0].state == RUNNING
     put(n.store, on("me", STARTING, job_uuid=U2))  # no event
     asyncio.run(n.runner.sweep())
-    assert n.units.started == [U1, U2] and n.store.get(U2)[0].state == RUNNING
+    assert n.units.started == [U1, U2] and n.runner.started
+    asyncio.run(n.runner.record_ends({U1: EXITED}))  # (an end takes the starts with it)
+    assert n.store.get(U2)[0].state == RUNNING and not n.runner.started
     n.membership.lease = None  # cut off: what is assigned to us may be another's by now
     put(n.store, on("me", STARTING, job_uuid=U3))
     n.runner.assignment_events([(U3, False)])
