@@ -28,6 +28,13 @@ from lclusterd.verbs import Caller, Verbs  # noqa: F401  (Caller: api.py imports
 
 
 
+# Seconds between a node's looks at etcd's NOSPACE alarm while all is well.
+# Reading etcd's alarms is a raft proposal (a write) on every member: once a
+# sweep it was an idle node's only writes (0.5/s; issue 13 wants <= 0.2),
+# and a node that writes hears NOSPACE from its writes anyway.
+SPACE_CHECK_EVERY = 30.0
+
+
 class Node:
     def __init__(self, config, store, units, job_log=None, peers=None, clock=time.time,
                  signing_key=None, enforceable=frozenset(("memory", "cpu", "pids")),
@@ -171,7 +178,7 @@ class Node:
         """This node's own work until stopping is set: on every wake-up
         record what units told us and start what was assigned to us; every
         poll_interval also sweep, judge other nodes and publish."""
-        next_sweep = 0.0
+        next_sweep = next_space_check = 0.0
         # (LeaseExpired: the heartbeat's next renewal hears it too, and fences.)
         passes = Passes("node", (StoreUnavailable, UnitsUnavailable, OSError, etcd_store.LeaseExpired))
         loop = asyncio.get_running_loop()
@@ -183,15 +190,19 @@ class Node:
                     next_sweep = 0.0  # what happened while we were away?
                 if loop.time() >= next_sweep:
                     # An idle node writes nothing: ask about etcd's space, so
-                    # STATUS= says NOSPACE (etcd_error) before a write fails on it.
-                    await self.applier.call(self.store.check_space)
+                    # STATUS= says NOSPACE (etcd_error) before a write fails on
+                    # it; every sweep while etcd is in trouble.
+                    if loop.time() >= next_space_check or self.applier.etcd_error:
+                        next_space_check = loop.time() + SPACE_CHECK_EVERY
+                        await self.applier.call(self.store.check_space)
                     await self.runner.sweep()
                     await self.membership.watch_cluster()
                     # Once a sweep, not per job: the registration's counts are
                     # for people (lclusterc nodes), and each rewrite is an etcd write.
                     await self.membership.publish()
                     next_sweep = loop.time() + self.config.poll_interval
-                    self.placer.wake()  # the backstop of the watches
+                    # (The placer's own poll_interval is the backstop of its
+                    # watches: a wake-up here too doubled an idle node's reads.)
                 await self.runner.record_changed()
                 await self.runner.start_assigned()
                 await self.history.prune_when_due(loop.time())

@@ -3,8 +3,8 @@ jobs onto nodes (queued -> starting, node=X), several per guarded
 transaction, and cancels jobs whose dependency can never be met.
 
 It is woken by etcd's watches (a job queued, a node changed, an assignment
-gone, a drain; held only while primed) with poll_interval as a backstop; each pass reads
-a snapshot (the queue's head, and further down while the head's jobs wait
+gone, a drain; held only while primed), BACKSTOP poll_intervals at the
+latest; each pass reads a snapshot (the queue's head, and further down while the head's jobs wait
 and slots stay free; live registrations, store.assigned(), drains, the
 parents of jobs with dependencies), asks scheduler.plan() and writes at
 most MAX_ASSIGN assignments with update_many(..., prime=us): a pass of a
@@ -38,6 +38,10 @@ MAX_ASSIGN = 256
 # Threads for the placer's etcd calls: not queued behind the runner's and
 # the API's in the default pool.
 PLACER_THREADS = 4
+# While its watches run, the placer passes at least once every this many
+# poll_intervals (the watches' backstop; they resume after errors and say
+# when they missed events).
+BACKSTOP = 5
 
 
 async def cancel_dependents(applier, roots, clock, call=None):
@@ -176,7 +180,9 @@ class Placer:
             if again:
                 await asyncio.sleep(0)  # let the API's requests in between passes
                 continue
-            await woken(self._wake, self.config.poll_interval)
+            # While primed its watches wake it: the backstop can wait longer
+            # (each idle pass is 3-4 etcd reads; placement has no clock).
+            await woken(self._wake, self.config.poll_interval * (BACKSTOP if self._cancels else 1))
 
     def call(self, method, *args):
         return self.applier.call(method, *args, executor=self._pool)
