@@ -1047,16 +1047,54 @@ def array_env(job: Job) -> list:
     return [f"LCLUSTER_ARRAY_ID={job.array}", f"LCLUSTER_ARRAY_INDEX={job.array_index}"]
 
 
+# With PrivatePIDs= (systemd 257 on) the process systemd starts is PID 1 of
+# the job's own PID namespace, and the kernel gives PID 1 only the signals it
+# has a handler for, even SIGKILL when sent from inside: a job's shell there
+# would ignore `kill -9 $$`, or a TERM it sends itself. So a shell runs first
+# as the namespace's init and the job's `sh -c CMD` runs as its child, in the
+# foreground (an async list would ignore SIGINT and SIGQUIT), with `exit $?`
+# after it (dash would otherwise exec it as the last simple command, making it
+# PID 1 again). The init's own stderr is /dev/null: it would add "Killed" to
+# the job's output when its command dies of a signal; the job's shell gets
+# the original stderr back in the subshell it is exec'd from, without the
+# spare fd 3. Until it has started the job's shell the init takes SIGTERM
+# as a shell would (exit 143): a removejob in that moment would otherwise be
+# lost on it, and the job run until the SIGKILL after stop_timeout; then it
+# goes back to ignoring it (the job's shell gets systemd's SIGTERM itself,
+# and its exit status stays the init's). A shell rather than tini:
+# /bin/sh is in every rootfs a job may run in (sandbox.check_rootfs), tini is
+# not. The job's $0, $#, environment, output and exit status stay those of
+# `sh -c CMD`; one difference shows: a command
+# killed by signal n makes the init exit 128+n, as a shell's $? says it, so
+# the record reads "exited with status 137" where it read "killed by signal 9".
+# When the init exits the kernel kills what is left in the namespace: a
+# job's background processes end with its shell.
+PID_INIT = ('trap "exit 143" TERM; exec 3>&2 2>/dev/null; trap - TERM; '
+            '(exec /bin/sh -c "$1" 2>&3 3>&-); exit $?')
+
+
+def job_exec_start(command: str, private_pids: bool = False) -> list:
+    """ExecStart= of a job's unit: `/bin/sh -c COMMAND`, under PID_INIT in
+    its own PID namespace."""
+    if private_pids:
+        argv = ["/bin/sh", "-c", exec_arg(PID_INIT), "/bin/sh", exec_arg(command)]
+    else:
+        argv = ["/bin/sh", "-c", exec_arg(command)]
+    return [("/bin/sh", argv, False)]
+
+
 def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
-                    namespace: Optional[str] = None, tmp_size: int = DEFAULT_JOB_TMP_SIZE):
+                    namespace: Optional[str] = None, tmp_size: int = DEFAULT_JOB_TMP_SIZE,
+                    private_pids: bool = False):
     """The systemd properties of a job's transient service, as (name, value).
     rootfs: the job's / (else the host's, read-only); namespace: the node's
     network namespace for jobs that ask for none (else a private one);
-    tmp_size: bytes of each of its private /tmp, /var/tmp and /dev/shm."""
+    tmp_size: bytes of each of its private /tmp, /var/tmp and /dev/shm;
+    private_pids: the node's systemd has PrivatePIDs= (units.service_has)."""
     dynamic = dynamic_user(job)
     props = [
         ("Description", f"lcluster job {job.uuid}"),
-        ("ExecStart", [("/bin/sh", ["/bin/sh", "-c", exec_arg(job.command)], False)]),
+        ("ExecStart", job_exec_start(job.command, private_pids)),
         # Keep the unit, and with it the exit status, after the job exits,
         # until the daemon has recorded it (even across a daemon restart).
         ("RemainAfterExit", True),
@@ -1077,6 +1115,8 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
         props += [("PrivateTmp", False),  # the tmpfs below instead: bounded
                   ("TemporaryFileSystem", [("/dev/shm", tmpfs + ",noexec"), ("/tmp", tmpfs),
                                            ("/var/tmp", tmpfs)])]
+    if private_pids:
+        props.append(("PrivatePIDs", "yes"))  # it sees only its own processes (systemd 257)
     network = job.network or (f"ns:{namespace}" if namespace else "none")
     if network == "none":
         props.append(("PrivateNetwork", True))  # its own namespace with only loopback
@@ -1097,7 +1137,8 @@ def unit_properties(job: Job, stop_timeout: float, rootfs: Optional[str] = None,
     if job.cpus is not None:
         props.append(("CPUQuotaPerSecUSec", int(job.cpus * 1_000_000)))
     if job.tasks is not None:
-        props.append(("TasksMax", job.tasks))
+        # PID_INIT is one of the unit's tasks, not one of the job's.
+        props.append(("TasksMax", job.tasks + (1 if private_pids else 0)))
     if job.timeout is not None:
         props.append(("RuntimeMaxUSec", int(job.timeout * 1_000_000)))  # then Result=timeout
     return props

@@ -24,7 +24,7 @@ from lclusterd import (__version__, api, config as configuration, core, journal,
 from lclusterd import tls as https
 from lclusterd.node import Node
 from lclusterd.store import Store
-from lclusterd.units import Units
+from lclusterd.units import Unavailable as UnitsUnavailable, Units
 
 log = logging.getLogger("lclusterd")
 
@@ -339,6 +339,7 @@ async def serve(config, config_path=None):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload, node, config_path)
 
+    await ask_systemd(node, warnings)
     sd.notify("READY=1\nSTATUS=connecting to the system bus and etcd")
     log.info("lclusterd %s serving on %s as node %s (up to %d file descriptors)", __version__,
              ", ".join(str(s.getsockname()) for s in sockets), config.node_name, fds)
@@ -364,6 +365,23 @@ async def serve(config, config_path=None):
         node.close()  # the heartbeat's per-endpoint stores and threads
         units.close()
         store.close()
+
+
+async def ask_systemd(node, warnings):
+    """What the node's systemd offers jobs beyond Debian 12's: PrivatePIDs=
+    (257 on), asked of systemd once, before any job starts. Without an answer
+    (no system bus yet) jobs run without it until the next restart, and
+    STATUS= says so."""
+    try:
+        if not node.units.connected:
+            await node.units.connect()
+        node.runner.private_pids = await node.units.service_has("PrivatePIDs")
+    except UnitsUnavailable as e:
+        warnings.append(f"jobs run without PrivatePIDs= until a restart: cannot ask systemd ({e})")
+        log.warning("%s", warnings[-1])
+        return
+    log.info("jobs %s", "get PrivatePIDs= (their own PID namespace)" if node.runner.private_pids
+             else "share the node's PID namespace (this systemd has no PrivatePIDs=)")
 
 
 def name_taken(error, config_path):

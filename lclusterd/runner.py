@@ -105,10 +105,14 @@ class Runner:
     def me(self):
         return self.config.node_name
 
+    # Whether the node's systemd has PrivatePIDs=: asked once at start-up (daemon.py).
+    private_pids = False
+
     def unit_properties(self, job):
         """The systemd properties this node gives the job's unit."""
         return core.unit_properties(job, self.config.stop_timeout, self.config.rootfs,
-                                    self.config.namespace, self.config.job_tmp_size)
+                                    self.config.namespace, self.config.job_tmp_size,
+                                    self.private_pids)
 
     def unit_changed(self, job_uuid):
         """Called by units for every change of a job's unit."""
