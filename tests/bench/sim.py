@@ -13,6 +13,16 @@ nodes' run dirs are temporary and removed, its processes stopped.
 
     /usr/bin/python3 -m tests.bench.sim --nodes 10,100 --jobs 2000
     /usr/bin/python3 -m tests.bench.sim --full      # 10,100,1000 nodes x 20,000 jobs
+    /usr/bin/python3 -m tests.bench.sim --history 100000 --out history.json
+
+--history N (issue 13): N jobs through one simulated node with the
+package's retention settings (retention 7 d, max_finished_jobs 10,000, so
+a prune pass every 300 s) against one real etcd member, as a node with its
+local etcd: etcd's db size in use after the first max_finished_jobs jobs
+and after all N and the prune passes that follow (a pass compacts, then
+deletes: what it deletes is freed by the next pass's compaction; the node's
+own pass deletes, the next is asked for at once as a reload does), the
+node's RSS growth between those two points, and etcd revisions per job.
 
 For each N and each job length: a burst (all jobs queued at once in
 addjob-like batches of core.MAX_BATCH through the store) gives completed
@@ -43,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.request
 import uuid as uuidlib
 
@@ -364,7 +375,10 @@ def node_config(name, spec):
     config.slots = spec["slots"]
     config.lease_ttl = spec["lease_ttl"]
     config.poll_interval = spec["poll_interval"]
-    config.max_finished_jobs = 10 ** 9  # the bench reads every record at the end
+    if spec.get("history"):  # the package's retention, or a shorter one for a quick try
+        config.retention = spec.get("retention") or config.retention
+    else:
+        config.max_finished_jobs = 10 ** 9  # the bench reads every record at the end
     config.max_queued_per_user = 0
     config.address = f"http://sim-{name}.invalid:1"
     for field, value in (("cpus", 16.0), ("memory", 64 * 2 ** 30)):
@@ -400,6 +414,7 @@ async def _worker(conn, spec):
     stopping = asyncio.Event()
     nodes, tasks, watches = [], [], []
     passes = []  # (seconds, name) of timed passes of the placement
+    prunes = []  # (wall time, records deleted) of the history's prune passes
     for i, name in enumerate(spec["nodes"]):
         store = stores[i % len(stores)]
         units = SimUnits(stats)
@@ -407,6 +422,8 @@ async def _worker(conn, spec):
                                 signing_key=None, run_dir=os.path.join(run_dir, name),
                                 machine=f"sim-{name}", lease_stores=[store])
         units.on_change = node.unit_changed
+        if spec.get("history"):
+            count_prunes(node.history, prunes)
         for method in spec.get("timed", ()):
             time_method(node, method, passes)
         nodes.append(node)
@@ -431,7 +448,11 @@ async def _worker(conn, spec):
                "primed": [n.config.node_name for n in nodes if n.primed],
                "registered": sum(1 for n in nodes if n.lease is not None),
                "fenced": sum(getattr(n.counters, "fenced", 0) for n in nodes),
-               "prime_changes": sum(getattr(n.counters, "prime_changes", 0) for n in nodes)}
+               "prime_changes": sum(getattr(n.counters, "prime_changes", 0) for n in nodes),
+               "prunes": prunes[:]}
+        if cmd == "prune":  # at once, as the daemon's reload does
+            for n in nodes:
+                n.next_prune = 0.0
         if cmd == "take":
             out.update(stats.take())
             out["passes"] = passes[:]
@@ -464,6 +485,19 @@ def node_tasks(node, stopping):
     if hasattr(node, "place"):
         coros.append(node.place(stopping))
     return coros
+
+
+def count_prunes(history, sink):
+    """Record (wall time, records deleted) of every prune pass of history
+    (lclusterd.history.History). With one node every pass takes the lock
+    (its holder takes it again), so every pass compacts too."""
+    prune = history.prune
+
+    async def counted():
+        deleted = await prune()
+        sink.append((time.time(), deleted))
+        return deleted
+    history.prune = counted
 
 
 def time_method(obj, path, sink):
@@ -691,6 +725,93 @@ def run_scale(cluster, n_nodes, jobs, args, ctx):
         shutil.rmtree(run_root, ignore_errors=True)  # the nodes' fence files, a worker killed too
 
 
+def db_in_use_mb(endpoint):
+    """etcd's db size in use (pages not freed by compaction), from its metrics."""
+    with urllib.request.urlopen(f"{endpoint}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("etcd_mvcc_db_total_size_in_use_in_bytes "):
+                return float(line.split()[1]) / 2 ** 20
+    raise RuntimeError("etcd's metrics have no etcd_mvcc_db_total_size_in_use_in_bytes")
+
+
+def run_history(cluster, jobs, args, ctx):
+    """--history: jobs `true` jobs through one node with the package's retention
+    settings, in chunks of max_finished_jobs (each queued in a burst, then
+    run); then the node's next prune pass (which deletes past the cap) and
+    one more (whose compaction frees what that one deleted)."""
+    from lclusterd import config as configuration
+    from lclusterd.history import History
+    from lclusterd.store import Store
+    prefix = f"/history-{uuidlib.uuid4().hex[:6]}"
+    run_root = tempfile.mkdtemp(prefix="lcsim-run-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    config = configuration.Config()
+    config.retention = args.retention or config.retention
+    config.poll_interval = args.poll_interval
+    every = History.prune_every(types.SimpleNamespace(config=config))  # as the node's
+    spec = {"endpoints": cluster.endpoints, "prefix": prefix, "slots": args.slots, "run_root": run_root,
+            "lease_ttl": args.lease_ttl, "poll_interval": args.poll_interval, "timed": (),
+            "history": True, "retention": args.retention, "nodes": ["n0001"], "stores": 1,
+            "threads": 8}
+    chunk = min(jobs, config.max_finished_jobs)
+    out = {"jobs": jobs, "first": chunk, "retention_s": config.retention,
+           "max_finished_jobs": config.max_finished_jobs, "prune_every_s": every,
+           "slots": args.slots, "load": list(os.getloadavg())}
+    store = Store(cluster.endpoints, prefix)
+    client = etcd_client(cluster.endpoints[0])
+    worker = Worker(ctx, spec)
+    try:
+        wait_for(lambda: store.cluster()[3] == "n0001", "the node to take the prime", 60)
+        out["rss_start_mb"] = worker.ask()["rss_mb"]
+        rev0, t0, done = etcd_revision(client), time.time(), 0
+        while done < jobs:
+            k = min(chunk, jobs - done)
+            submit_burst(store, "true", k)
+            wait_done([worker], k, timeout=120 + k / 20)
+            take([worker])  # (empties the simulator's own lists)
+            done += k
+            if done == chunk:
+                out["first_db_in_use_mb"] = db_in_use_mb(cluster.endpoints[0])
+                out["rss_first_mb"] = worker.ask()["rss_mb"]
+            say(f"history: {done:,} jobs done, {done / (time.time() - t0):.0f} jobs/s")
+        t_end = time.time()
+        out["jobs_per_s"] = jobs / (t_end - t0)
+        out["revisions_per_job"] = (etcd_revision(client) - rev0) / jobs
+
+        def passes_after(t):
+            return [p for p in worker.ask()["prunes"] if p[0] >= t]
+        if jobs > chunk:  # (fewer: nothing is past the cap, nor the retention)
+            # The node's own pass deletes; the next one's compaction frees
+            # what it deleted: that one is asked for at once (as `systemctl
+            # reload lclusterd` does), not waited for another interval.
+            say(f"history: waiting for the node's prune pass (one every {every:.0f} s)")
+            try:
+                wait_for(lambda: passes_after(t_end), "a prune pass after the last job", every + 60)
+                t_pass = time.time()
+                worker.ask("prune")
+                wait_for(lambda: passes_after(t_pass), "the prune pass asked for", 60)
+            except RuntimeError as e:
+                out["failed"] = str(e)
+        w = worker.ask()
+        out["prunes"] = sum(1 for _, deleted in w["prunes"] if deleted)
+        out["deleted"] = sum(deleted for _, deleted in w["prunes"])
+        out["db_in_use_mb"] = db_in_use_mb(cluster.endpoints[0])
+        out["records"] = sum(check_records(store).values())
+        out["rss_end_mb"] = w["rss_mb"]
+        out["rss_growth_mb"] = w["rss_mb"] - out["rss_first_mb"]
+        out["wall_s"] = time.time() - t0
+        out["note"] = (f"one simulated node (real node code, systemd simulated), one real etcd member, "
+                       f"retention {config.retention / 86400:g} d, max_finished_jobs "
+                       f"{config.max_finished_jobs:,}, a prune pass every {every:.0f} s (then one "
+                       f"more at once, as a reload asks); RSS growth from job {chunk:,} to "
+                       f"the end")
+        return out
+    finally:
+        worker.stop()
+        client.close()
+        store.close()
+        shutil.rmtree(run_root, ignore_errors=True)
+
+
 def idle_cost(workers, cluster, n_nodes, client=None, seconds=None):
     """What the registered, idle nodes cost: CPU per node (the worker
     processes), etcd's CPU and revisions per second, over IDLE_SECONDS."""
@@ -884,6 +1005,10 @@ def main(argv=None):
     ap.add_argument("--etcd-dir", default=None, help="where etcd's data dirs go (default: a temp dir on /tmp)")
     ap.add_argument("--timed", action="append", default=None,
                     help="a Node coroutine method whose calls are timed as the placement pass")
+    ap.add_argument("--history", type=int, metavar="N",
+                    help="instead: N jobs through one node with the package's retention settings")
+    ap.add_argument("--retention", type=float, default=None,
+                    help="with --history: this retention in seconds (default: the package's)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of a saved --out file")
     args = ap.parse_args(argv)
@@ -918,6 +1043,8 @@ def main(argv=None):
     if args.timed is None:
         args.timed = default_timed()
     workdir = tempfile.mkdtemp(prefix="lcsim-etcd-", dir=args.etcd_dir)
+    if args.history is not None:
+        return history_main(args, workdir)
     cluster = EtcdCluster(workdir)
     res = {"cpus": os.cpu_count(), "slots": args.slots, "rate": args.rate, "jobs": jobs,
            "lease_ttl": args.lease_ttl, "poll_interval": args.poll_interval,
@@ -950,6 +1077,27 @@ def main(argv=None):
     print(render(res))
     print(f"wall {res['wall_seconds']:.0f} s; {res['cpus']} CPUs; nodes {nodes_arg}, {jobs:,} jobs a burst"
           + ("" if args.full else " (--full for the issue's 10,100,1000 x 20,000)"))
+    return 0
+
+
+def history_main(args, workdir):
+    if args.history < 1 or (args.retention is not None and args.retention <= 0):
+        print("sim: --history and --retention must be positive", file=sys.stderr)
+        return 2
+    cluster = EtcdCluster(workdir, members=1)  # a node and its local etcd
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        cluster.start()
+        res = run_history(cluster, args.history, args, ctx)
+    except (RuntimeError, OSError) as e:
+        print(f"sim: FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
     return 0
 
 
