@@ -93,8 +93,9 @@ class Placer:
         self._wake = asyncio.Event()
         self.ended = set()  # uuids whose assignment went (they ended): their dependents to look at
         self._cancels = []  # of the watches we hold while primed
-        # The live registrations as last read (loop time, {name: registration}):
-        # read again when a node came or went, or once a poll_interval (their
+        # The live registrations and the drains as last read (loop time,
+        # {name: registration}, drains): read again when a node came or went
+        # or a drain changed, or once a poll_interval (the registrations'
         # counts change every sweep; placement reads capacity, not counts).
         self._live = None
         self._nodes_changed = True
@@ -109,7 +110,7 @@ class Placer:
         self._wake.set()
 
     def events(self, events):
-        """Any watched change (queue, nodes, drained, prime): place again."""
+        """A change of the queue: place again."""
         self.wake()
 
     def node_events(self, events):
@@ -117,6 +118,11 @@ class Placer:
         known = self._live[1] if self._live is not None else {}
         if not events or any(deleted or suffix not in known for suffix, deleted in events):
             self._nodes_changed = True
+        self.wake()
+
+    def drain_events(self, events):
+        """store.watch("drained"): read the drains (and the nodes) again."""
+        self._nodes_changed = True
         self.wake()
 
     def assigned_events(self, events):
@@ -138,7 +144,8 @@ class Placer:
                 cancels = []
                 try:
                     for kind, callback in (("queue", self.events), ("nodes", self.node_events),
-                                           ("drained", self.events), ("assigned", self.assigned_events)):
+                                           ("drained", self.drain_events),
+                                           ("assigned", self.assigned_events)):
                         cancels.append(self.store.watch(kind, functools.partial(
                             loop.call_soon_threadsafe, callback)))
                 except BaseException:  # all or none
@@ -202,16 +209,15 @@ class Placer:
         now = loop.time()
         if self._nodes_changed or self._live is None or now - self._live[0] >= self.config.poll_interval:
             self._nodes_changed = False
-            live, _, _, prime = await call(store.cluster)
-            self._live = (now, live)
+            (live, _, _, prime), drains = await asyncio.gather(call(store.cluster), call(store.drains))
+            self._live = (now, live, drains)
             if prime != self.me:  # taken from us (deleted by hand, our lease gone): campaign again
                 self.membership.primed = False
                 self.membership.prime_taken = prime is not None
                 return False
-        live = self._live[1]
-        # Both at once (two round trips' wait, not their sum): only this
-        # placer adds assignments, so the loads can only shrink after the read.
-        drains, assigned = await asyncio.gather(call(store.drains), call(store.assigned))
+        _, live, drains = self._live
+        # Only this placer adds assignments: the loads can only shrink after the read.
+        assigned = await call(store.assigned)
         nodes = scheduler.node_views(live, drains)
         loads = scheduler.loads(assigned)
         free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)

@@ -5,8 +5,8 @@ watches' events, not on every sweep."""
 import asyncio
 import dataclasses
 
-from lclusterd import placer as placer_module
-from tests.unit.test_cluster import make_node, register
+from lclusterd import core, placer as placer_module
+from tests.unit.test_cluster import U1, job, make_node, put, register
 
 
 def counted(store, method):
@@ -47,3 +47,21 @@ def test_an_idle_primed_node_places_on_events_not_on_every_sweep(tmp_path, monke
     # A pass when the watches begin, then one per BACKSTOP x poll_interval
     # (before: one per poll_interval and one per sweep, ~50 here).
     assert 1 <= len(passes) <= 5, len(passes)
+
+
+def test_the_placer_reads_the_drains_when_they_change_not_every_pass(tmp_path):
+    n = make_node(tmp_path, slots=1)
+    register(n)
+    drains = counted(n.store, "drains")
+
+    async def scenario():
+        assert await n.membership.hold_prime()
+        await n.placer.place()
+        await n.placer.place()  # (a queue event): before, a drains read every pass
+        assert len(drains) == 1
+        n.store.drain("me", {"reason": "maintenance", "at": 1.0, "by": "root"})
+        n.placer.drain_events([("me", False)])
+        put(n.store, job(job_uuid=U1))
+        assert not await n.placer.place()  # the drain read, nothing placed on it
+        assert len(drains) == 2 and n.store.get(U1)[0].state == core.QUEUED
+    asyncio.run(scenario())
