@@ -258,7 +258,9 @@ class Units:
                 raise
 
     async def unwatch(self, job_uuid):
-        await self._calls(self._unwatching(job_uuid))
+        messages = self._unwatching(job_uuid)
+        if messages:
+            await self._calls(messages)
 
     def _unwatching(self, job_uuid):
         """[the message that removes its rule] if it is watched, else []."""

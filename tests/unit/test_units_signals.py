@@ -154,3 +154,14 @@ def test_start_sends_its_rule_and_the_start_in_one_round_trip():
     asyncio.run(u.start(job, [("Description", "x")]))
     assert bus.sent == ["AddMatch", "StartTransientUnit"]
     assert UUID in u._watched
+
+
+def test_a_unit_not_watched_is_unwatched_without_a_call():
+    """(Before: asyncio.wait of no calls raised ValueError, and removejob of
+    a running job answered 500: stop_and_wait unwatches the unit it saw go.)"""
+    bus = FakeBus()
+    u = units.Units()
+    u._bus = bus
+    assert asyncio.run(u.stop_and_wait(UUID, 1.0)) is True  # (the fake's Get: not loaded)
+    asyncio.run(u.unwatch(UUID))
+    assert "RemoveMatch" not in bus.sent
