@@ -65,7 +65,7 @@ MODE = os.environ.get("BENCH_MODE", "quiet")  # or "loaded": run.py's CPU hog is
 MODES = ("quiet", "loaded")
 JOBS = {"true": "true", "sleep": "sleep 0.1"}  # job kind -> command
 IN_FLIGHT = 16  # lclusterd's slots, systemd's calls in flight, Slurm's jobs per node
-N_E2E = max(32, int(600 * SCALE))  # jobs of an end-to-end throughput run
+N_E2E = max(32, int(500 * SCALE))  # jobs of an end-to-end throughput run
 # one at a time; half as many in the loaded mode (each waits longer there)
 N_LATENCY = {"true": max(10, int(200 * SCALE)), "sleep": max(10, int(100 * SCALE))}
 N_SLURM_LATENCY = max(5, int(50 * SCALE))

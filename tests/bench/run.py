@@ -369,7 +369,8 @@ def main(argv=None):
         if "cluster" in which:
             cl = bench_cluster(args.deb_dir, args.scale)
             res = {**cl, **res, "cluster": cl["cluster"]}
-    except (ct.ContainerError, subprocess.TimeoutExpired, AssertionError, RuntimeError) as e:
+    except (ct.ContainerError, subprocess.TimeoutExpired, subprocess.CalledProcessError,
+             AssertionError, RuntimeError) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         if res:
             report(res, out)
