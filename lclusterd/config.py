@@ -64,6 +64,7 @@ class Config:
     tls_cert: Optional[str] = None  # HTTPS on the TCP listener: this node's certificate (PEM) ...
     tls_key: Optional[str] = None  # ... and its key
     tls_client_ca: Optional[str] = None  # callers (and the other nodes) must show a certificate it signed
+    tls_ca: Optional[str] = None  # the other nodes' HTTPS is verified against it (default tls_client_ca)
     retention: float = 7 * 86400.0  # seconds a finished job's record is kept ("7d" in the file)
     max_finished_jobs: int = 10000  # and at most this many finished records, the latest
     # What one user or one flood may take.
@@ -240,7 +241,7 @@ def _parse(key, raw):
             raise ValueError("must be positive")
         return value
     if key in ("rootfs", "namespace", "address", "etcd_ca", "etcd_cert", "etcd_key",
-               "tls_cert", "tls_key", "tls_client_ca"):
+               "tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
         return raw or None
     if key in _LIMIT_PARSERS:
         return _LIMIT_PARSERS[key](raw) if raw else None

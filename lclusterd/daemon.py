@@ -166,6 +166,20 @@ def read_token(path, required):
     return token
 
 
+def peer_ca(config):
+    """The CA the other nodes' certificates are verified against (None: the system's)."""
+    return config.tls_ca or config.tls_client_ca
+
+
+def peer_context(config):
+    """TLS for fetching the other nodes' output (peers.py) over https://
+    (None: aiohttp's default, the system's CAs); our own certificate goes
+    with it, for nodes that ask for one (tls_client_ca)."""
+    if not (config.tls_cert or peer_ca(config)):
+        return None
+    return https.client_context(peer_ca(config), config.tls_cert, config.tls_key)
+
+
 def tcp_socket(host, port):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -316,14 +330,13 @@ async def serve(config, config_path=None):
     try:  # HTTPS on TCP (issue 12 item 4): a bad file is exit 78 with one line naming it
         server_tls = (https.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
                       if config.tls_cert else None)
-        peer_tls = (https.client_context(config.tls_client_ca, config.tls_cert, config.tls_key)
-                    if config.tls_cert else None)
+        peer_tls = peer_context(config)
     except https.TLSError as e:
         raise StartupError(str(e)) from None
     tls = {"ca_cert": config.etcd_ca, "cert_cert": config.etcd_cert, "cert_key": config.etcd_key}
     store = Store(config.etcd_endpoints, config.prefix, tls=tls)
     units = Units()
-    node = Node(config, store, units, journal.JobLog, peers.Peers(token, peer_tls),
+    node = Node(config, store, units, journal.JobLog, peers.Peers(token, peer_tls, peer_ca(config)),
                 signing_key=signing_key(token), enforceable=enforced)
     units.on_change = node.unit_changed
 
@@ -453,6 +466,7 @@ def check_config(ctx, config_path):
             raise sandbox.SandboxError(f"'{config.namespace}' is not a valid network namespace name")
         if config.tls_cert:  # the same contexts serve() builds: a bad file fails here too
             https.server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        peer_context(config)
     except (configuration.ConfigError, sandbox.SandboxError, https.TLSError) as e:
         where = config_path or configuration.DEFAULT_PATH
         click.echo(f"lclusterd: {e}" if where in str(e) else f"lclusterd: {where}: {e}", err=True)

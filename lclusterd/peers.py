@@ -8,6 +8,7 @@ its buffer is full, and each chunk is written to our caller before the next
 is read).
 """
 
+import ssl
 import urllib.parse
 
 import aiohttp
@@ -22,9 +23,10 @@ class Unreachable(Exception):
 
 
 class Peers:
-    def __init__(self, token, ssl_context=None):
+    def __init__(self, token, ssl_context=None, ca=None):
         self.token = token  # the cluster's shared token, or None (TCP is off here)
         self.ssl = ssl_context  # tls.client_context(...) for https:// addresses; None: the default
+        self.ca = ca  # the CA file in ssl_context (None: the system's CAs), for messages
 
     async def logs(self, node, address, job_uuid, **query):
         """The output of job_uuid from node at address, as bytes chunks."""
@@ -47,9 +49,18 @@ class Peers:
                                           f"{await _error(answer)}")
                     async for chunk in answer.content.iter_chunked(CHUNK):
                         yield chunk
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise Unreachable(f"cannot fetch the output of job {job_uuid} from node {node}: "
+                              f"{self._untrusted(address, e.certificate_error)}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise Unreachable(f"cannot fetch the output of job {job_uuid} from node {node} at "
                               f"{address}: {e or type(e).__name__}") from None
+
+    def _untrusted(self, address, error):
+        why = error.verify_message if isinstance(error, ssl.SSLCertVerificationError) else None
+        why = why or getattr(error, "reason", None) or str(error)
+        trust = f"the CA {self.ca}" if self.ca else "the system's CAs (set tls_ca in lclusterd.conf)"
+        return f"its TLS certificate at {address} is not trusted by {trust}: {why}"
 
 
 async def _error(answer):

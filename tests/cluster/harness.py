@@ -6,12 +6,19 @@ etcd cluster and lclusterd installed from the .deb with apt.
 The host side is made here and always removed: a bridge, and per node a
 network namespace and a veth pair (the host end on the bridge, the other end
 eth0 in the namespace). Addresses exist only inside those namespaces.
+
+With tls=True (the cluster suite's: tests/cluster/conftest.py) the nodes'
+TCP listeners are HTTPS: a test CA made with openssl signs one certificate
+per node for its address, and every node verifies the others' against that
+CA (tls_ca) when it fetches a job's output from them. A second CA, which
+signed nothing here, is there for the tests of a wrong CA.
 """
 
 import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +34,9 @@ LEASE_TTL = int(os.environ.get("LCLUSTER_TEST_LEASE_TTL", "8"))
 SLOTS = 2
 PORT = 7800
 TOKEN = "test-token-" + os.urandom(12).hex()
+TLS_DIR = "/etc/lclusterd/tls"  # in each node: ca.pem, other-ca.pem, node.pem, node.key
+CA = f"{TLS_DIR}/ca.pem"
+WRONG_CA = f"{TLS_DIR}/other-ca.pem"
 
 
 def ip(*args):
@@ -38,11 +48,14 @@ def ip(*args):
 class Node(Box):
     """One cluster node: its container, namespace, host-side veth, address."""
 
-    def __init__(self, index, tag, rootfs, deb_dir, binds_ro=None):
+    def __init__(self, index, tag, rootfs, deb_dir, binds_ro=None, tls=False):
         self.index = index
         self.name = f"n{index}"
         self.addr = f"{SUBNET}.{index}"
-        self.url = f"http://{self.addr}:{PORT}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://{self.addr}:{PORT}"
+        # lclusterc's options to reach a node over TCP (with --server URL).
+        self.ca_option = f"--ca {CA}" if tls else ""
         self.netns = f"lcn{tag}{index}"
         self.veth = f"lcv{tag}{index}"
         self.c = ct.Container(ct.unique_name(f"lccl{index}"), rootfs,
@@ -102,6 +115,38 @@ def etcd_config(node, tag):
             f"ETCD_PEER_TRUSTED_CA_FILE=\n")
 
 
+def make_pki(directory, nodes):
+    """openssl: a CA and a certificate per node for its address (as README's
+    recipe: the extensions Python 3.13 demands), and another CA; {node name:
+    {file name in TLS_DIR: its PEM text}}."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=lctest {ca}",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+    files = {}
+    for n in nodes:
+        Path(directory, f"{n.name}.ext").write_text(
+            f"subjectAltName=IP:{n.addr}\nauthorityKeyIdentifier=keyid,issuer\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={n.name}",
+                "-keyout", f"{n.name}.key", "-out", f"{n.name}.csr")
+        openssl("x509", "-req", "-in", f"{n.name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{n.name}.ext", "-out", f"{n.name}.pem")
+        files[n.name] = {name: Path(directory, source).read_text() for name, source in
+                         (("ca.pem", "ca.pem"), ("other-ca.pem", "other-ca.pem"),
+                          ("node.pem", f"{n.name}.pem"), ("node.key", f"{n.name}.key"))}
+    return files
+
+
+def tls_config(node):
+    if not node.tls:
+        return ""
+    return (f"tls_cert = {TLS_DIR}/node.pem\n"
+            f"tls_key = {TLS_DIR}/node.key\n"
+            f"tls_ca = {CA}\n")
+
+
 def lclusterd_config(node, slots=SLOTS, extra=""):
     # Its own etcd member first, the others to fail over to.
     order = [node.index] + [i for i in range(1, NODES + 1) if i != node.index]
@@ -113,6 +158,7 @@ def lclusterd_config(node, slots=SLOTS, extra=""):
             f"lease_ttl = {LEASE_TTL}\n"
             f"listen = 0.0.0.0:{PORT}\n"
             f"address = {node.url}\n"
+            + tls_config(node)
             + extra)  # a node's own lines: cpus, memory, labels, placement ...
 
 
@@ -136,7 +182,7 @@ def _del_link(name):
         ip("link", "del", name)
 
 
-def _setup_node(node, tag, slots, extra, resource_control):
+def _setup_node(node, tag, slots, extra, resource_control, pki):
     node.c.start(timeout=300)
     if resource_control:  # before the daemon starts: it finds what it can enforce at start-up
         node.c.enable_resource_control()
@@ -144,6 +190,9 @@ def _setup_node(node, tag, slots, extra, resource_control):
     node.sh("systemctl restart --no-block etcd")  # it waits for a quorum: start all, then wait
     node.sh("apt-get install -y --no-install-recommends /mnt/debs/lclusterd_*_all.deb", timeout=600)
     node.sh("umask 077 && cat > /etc/lclusterd/token", input=TOKEN + "\n")
+    node.sh(f"mkdir -p {TLS_DIR}")
+    for name, text in pki.get(node.name, {}).items():
+        node.sh(f"umask {'077' if name.endswith('.key') else '022'} && cat > {TLS_DIR}/{name}", input=text)
     node.sh("cat > /etc/lclusterd/lclusterd.conf", input=lclusterd_config(node, slots, extra))
 
 
@@ -163,23 +212,29 @@ def wait_for(what, check, timeout, interval=0.3):
 
 
 @contextlib.contextmanager
-def booted(rootfs, deb_dir, binds_ro=None, slots=SLOTS, node_config=None, resource_control=False):
+def booted(rootfs, deb_dir, binds_ro=None, slots=SLOTS, node_config=None, resource_control=False,
+           tls=False):
     """The three nodes, registered; on the way out (failures too) the
     containers, namespaces, veths and bridge are removed.
 
     node_config: {node name: lines for its lclusterd.conf} (cpus = 2,
     memory = 1G, labels = rack=a ...). resource_control: make the cgroup
     controllers writable first (a cgroup v1 host's nspawn mounts them
-    read-only), so that nodes enforce and accept --memory and --cpus."""
+    read-only), so that nodes enforce and accept --memory and --cpus.
+    tls: HTTPS between the nodes and for lclusterc --server (the module
+    docstring)."""
     tag = os.urandom(2).hex()
-    nodes = [Node(i, tag, rootfs, Path(deb_dir).resolve(), binds_ro) for i in range(1, NODES + 1)]
+    nodes = [Node(i, tag, rootfs, Path(deb_dir).resolve(), binds_ro, tls) for i in range(1, NODES + 1)]
     with contextlib.ExitStack() as undo:
+        pki = {}
+        if tls:
+            pki = make_pki(undo.enter_context(tempfile.TemporaryDirectory(prefix="lcpki")), nodes)
         _network_up(nodes, f"lcb{tag}", undo)
         for n in nodes:
             undo.callback(n.c.stop)  # before the namespaces go (ExitStack unwinds in reverse)
         with ThreadPoolExecutor(NODES) as pool:
             for f in [pool.submit(_setup_node, n, tag, slots, (node_config or {}).get(n.name, ""),
-                                  resource_control) for n in nodes]:
+                                  resource_control, pki) for n in nodes]:
                 f.result()
         wait_for("a healthy 3-member etcd", lambda: nodes[0].sh(
             "etcdctl endpoint health --cluster 2>&1", check=False).stdout.count("is healthy") == NODES, 120)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import LEASE_TTL, PORT, SLOTS, TOKEN, ip, wait_for
+from tests.cluster.harness import CA, LEASE_TTL, PORT, SLOTS, TOKEN, ip, wait_for
 
 FIGURES = Path("/tmp/lclusterd-tests/cluster-figures.txt")
 # Each line a job prints: "at <uuid> <epoch seconds>", from inside the job.
@@ -96,17 +96,19 @@ def test_tcp_needs_the_token(cluster):
              "except urllib.error.HTTPError as e:\n    print(e.code, e.read().decode())\n")
     a.sh("cat > /tmp/probe.py", input=probe)
     url = f"{b.url}/v1/jobs"
-    assert a.sh(f"python3 /tmp/probe.py {url}").stdout.startswith("401 ")
-    assert a.sh(f"python3 /tmp/probe.py {url} 'Authorization: Bearer wrong'").stdout.startswith("401 ")
-    assert a.sh(f"python3 /tmp/probe.py {url} 'Authorization: Bearer {TOKEN}'").stdout.strip() == "200"
+    python = f"SSL_CERT_FILE={CA} python3" if b.tls else "python3"  # (https: the cluster's CA)
+    assert a.sh(f"{python} /tmp/probe.py {url}").stdout.startswith("401 ")
+    assert a.sh(f"{python} /tmp/probe.py {url} 'Authorization: Bearer wrong'").stdout.startswith("401 ")
+    assert a.sh(f"{python} /tmp/probe.py {url} 'Authorization: Bearer {TOKEN}'").stdout.strip() == "200"
     # lclusterc without a readable token: 401 is exit 4 with one line.
-    r = a.lc(f"--server {b.url} --token-file /dev/null list", check=False)
+    r = a.lc(f"--server {b.url} {b.ca_option} --token-file /dev/null list", check=False)
     assert r.returncode == 4 and "token" in r.stderr and len(r.stderr.splitlines()) == 1
     # With the token (root's file), remotely: a job queued at b, answered by a's socket too.
-    uuid = a.lc(f"--server {b.url} addjob true").stdout.split()[0]
+    uuid = a.lc(f"--server {b.url} {b.ca_option} addjob true").stdout.split()[0]
     assert b.wait_state(uuid)["state"] == "succeeded"
     assert a.job(uuid)["state"] == "succeeded"
-    r = a.sh(f"LCLUSTER_SERVER={b.url} lclusterc checkjob --json {uuid}")
+    ca = f"LCLUSTER_CA={CA} " if b.tls else ""
+    r = a.sh(f"{ca}LCLUSTER_SERVER={b.url} lclusterc checkjob --json {uuid}")
     assert json.loads(r.stdout)["uuid"] == uuid
 
 

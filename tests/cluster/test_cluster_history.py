@@ -4,7 +4,7 @@ job that will not stop shown as warned on its node by `lclusterc nodes`."""
 
 import json
 
-from tests.cluster.harness import wait_for
+from tests.cluster.harness import CA, WRONG_CA, wait_for
 from tests.cluster.test_cluster import addjob
 from tests.system.test_history import Frozen
 
@@ -30,6 +30,48 @@ def test_logs_of_a_job_that_ran_on_another_node(cluster):
     # checkjob at another node shows the last lines too
     text = other_than(cluster, ran_on).lc(f"checkjob {uuid}").stdout
     assert text.endswith(f"  100000\n  ran on {hostname}\n")
+
+
+def one_line(r):
+    """A refusal: non-zero exit, one line on stderr, no traceback."""
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    return r.stderr.strip()
+
+
+def test_logs_over_https_of_a_job_that_ran_on_a_third_node(cluster):
+    """Issue 12 item 4: lclusterc asks n2 over HTTPS (verified against the
+    cluster's CA) for a job pinned to n3; n2 fetches it from n3 over HTTPS,
+    verifying n3's certificate against its tls_ca."""
+    n1, n2, n3 = cluster
+    assert all(n.url.startswith("https://") for n in cluster)
+    assert n1.nodes()["n3"]["address"] == n3.url  # where n2 fetches from
+    uuid = addjob(n1, "seq 3000; echo ran on n3", "--wait --constraint node=n3")
+    assert n1.job(uuid)["node"] == "n3"
+    out = n1.sh(f"lclusterc --server {n2.url} --ca {CA} logs {uuid}").stdout
+    assert out.splitlines() == [str(i) for i in range(1, 3001)] + ["ran on n3"]
+    # A CA that did not sign n2's certificate: one line, non-zero exit.
+    said = one_line(n1.sh(f"lclusterc --server {n2.url} --ca {WRONG_CA} logs {uuid}", check=False))
+    assert f"not trusted by the CA {WRONG_CA}" in said and n2.url in said, said
+    # Without --ca: the system's CAs, which do not know the cluster's.
+    said = one_line(n1.sh(f"lclusterc --server {n2.url} logs {uuid}", check=False))
+    assert "not trusted by the system's CAs" in said, said
+
+
+def test_a_node_with_the_wrong_ca_for_its_peers_says_so_in_one_line(cluster):
+    n1, n2, n3 = cluster
+    uuid = addjob(n1, "echo ran on n3", "--wait --constraint node=n3")
+    conf = "/etc/lclusterd/lclusterd.conf"
+    n2.sh(f"cp {conf} /root/lclusterd.conf.orig && sed -i 's|^tls_ca = .*|tls_ca = {WRONG_CA}|' {conf} "
+          "&& systemctl restart lclusterd")
+    try:
+        said = one_line(n2.lc(f"logs {uuid}", check=False))
+        assert said == (f"lclusterc: cannot fetch the output of job {uuid} from node n3: its TLS "
+                        f"certificate at {n3.url} is not trusted by the CA {WRONG_CA}: "
+                        "unable to get local issuer certificate"), said
+    finally:
+        n2.sh(f"cp /root/lclusterd.conf.orig {conf} && systemctl restart lclusterd")
+    assert n2.lc(f"logs {uuid}").stdout == "ran on n3\n"
 
 
 def test_logs_follow_from_another_node(cluster):

@@ -47,7 +47,7 @@ WIDE = "COLUMNS=400"  # list's table keeps every column (REASON too) at this wid
 def cluster(rootfs, deb_dir):
     # Writable controllers: the nodes enforce, and so accept, --memory and --cpus.
     with booted(rootfs, deb_dir, slots=SLOTS, node_config=NODE_CONFIG,
-                resource_control=True) as nodes:
+                resource_control=True, tls=True) as nodes:
         for n in nodes:  # someone who is not root, for the refusals of drain, resume, forget
             n.sh("useradd -m alice")
         yield nodes
