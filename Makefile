@@ -94,8 +94,8 @@ demo: deps deb
 # and 100 simulated nodes running the real node code against a 3-member etcd
 # on loopback, 1,000 jobs a run). Then tests/bench/run.py: the history run
 # (sim.py --history: 100,000 jobs through one simulated node with the
-# package's retention settings, ~5 minutes: it waits for the node's prune
-# pass, one every 300 s); the test container (its rootfs also holds Slurm and
+# package's retention settings, 5-8 minutes: at least one of the node's own
+# prune passes, one every 300 s); the test container (its rootfs also holds Slurm and
 # munge, cached in /var/cache/lclusterd-tests) with the .deb installed by apt,
 # where lclusterd, raw systemd and Slurm run the same jobs twice: quiet, then
 # loaded (one busy process a CPU on the host, outside the container); and the

@@ -138,7 +138,7 @@ def table(res):
             (f"{tag}: db in use, all / first",  # (all = first: no bound to test)
              _div(g(h, ("db_in_use_mb",)), g(h, ("first_db_in_use_mb",))) if past_cap else None,
              None, None, "db"),
-            (f"{tag}: prune passes that deleted records",
+            (f"{tag}: the node's own prune passes that deleted records",
              g(h, ("prunes",)) if past_cap else None, None, None, "pruned"),
             (f"{tag}: finished records kept at the end", g(h, ("records",)), None, None, None),
             (f"{tag}: node RSS growth after the first {h.get('first', 0):,} jobs, MB",
@@ -478,7 +478,8 @@ def report(res, out):
     h = res.get("history")
     if h:
         print(f"history: {h.get('note', '')}; load average {h.get('load', [0])[0]:.1f} at its "
-              f"start; wall {h.get('wall_seconds', 0):.0f} s")
+              f"start; wall {h.get('wall_seconds', 0):.0f} s"
+              + (f"; FAILED: {h['failed']}" if h.get("failed") else ""))
     if res.get("cluster"):
         print(render_cluster(res["cluster_table"], res))
         print(f"3-node wall {res['cluster'].get('wall_seconds', 0):.0f} s, booting included")

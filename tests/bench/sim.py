@@ -19,9 +19,10 @@ nodes' run dirs are temporary and removed, its processes stopped.
 package's retention settings (retention 7 d, max_finished_jobs 10,000, so
 a prune pass every 300 s) against one real etcd member, as a node with its
 local etcd: etcd's db size in use after the first max_finished_jobs jobs
-and after all N and the prune passes that follow (a pass compacts, then
-deletes: what it deletes is freed by the next pass's compaction; the node's
-own pass deletes, the next is asked for at once as a reload does), the
+and after all N and two prune passes asked for at once, as a reload does
+(a pass compacts, then deletes: what it deletes is freed by the next pass's
+compaction; the node's own passes, every prune_every, run meanwhile and are
+counted: one is waited for if the jobs took less), the
 node's RSS growth between those two points, and etcd revisions per job.
 
 For each N and each job length: a burst (all jobs queued at once in
@@ -737,8 +738,8 @@ def db_in_use_mb(endpoint):
 def run_history(cluster, jobs, args, ctx):
     """--history: jobs `true` jobs through one node with the package's retention
     settings, in chunks of max_finished_jobs (each queued in a burst, then
-    run); then the node's next prune pass (which deletes past the cap) and
-    one more (whose compaction frees what that one deleted)."""
+    run); at least one of the node's own prune passes (waited for if the
+    jobs took less than prune_every); then two passes asked for at once."""
     from lclusterd import config as configuration
     from lclusterd.history import History
     from lclusterd.store import Store
@@ -779,20 +780,27 @@ def run_history(cluster, jobs, args, ctx):
 
         def passes_after(t):
             return [p for p in worker.ask()["prunes"] if p[0] >= t]
+
+        def deleting(passes):
+            return [p for p in passes if p[1]]
         if jobs > chunk:  # (fewer: nothing is past the cap, nor the retention)
-            # The node's own pass deletes; the next one's compaction frees
-            # what it deleted: that one is asked for at once (as `systemctl
-            # reload lclusterd` does), not waited for another interval.
-            say(f"history: waiting for the node's prune pass (one every {every:.0f} s)")
             try:
-                wait_for(lambda: passes_after(t_end), "a prune pass after the last job", every + 60)
-                t_pass = time.time()
-                worker.ask("prune")
-                wait_for(lambda: passes_after(t_pass), "the prune pass asked for", 60)
+                if not deleting(passes_after(t0)):  # a run shorter than prune_every
+                    say(f"history: waiting for the node's prune pass (one every {every:.0f} s)")
+                    wait_for(lambda: passes_after(t_end), "a prune pass after the last job",
+                             every + 60)
+                out["prunes"] = len(deleting(passes_after(t0)))
+                # Then two passes at once, as `systemctl reload lclusterd` asks:
+                # one deletes what is past the cap now, the next one's
+                # compaction frees what that one deleted.
+                for _ in range(2):
+                    t_pass = time.time()
+                    worker.ask("prune")
+                    wait_for(lambda: passes_after(t_pass), "a prune pass asked for", 60)
             except RuntimeError as e:
                 out["failed"] = str(e)
         w = worker.ask()
-        out["prunes"] = sum(1 for _, deleted in w["prunes"] if deleted)
+        out.setdefault("prunes", 0)  # the node's own passes (on its schedule) that deleted
         out["deleted"] = sum(deleted for _, deleted in w["prunes"])
         out["db_in_use_mb"] = db_in_use_mb(cluster.endpoints[0])
         out["records"] = sum(check_records(store).values())
@@ -801,9 +809,8 @@ def run_history(cluster, jobs, args, ctx):
         out["wall_s"] = time.time() - t0
         out["note"] = (f"one simulated node (real node code, systemd simulated), one real etcd member, "
                        f"retention {config.retention / 86400:g} d, max_finished_jobs "
-                       f"{config.max_finished_jobs:,}, a prune pass every {every:.0f} s (then one "
-                       f"more at once, as a reload asks); RSS growth from job {chunk:,} to "
-                       f"the end")
+                       f"{config.max_finished_jobs:,}, a prune pass every {every:.0f} s (then two "
+                       f"at once, as a reload asks); RSS growth from job {chunk:,} to the end")
         return out
     finally:
         worker.stop()
@@ -1031,6 +1038,9 @@ def main(argv=None):
         print(f"sim: --nodes wants comma-separated positive numbers, not {nodes_arg!r}", file=sys.stderr)
         return 2
     jobs = args.jobs or (FULL_JOBS if args.full else DEFAULT_JOBS)
+    if args.history is not None and (args.history < 1 or (args.retention or 1) <= 0):
+        print("sim: --history and --retention must be positive", file=sys.stderr)
+        return 2
     if jobs < 1 or args.slots < 1 or args.rate < 1:
         print("sim: --jobs, --slots and --rate must be positive", file=sys.stderr)
         return 2
@@ -1081,9 +1091,6 @@ def main(argv=None):
 
 
 def history_main(args, workdir):
-    if args.history < 1 or (args.retention is not None and args.retention <= 0):
-        print("sim: --history and --retention must be positive", file=sys.stderr)
-        return 2
     cluster = EtcdCluster(workdir, members=1)  # a node and its local etcd
     ctx = multiprocessing.get_context("spawn")
     try:
