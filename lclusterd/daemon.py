@@ -352,10 +352,10 @@ async def serve(config, config_path=None):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload, node, config_path)
 
-    await ask_systemd(node, warnings)
     sd.notify("READY=1\nSTATUS=connecting to the system bus and etcd")
     log.info("lclusterd %s serving on %s as node %s (up to %d file descriptors)", __version__,
              ", ".join(str(s.getsockname()) for s in sockets), config.node_name, fds)
+    await ask_systemd(node, warnings)  # before the loops: no job starts without the answer
     probe = asyncio.create_task(check_etcd_open(node, tls, warnings))
     limit = stall_limit(config, os.environ.get("WATCHDOG_USEC"))
     cancels = []  # etcd's watches: they wake the loops (from their threads)
