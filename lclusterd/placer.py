@@ -127,11 +127,13 @@ class Placer:
 
     def assigned_events(self, events):
         """store.watch("assigned"): an assignment gone is a job that ended
-        (or was requeued): room for another, and maybe dependents to cancel."""
+        (or was requeued): room for another, and maybe dependents to cancel.
+        A new one (this placer's own write) makes no room."""
         for suffix, deleted in events:
             if deleted:
                 self.ended.add(suffix.rsplit("/", 1)[-1])
-        self.wake()
+        if not events or any(deleted for _, deleted in events):
+            self.wake()
 
     async def _watch(self, primed):
         """The queue's, the nodes', the drains' and every assignment's
@@ -198,8 +200,11 @@ class Placer:
         self._pool.shutdown(wait=False)
 
     async def place(self):
-        """One pass: read, plan, write. True if it wrote assignments (another
-        pass may find more room or more jobs)."""
+        """One pass: read, plan, write. True if it wrote MAX_ASSIGN
+        assignments: another pass may place more at once. (Else the watches
+        say when there is more: a pass after each pass that placed, and one
+        for each assignment this placer wrote, found no room: ~2 etcd reads
+        a job for nothing on a busy node.)"""
         call, store = self.call, self.store
         loop = asyncio.get_running_loop()
         self._wake.clear()  # what changes from now on wakes the next pass
@@ -262,4 +267,4 @@ class Placer:
         if placed < len(assign) or len(cancelled) < len(plan.cancel):
             self._nodes_changed = True  # some records moved, or the prime did: read all again
             self.wake()
-        return placed > 0
+        return placed >= MAX_ASSIGN

@@ -4,9 +4,10 @@ watches' events, not on every sweep."""
 
 import asyncio
 import dataclasses
+import threading
 
 from lclusterd import core, placer as placer_module
-from tests.unit.test_cluster import U1, job, make_node, put, register
+from tests.unit.test_cluster import U1, U2, U3, job, make_node, put, register
 
 
 def counted(store, method):
@@ -17,10 +18,15 @@ def counted(store, method):
 
 
 def run_for(n, seconds, *loops):
+    """Run the loops for seconds, then stop them as the daemon does (stopping, then cancel)."""
     async def scenario():
         stopping = asyncio.Event()
-        asyncio.get_running_loop().call_later(seconds, stopping.set)
-        await asyncio.gather(*(loop(stopping) for loop in loops))
+        tasks = [asyncio.ensure_future(loop(stopping)) for loop in loops]
+        await asyncio.sleep(seconds)
+        stopping.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     asyncio.run(scenario())
 
 
@@ -65,3 +71,25 @@ def test_the_placer_reads_the_drains_when_they_change_not_every_pass(tmp_path):
         assert not await n.placer.place()  # the drain read, nothing placed on it
         assert len(drains) == 2 and n.store.get(U1)[0].state == core.QUEUED
     asyncio.run(scenario())
+
+
+def test_a_busy_placer_passes_again_only_when_there_is_room(tmp_path, monkeypatch):
+    """Its own assignments' events make no room, and neither does the pass
+    after a pass that placed (before: 2 passes for nothing each time, an
+    etcd read each)."""
+    monkeypatch.setattr(placer_module, "BACKSTOP", 100)
+    n = make_node(tmp_path, slots=2)
+    register(n)
+    for u in (U1, U2, U3):
+        put(n.store, job(job_uuid=u))
+    watch = n.store.watch
+    # etcd's events come a moment after the write, not within it.
+    n.store.watch = lambda kind, callback, **kw: watch(
+        kind, lambda events: threading.Timer(0.05, callback, [events]).start(), **kw)
+    passes = counted(n.store, "assigned")  # one read of each placement pass
+    run_for(n, 0.5, n.place)
+    assert sorted(n.store.get(u)[0].state for u in (U1, U2, U3)) == [
+        core.QUEUED, core.STARTING, core.STARTING]
+    # The pass that placed two, and one on the queue's change (its keys went);
+    # before, also one right after the first.
+    assert len(passes) == 2, len(passes)

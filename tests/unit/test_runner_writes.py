@@ -93,7 +93,7 @@ def test_a_job_our_own_placer_assigned_is_started_without_a_read(tmp_path):
 
     async def scenario():
         assert await n.membership.hold_prime()
-        assert await n.placer.place()
+        await n.placer.place()
         n.runner.assignment_events([(U1, False)])
         await n.runner.start_assigned()
     asyncio.run(scenario())
