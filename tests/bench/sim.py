@@ -769,11 +769,16 @@ def run_history(cluster, jobs, args, ctx):
             submit_burst(store, "true", k)
             wait_done([worker], k, timeout=120 + k / 20)
             take([worker])  # (empties the simulator's own lists)
-            done += k
-            if done == chunk:
+            w = worker.ask()
+            out.setdefault("by_chunk", []).append(  # where RSS grows: beside the prune passes
+                {"jobs": done + k, "at": time.time() - t0, "rss_mb": w["rss_mb"],
+                 "prune_passes": len(w["prunes"])})
+            if done + k == chunk:
                 out["first_db_in_use_mb"] = db_in_use_mb(cluster.endpoints[0])
-                out["rss_first_mb"] = worker.ask()["rss_mb"]
-            say(f"history: {done:,} jobs done, {done / (time.time() - t0):.0f} jobs/s")
+                out["rss_first_mb"] = w["rss_mb"]
+            done += k
+            say(f"history: {done:,} jobs done, {done / (time.time() - t0):.0f} jobs/s, "
+                f"node RSS {w['rss_mb']:.0f} MB")
         t_end = time.time()
         out["jobs_per_s"] = jobs / (t_end - t0)
         out["revisions_per_job"] = (etcd_revision(client) - rev0) / jobs
