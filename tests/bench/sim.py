@@ -1043,7 +1043,8 @@ def main(argv=None):
         print(f"sim: --nodes wants comma-separated positive numbers, not {nodes_arg!r}", file=sys.stderr)
         return 2
     jobs = args.jobs or (FULL_JOBS if args.full else DEFAULT_JOBS)
-    if args.history is not None and (args.history < 1 or (args.retention or 1) <= 0):
+    if args.history is not None and (args.history < 1 or (args.retention is not None
+                                                           and args.retention <= 0)):
         print("sim: --history and --retention must be positive", file=sys.stderr)
         return 2
     if jobs < 1 or args.slots < 1 or args.rate < 1:
