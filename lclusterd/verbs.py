@@ -80,7 +80,8 @@ class Verbs:
         per command) make an array: all queued or none, answered as
         (array_id, [Job]). idempotency_key: the client's key for this
         request; a repeated key queues nothing and answers with what the
-        first one queued."""
+        first one queued. A single job without a key shares its etcd
+        transaction with those submitted meanwhile (groupcommit)."""
         request = dict(request or {})
         if request.get("after") is not None:
             request["after"] = await self._resolve_parents(request["after"])
