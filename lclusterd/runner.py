@@ -27,7 +27,7 @@ RECHECK_FIRST = 0.02
 # once (starting -> its end), and the starts of many jobs share one
 # transaction with each other and with ends (issue 13: one etcd revision a
 # job fewer; users see "running" up to this much later).
-RECORD_RUNNING_AFTER = 0.5
+RECORD_RUNNING_AFTER = 0.25
 
 
 class _NotStarted(Exception):
