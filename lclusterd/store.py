@@ -237,7 +237,7 @@ class Store:
         self._idem_lease = None  # (lease id, monotonic time to stop using it)
         self._compacted = 0
         self._quota = None
-        self._decoded = {}  # key -> (mod_revision, value, Job) of the last all_jobs()
+        self._decoded = {}  # key -> (mod_revision, Job) of the last all_jobs()
         self._watches = set()  # live _Watch objects: close() cancels them
 
     # -- plumbing -----------------------------------------------------------
@@ -378,18 +378,19 @@ class Store:
         kvs = self._call(self._consistent(
             lambda c: _scan(c, f"{self.prefix}/jobs/", self.page_keys)[0]))
         # Decoding costs 4 times the read: a record decoded by the last call
-        # and unchanged since (same revision, same bytes) is not decoded again.
+        # and unchanged since (same mod_revision: every write of a key gets a
+        # new one) is not decoded again.
         with self._lock:
             known = self._decoded
         decoded = {}
         for kv in kvs:
             seen = known.get(kv.key)
-            if seen is None or seen[0] != kv.mod_revision or seen[1] != kv.value:
-                seen = (kv.mod_revision, kv.value, _decode(kv.value))
+            if seen is None or seen[0] != kv.mod_revision:
+                seen = (kv.mod_revision, _decode(kv.value))
             decoded[kv.key] = seen
         with self._lock:
             self._decoded = decoded
-        return [(job, rev) for rev, _, job in decoded.values()]
+        return [(job, rev) for rev, job in decoded.values()]
 
     def queued(self, limit):
         """The head of the queue, oldest first, as [(Job, revision)]."""

@@ -1080,3 +1080,26 @@ def test_what_is_kept_per_job_is_kept_for_live_jobs_only(tmp_path):
     n.units.loaded.pop(U1)  # its unit gone too
     asyncio.run(n.runner.sweep())
     assert n.applier.written == {} and n.runner.recheck == {} and n.mine == set()
+
+
+def test_a_node_that_ended_a_tenth_of_the_cap_prunes_before_its_interval(tmp_path):
+    """make bench's 100,000 jobs at ~130/s: a 300 s interval let the records
+    grow to 5 times max_finished_jobs, and the node's RSS with them."""
+    n = make_node(tmp_path)
+    n.config.max_finished_jobs = 100
+    passes = []
+
+    async def prune():
+        passes.append(1)
+        return 0
+    n.history.prune = prune
+    asyncio.run(n.history.prune_when_due(0.0))  # the first look
+    assert len(passes) == 1
+    n.counters.ended["succeeded"] += 9
+    asyncio.run(n.history.prune_when_due(1.0))
+    assert len(passes) == 1  # 9 ends: the interval still counts
+    n.counters.ended["failed"] += 1
+    asyncio.run(n.history.prune_when_due(2.0))
+    assert len(passes) == 2  # 10 = a tenth of the cap
+    asyncio.run(n.history.prune_when_due(3.0))
+    assert len(passes) == 2
