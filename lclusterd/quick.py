@@ -9,7 +9,7 @@ read exactly as click would, a usage error) goes to cli.py's click commands,
 which say what is wrong. This path never prints a usage error of its parsing.
 
 This module imports nothing at the top that the standard interpreter has not
-loaded already; client (HTTP) and core (validation) come when they are used.
+loaded already; client (HTTP) and inputs (validation) come when they are used.
 """
 
 import os
@@ -294,11 +294,11 @@ def make_client(socket_path, server, token_file, ca, cert, key):
 
 
 def checked(check, value):
-    """core's validation (the daemon checks again), as a Failure."""
-    from lclusterd import core
+    """inputs' validation (the daemon checks again), as a Failure."""
+    from lclusterd import inputs
     try:
         return check(value)
-    except core.InvalidInput as e:
+    except inputs.InvalidInput as e:
         raise Failure(str(e), EXIT_USAGE) from None
 
 
@@ -347,29 +347,29 @@ def _addjob(client, command, wait, retries, priority, as_json, memory, cpus, tas
     if wait and (count is not None or file_name is not None):
         raise Usage(f"--wait takes one job, not {'--count' if count is not None else '--file'} "
                     "(lclusterc wait ARRAY waits for an array)")
-    from lclusterd import core
+    from lclusterd import inputs
     if max_running is not None:
         if count is None and file_name is None:
             raise Usage("--max-running throttles an array: give --count or --file")
-        max_running = checked(core.validate_max_running, max_running)
-    checks = {"memory": core.parse_size, "cpus": core.parse_cpus, "tasks": core.parse_tasks,
-              "timeout": core.parse_duration, "workdir": core.validate_workdir,
-              "network": core.validate_network}
+        max_running = checked(inputs.validate_max_running, max_running)
+    checks = {"memory": inputs.parse_size, "cpus": inputs.parse_cpus, "tasks": inputs.parse_tasks,
+              "timeout": inputs.parse_duration, "workdir": inputs.validate_workdir,
+              "network": inputs.validate_network}
     given = {"memory": memory, "cpus": cpus, "tasks": tasks, "timeout": timeout,
              "workdir": workdir, "network": network}
     for name, value in given.items():
         if value is not None:
             checked(checks[name], value)  # the daemon parses the text again
     if env:
-        checked(core.validate_env, list(env))
+        checked(inputs.validate_env, list(env))
     parents, mode = _after(after, after_any, after_failed)
-    constraints = list(checked(core.validate_constraints, list(constraint))) if constraint else None
+    constraints = list(checked(inputs.validate_constraints, list(constraint))) if constraint else None
     spec = dict(env=list(env) or None, user=user, max_attempts=retries, priority=priority,
                 after=parents, after_mode=mode, constraints=constraints, **given)
     if file_name is not None:
         return _addjob_array(client, as_json, dict(spec, max_running=max_running),
                              commands=_read_file(file_name))
-    command = checked(core.validate_command, command)
+    command = checked(inputs.validate_command, command)
     if count is not None:
         return _addjob_array(client, as_json, dict(spec, max_running=max_running), command,
                              count=count)
@@ -394,7 +394,7 @@ def _addjob(client, command, wait, retries, priority, as_json, memory, cpus, tas
 def _read_file(name):
     """addjob --file: one command per non-empty line of FILE, or of stdin
     for '-'. Empty or unreadable: a Failure (exit 2), nothing sent."""
-    from lclusterd import core
+    from lclusterd import inputs
     where = "stdin" if name == "-" else name
     try:
         if name == "-":
@@ -404,36 +404,36 @@ def _read_file(name):
                 data = f.read()
     except OSError as e:
         raise Failure(f"cannot read {where}: {e.strerror or e}", EXIT_USAGE) from None
-    # Undecodable bytes stay as surrogates, so that core says which line is not UTF-8.
+    # Undecodable bytes stay as surrogates, so that inputs says which line is not UTF-8.
     lines = data.decode("utf-8", "surrogateescape").splitlines()
     commands = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            commands.append(core.validate_command(line))
-        except core.InvalidInput as e:
+            commands.append(inputs.validate_command(line))
+        except inputs.InvalidInput as e:
             raise Failure(f"{where} line {number}: {e}", EXIT_USAGE) from None
     if not commands:
         raise Failure(f"{where} has no commands (one job per non-empty line)", EXIT_USAGE)
-    if len(commands) > core.MAX_BATCH:
+    if len(commands) > inputs.MAX_BATCH:
         raise Failure(f"{where} has {len(commands)} commands; an array holds at most "
-                      f"{core.MAX_BATCH}", EXIT_USAGE)
+                      f"{inputs.MAX_BATCH}", EXIT_USAGE)
     return commands
 
 
 def _after(after, after_any, after_failed):
     """(parents, mode) of --after / --after-any / --after-failed (one of them)."""
-    from lclusterd import core
-    given = [(value, mode) for value, mode in ((after, core.AFTER_OK), (after_any, core.AFTER_ANY),
-                                               (after_failed, core.AFTER_FAILED)) if value]
+    from lclusterd import inputs
+    given = [(value, mode) for value, mode in ((after, inputs.AFTER_OK), (after_any, inputs.AFTER_ANY),
+                                               (after_failed, inputs.AFTER_FAILED)) if value]
     if not given:
         return None, None
     if len(given) > 1:
         raise Usage("give one of --after, --after-any and --after-failed")
     value, mode = given[0]
-    option = {core.AFTER_OK: "--after", core.AFTER_ANY: "--after-any",
-              core.AFTER_FAILED: "--after-failed"}[mode]
+    option = {inputs.AFTER_OK: "--after", inputs.AFTER_ANY: "--after-any",
+              inputs.AFTER_FAILED: "--after-failed"}[mode]
     parents = []
     # A job's uuid, a unique prefix of one, or an array's id (all its
     # members): the daemon resolves them and refuses one it does not know.
@@ -441,27 +441,27 @@ def _after(after, after_any, after_failed):
         if not ref:
             continue
         try:
-            ref = core.validate_ref(ref)
-        except core.InvalidInput as e:
+            ref = inputs.validate_ref(ref)
+        except inputs.InvalidInput as e:
             raise Failure(f"{option}: {e}", EXIT_USAGE) from None
         if ref not in parents:
             parents.append(ref)
     if not parents:
         raise Failure(f"{option} needs a job uuid", EXIT_USAGE)
-    if len(parents) > core.MAX_AFTER:
-        raise Failure(f"{option}: at most {core.MAX_AFTER} parent jobs", EXIT_USAGE)
+    if len(parents) > inputs.MAX_AFTER:
+        raise Failure(f"{option}: at most {inputs.MAX_AFTER} parent jobs", EXIT_USAGE)
     return parents, mode
 
 
 def _addjob_array(client, as_json, spec, command=None, count=None, commands=None):
     """--count or --file: one array, queued all or none; prints its id on
     the first line, then the members' uuids."""
-    from lclusterd import core
+    from lclusterd import inputs
     if count is not None:
-        if count > core.MAX_BATCH:  # what `--count 1000` did before arrays: say what to do now
-            raise Failure(f"--count {count}: an array holds at most {core.MAX_BATCH} jobs (one "
+        if count > inputs.MAX_BATCH:  # what `--count 1000` did before arrays: say what to do now
+            raise Failure(f"--count {count}: an array holds at most {inputs.MAX_BATCH} jobs (one "
                           "etcd transaction); queue more as several arrays", EXIT_USAGE)
-        checked(lambda c: core.validate_count(count, c), command)  # 0, -1, too large
+        checked(lambda c: inputs.validate_count(count, c), command)  # 0, -1, too large
     answer = client.add_array(command, count=count, commands=commands, **spec)
     if as_json:
         echo_json(answer)

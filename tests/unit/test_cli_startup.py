@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lclusterd import cli, client, core, quick
+from lclusterd import api, cli, client, core, inputs, quick
 from tests.unit.test_cli import fake  # noqa: F401  (a fixture)
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -33,8 +33,10 @@ NOT_FOR_HELP = DAEMON_ONLY + ("lclusterd.core", "lclusterd.client", "lclusterd.t
 # plain socket (client.py), http.client (with email and ssl) is for TCP.
 NOT_FOR_SOCKET = DAEMON_ONLY + ("http.client", "ssl", "email", "lclusterd.tls", "urllib.parse",
                                 "shlex")
-# Nor for a submission: quick.py reads addjob's command line without click.
-NOT_FOR_ADDJOB = NOT_FOR_SOCKET + ("click", "lclusterd.cli")
+# Nor for a submission: quick.py reads addjob's command line without click,
+# and checks it with inputs.py, not core (whose own imports cost as much again).
+NOT_FOR_ADDJOB = NOT_FOR_SOCKET + ("click", "lclusterd.cli", "lclusterd.core", "dataclasses",
+                                   "typing", "hashlib", "hmac", "uuid", "datetime")
 
 
 def modules_after(*args, env=None):
@@ -131,6 +133,24 @@ def test_an_array_with_dependencies_needs_no_more(fake, args, tmp_path):  # noqa
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] in fake.arrays
     assert imported(modules, NOT_FOR_ADDJOB) == []
+
+
+def test_importing_inputs_imports_only_re():
+    def modules(statement):
+        code = f"import sys; {statement}; print(' '.join(sys.modules))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=60, check=True)
+        return set(done.stdout.split())
+    assert modules("import lclusterd.inputs") == modules("import re") | {"lclusterd",
+                                                                          "lclusterd.inputs"}
+
+
+def test_core_re_exports_the_checks_of_inputs():
+    # core.X is inputs.X: a core.InvalidInput handler (api.ERRORS) catches what inputs raises
+    names = [n for n in vars(inputs) if not n.startswith("_") and n != "re"]
+    assert [n for n in names if getattr(core, n, None) is not getattr(inputs, n)] == []
+    assert api.answer_for(inputs.InvalidInput("bad")) == (400, "bad")
+    assert api.answer_for(inputs.TooLarge("big")) == (413, "big")
 
 
 def test_the_cli_constants_are_cores():
