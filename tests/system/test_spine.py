@@ -113,7 +113,8 @@ def test_only_the_submitter_or_root_removes_a_job(box):
 
 
 def test_restart_and_kill_of_the_daemon_kill_no_job(box):
-    uuid = box.lc("addjob 'sleep 3; echo survived; exit 5'", user="alice").stdout.strip()
+    # 10 s: a restart under load took 5-8 s, and the job must outlive it.
+    uuid = box.lc("addjob 'sleep 10; echo survived; exit 5'", user="alice").stdout.strip()
     box.wait_state(uuid, ("running",))
     box.sh("systemctl restart lclusterd")
     assert box.job(uuid)["state"] == "running"
