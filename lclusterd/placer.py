@@ -26,7 +26,10 @@ log = logging.getLogger("lclusterd.node")
 
 # Queued jobs looked at past the cluster's free slots: ones that fit where
 # the head does not (a big job first, small ones behind it; dependencies).
-LOOKAHEAD = 128
+# Each is a record read and decoded per pass, and a busy node passes once
+# per job or two: 128 made a deep queue cost the primed node ~130 decoded
+# records per job. Further down is read only while the head's jobs wait.
+LOOKAHEAD = 16
 # When the head cannot use the free slots (its jobs wait on dependencies or
 # an array's throttle), the pass reads further down, each read this many
 # times the last, up to MAX_LOOK jobs (store.queued reads at most a page).
