@@ -100,13 +100,11 @@ class Runner:
         # uuid -> (job, revision, started_at, loop time) of jobs whose unit
         # started and whose record is not written running yet
         self.started = {}
+        self.private_pids = False  # whether systemd has PrivatePIDs=: asked at start-up (daemon.py)
 
     @property
     def me(self):
         return self.config.node_name
-
-    # Whether the node's systemd has PrivatePIDs=: asked once at start-up (daemon.py).
-    private_pids = False
 
     def unit_properties(self, job):
         """The systemd properties this node gives the job's unit."""

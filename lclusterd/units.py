@@ -246,16 +246,23 @@ class Units:
 
     async def watch(self, job_uuid):
         """Have systemd's changes of this job's unit reported to on_change."""
-        if job_uuid not in self._watched:
-            self._watched.add(job_uuid)
-            self._seen.setdefault(job_uuid, {})
+        messages = self._watching(job_uuid)
+        if messages:
             try:
-                (answer,) = await self._calls([self._match_rule(job_uuid)])
+                (answer,) = await self._calls(messages)
                 if isinstance(answer, BaseException):
                     raise answer
             except BaseException:
                 self._forget(job_uuid)
                 raise
+
+    def _watching(self, job_uuid):
+        """[the message that adds its rule] if it is not watched yet, else []."""
+        if job_uuid in self._watched:
+            return []
+        self._watched.add(job_uuid)
+        self._seen.setdefault(job_uuid, {})
+        return [self._match_rule(job_uuid)]
 
     async def unwatch(self, job_uuid):
         messages = self._unwatching(job_uuid)
@@ -299,11 +306,7 @@ class Units:
         props = [[name, Variant(SIGNATURES[name], _variant(value))] for name, value in properties]
         # Its rule first: its first changes must not be missed (dbus-daemon
         # takes the rule before it passes the start on: one round trip).
-        messages = []
-        if job.uuid not in self._watched:
-            self._watched.add(job.uuid)
-            self._seen.setdefault(job.uuid, {})
-            messages.append(self._match_rule(job.uuid))
+        messages = self._watching(job.uuid)
         messages.append(Message(destination=SYSTEMD, path=MANAGER_PATH, interface=MANAGER,
                                 member="StartTransientUnit", signature="ssa(sv)a(sa(sv))",
                                 body=[job.unit, "fail", props, []]))
