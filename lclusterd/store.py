@@ -474,7 +474,7 @@ class Store:
 
     def submit_many(self, jobs, idempotency_key=None):
         """Queue new jobs, all or none, in one transaction (core.MAX_BATCH at
-        most), with their index keys: queue, queued_by, dependents/<parent>/
+        most; an array's members up to what etcd takes in a request), with their index keys: queue, queued_by, dependents/<parent>/
         <uuid> for each of a job's `after`, and arrays/<id> for the members
         of an array (jobs with `array` set; the array must be new).
         idempotency_key: when a submission of the same user with that key
@@ -482,12 +482,18 @@ class Store:
         otherwise record the key with ours in the same transaction. Returns
         None when it wrote."""
         keys = [self._job_key(job.uuid) for job in jobs]
-        compares = [_version(key, 0) for key in keys]
+        arrays = _arrays(jobs)
+        if arrays and all(getattr(job, "array", None) for job in jobs):
+            # The new arrays/<id> key guards its members (fresh uuid4s): a
+            # compare per member would cap an array at etcd's --max-txn-ops.
+            compares = []
+        else:
+            compares = [_version(key, 0) for key in keys]
         ops = []
         for job, key in zip(jobs, keys):
             puts, _ = index_changes(self.prefix, None, job)
             ops += [_put(key, _encode(job))] + [_put(k, v) for k, v in puts.items()]
-        for array_id, value in _arrays(jobs).items():
+        for array_id, value in arrays.items():
             compares.append(_version(self._key("arrays", array_id), 0))
             ops.append(_put(self._key("arrays", array_id), json.dumps(value, separators=(",", ":"))))
         idem = None
