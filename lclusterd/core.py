@@ -16,7 +16,7 @@ import uuid as uuidlib
 from typing import Optional
 
 from lclusterd.inputs import (  # noqa: F401  (core.X as it was: see inputs.py)
-    MAX_COMMAND_BYTES, MAX_BATCH, MAX_BATCH_BYTES, MIN_PREFIX_LEN, InvalidInput, TooLarge, utf8,
+    MAX_COMMAND_BYTES, MAX_BATCH, MAX_ARRAY, MAX_BATCH_BYTES, MIN_PREFIX_LEN, InvalidInput, TooLarge, utf8,
     validate_count, validate_command, validate_ref, _UUID, parse_size, parse_duration, parse_cpus,
     parse_tasks, SIZE_UNITS, DURATION_UNITS, MIN_MEMORY, MAX_MEMORY, MAX_DURATION, MAX_TASKS,
     MAX_ENV, MAX_ENV_BYTES, MAX_PATH, RESERVED_ENV, NAMESPACE_NAME, validate_env, validate_workdir,

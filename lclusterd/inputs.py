@@ -14,6 +14,9 @@ MAX_COMMAND_BYTES = 64 * 1024
 # most 64 jobs (two puts each under etcd's default 128 operations) and 1 MiB
 # of commands (etcd takes requests up to 1.5 MiB).
 MAX_BATCH = 64
+# An array's members share one transaction guarded by its one new key
+# (store.submit_many): 1,000 `true` jobs are about 1.1 MB of etcd's 1.5 MiB.
+MAX_ARRAY = 1000
 MAX_BATCH_BYTES = 1024 * 1024
 MIN_PREFIX_LEN = 4
 
