@@ -288,18 +288,21 @@ def by_node(cluster, uuids):
     return placed
 
 
-def moved_apart(cluster, old, uuids, timeout=6 * LEASE_TTL, margin=MARGIN):
+def moved_apart(cluster, old, uuids, timeout=10 * LEASE_TTL, margin=MARGIN):
     """Wait for uuids to run on another node than old; per job the gap
     between its last tick on old and its first elsewhere (checked >= margin),
-    its last tick on old, its first elsewhere."""
+    its last tick on old, its first elsewhere. (The timeouts are ceilings:
+    under load a move and the first tick's way to the journal take longer.)"""
     other = next(n for n in cluster if n is not old)
     moved = wait_running(other, uuids, timeout=timeout, not_on=old.name)
-    time.sleep(1)  # the first ticks elsewhere reach the journal
+    node_of = {job["uuid"]: next(n for n in cluster if n.name == job["node"]) for job in moved}
+    wait_for("the moved jobs' first ticks in their new nodes' journals", lambda: all(
+        ticks(node, [u]).get(u) for u, node in node_of.items()), 20)
     before = ticks(old, uuids)
     found = []
     for job in moved:
         u = job["uuid"]
-        after = ticks(next(n for n in cluster if n.name == job["node"]), [u])
+        after = ticks(node_of[u], [u])
         assert before.get(u) and after.get(u), (u, before, after)
         assert job["attempts"][-2]["node"] == old.name and job["attempts"][-2]["outcome"] == "lost"
         gap = min(after[u]) - max(before[u])
