@@ -163,7 +163,9 @@ async def _errors(request, handler):
         return await handler(request)
     except web.HTTPException as e:
         if e.status >= 400:
-            return _error(e.status, e.reason if e.status != 413 else "request body too large")
+            return _error(e.status, e.reason if e.status != 413 else
+                          f"request body too large (over {MAX_BODY >> 10} KiB; an array's commands "
+                          "count together: fewer a call)")
         raise
     except asyncio.CancelledError:
         raise
@@ -313,24 +315,18 @@ async def _body(request, allowed):
 
 def _encodable(body):
     """Refuse at submission what could never be sent on to etcd or systemd
-    (issue 10 item 7): lone surrogates, keys with newlines. A batch is bounded
-    by bytes, not only by count."""
-    commands = _commands(body)
-    env = core.validate_env(body["env"]) if body.get("env") is not None else ()
-    workdir = core.validate_workdir(body["workdir"]) if body.get("workdir") is not None else None
+    (issue 10 item 7): lone surrogates, keys with newlines. An array's size
+    (count, and whether its records fit one etcd transaction) the node checks
+    (verbs.submit)."""
+    _commands(body)
+    if body.get("env") is not None:
+        core.validate_env(body["env"])
+    if body.get("workdir") is not None:
+        core.validate_workdir(body["workdir"])
     if body.get("network") is not None:
         core.validate_network(body["network"])
     if isinstance(body.get("user"), str):
         core.utf8(body["user"], "user")
-    if body.get("count") is not None:
-        core.validate_count(body["count"], commands[0])
-        core.validate_batch_bytes(body["count"], commands[0], env, workdir)
-    elif "commands" in body:
-        if len(commands) > core.MAX_BATCH:
-            raise core.InvalidInput(f"commands: at most {core.MAX_BATCH} per request")
-        # each member carries its own command and the same env and workdir
-        core.validate_batch_bytes(1, "".join(commands), env * len(commands),
-                                  (workdir or "") * len(commands))
     if body.get("max_running") is not None and body.get("count") is None and "commands" not in body:
         raise core.InvalidInput("max_running throttles an array: it needs count or commands")
 

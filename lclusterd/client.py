@@ -403,7 +403,7 @@ class Client:
         return {"array": self._field(answer, "array", str), "jobs": jobs}
 
     def add_jobs(self, command, count, **spec):
-        """count copies of command in one request (an array; core.MAX_BATCH
+        """count copies of command in one request (an array; core.MAX_ARRAY
         at most); spec as add_array's. Returns their records."""
         answer = self._submit({"command": command, "count": count, **self._spec(spec)})
         return [self._job({"job": job}) for job in self._field(answer, "jobs", list)]

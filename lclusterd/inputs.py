@@ -10,12 +10,13 @@ everything here back, and core.X stays what it was.
 import re
 
 MAX_COMMAND_BYTES = 64 * 1024
-# A batch submit (count copies of one command) is one etcd transaction: at
-# most 64 jobs (two puts each under etcd's default 128 operations) and 1 MiB
-# of commands (etcd takes requests up to 1.5 MiB).
+# What shares one etcd transaction with a compare per job (a group commit,
+# a job's --after parents): at most 64 (etcd's default --max-txn-ops is 128).
 MAX_BATCH = 64
 # An array's members share one transaction guarded by its one new key
 # (store.submit_many): 1,000 `true` jobs are about 1.1 MB of etcd's 1.5 MiB.
+# Whether an array's records fit one transaction the daemon finds from their
+# sizes (verbs.py); a too-big array is refused there, as TooLarge.
 MAX_ARRAY = 1000
 MAX_BATCH_BYTES = 1024 * 1024
 MIN_PREFIX_LEN = 4
@@ -39,14 +40,12 @@ def utf8(text: str, what: str) -> str:
     return text
 
 
-def validate_count(count, command: str) -> int:
-    """How many copies of command one batch submit may queue."""
+def validate_count(count) -> int:
+    """How many members one array (count copies, or commands) may have."""
     if type(count) is not int or count < 1:
         raise InvalidInput("count must be a whole number of at least 1")
-    if count > MAX_BATCH:
-        raise InvalidInput(f"count must be at most {MAX_BATCH} per request")
-    if count * len(command.encode("utf-8")) > MAX_BATCH_BYTES:
-        raise TooLarge(f"count x command length must stay under {MAX_BATCH_BYTES} bytes")
+    if count > MAX_ARRAY:
+        raise InvalidInput(f"an array holds at most {MAX_ARRAY} jobs; queue more as several arrays")
     return count
 
 
@@ -179,8 +178,8 @@ def validate_network(network) -> str:
 # addjob --after (Slurm's afterok), --after-any (afterany), --after-failed (afternotok).
 AFTER_OK, AFTER_ANY, AFTER_FAILED = "ok", "any", "failed"
 AFTER_MODES = (AFTER_OK, AFTER_ANY, AFTER_FAILED)
-# Parents per job (each is a dependents key submit writes): enough for every
-# member of one array (--after ARRAY_ID names them all).
+# Parents per job (each is a dependents key submit writes, and a job's
+# record lists them): --after ARRAY_ID names an array of up to this many whole.
 MAX_AFTER = MAX_BATCH
 MAX_CONSTRAINTS = 32
 MAX_RUNNING = 10 ** 6

@@ -22,7 +22,7 @@ DEFAULT_TOKEN_FILE = "/etc/lclusterd/token"  # = client.DEFAULT_TOKEN_FILE
 # (test_cli_startup.py checks that they equal core's).
 STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled", "warned", "lost")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-MAX_BATCH = 64
+MAX_ARRAY = 1000
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 DEFAULT_ATTEMPTS, MAX_ATTEMPTS = 3, 100
 
@@ -93,7 +93,7 @@ ADDJOB_OPTIONS = (
     ("--user", "user", "text", "NAME",
      "Run as this user (root only; root's jobs run as nobody without it)."),
     ("--count", "count", (None, None), "N",
-     f"An array of N copies (at most {MAX_BATCH}); print its id, then their uuids."),
+     f"An array of N copies (at most {MAX_ARRAY}); print its id, then their uuids."),
     ("--file", "file_name", "text", "FILE",
      "An array of one job per non-empty line of FILE ('-': stdin), instead of COMMAND."),
     ("--max-running", "max_running", "text", "K",
@@ -416,9 +416,9 @@ def _read_file(name):
             raise Failure(f"{where} line {number}: {e}", EXIT_USAGE) from None
     if not commands:
         raise Failure(f"{where} has no commands (one job per non-empty line)", EXIT_USAGE)
-    if len(commands) > inputs.MAX_BATCH:
+    if len(commands) > inputs.MAX_ARRAY:
         raise Failure(f"{where} has {len(commands)} commands; an array holds at most "
-                      f"{inputs.MAX_BATCH}", EXIT_USAGE)
+                      f"{inputs.MAX_ARRAY} (split it into several files)", EXIT_USAGE)
     return commands
 
 
@@ -458,10 +458,10 @@ def _addjob_array(client, as_json, spec, command=None, count=None, commands=None
     the first line, then the members' uuids."""
     from lclusterd import inputs
     if count is not None:
-        if count > inputs.MAX_BATCH:  # what `--count 1000` did before arrays: say what to do now
-            raise Failure(f"--count {count}: an array holds at most {inputs.MAX_BATCH} jobs (one "
-                          "etcd transaction); queue more as several arrays", EXIT_USAGE)
-        checked(lambda c: inputs.validate_count(count, c), command)  # 0, -1, too large
+        try:
+            inputs.validate_count(count)
+        except inputs.InvalidInput as e:
+            raise Failure(f"--count {count}: {e}", EXIT_USAGE) from None
     answer = client.add_array(command, count=count, commands=commands, **spec)
     if as_json:
         echo_json(answer)

@@ -4,6 +4,7 @@ placer's and the runner's."""
 
 import asyncio
 import functools
+import json
 import logging
 import pwd
 import uuid as uuidlib
@@ -28,6 +29,15 @@ log = logging.getLogger("lclusterd.node")
 LATE_OUTPUT = 10.0
 QUIET = 1.0
 MAX_USERS = 1024  # passwd entries Verbs._user keeps
+# An array's transaction within etcd's default --max-request-bytes (1.5 MiB):
+# store.submit_size counts a member's keys and values; each put adds its
+# protobuf framing (10 bytes measured, OP_OVERHEAD allowed), each member its
+# uuid to the array's own record and to the idempotency key's (MEMBER_BYTES),
+# and the rest of those, and the compares, fit the slack of ETCD_REQUEST_BYTES.
+ETCD_REQUEST_BYTES = 3 * 512 * 1024 - 8 * 1024
+OP_OVERHEAD = 16
+MEMBER_BYTES = 2 * len('"00000000-0000-0000-0000-000000000000",')
+ARRAY_GUARDS = 2  # compares of an array's transaction: its new arrays/<id>, the idempotency key
 
 
 class PermissionDenied(core.Forbidden):
@@ -95,10 +105,10 @@ class Verbs:
             if not isinstance(commands, (list, tuple)) or not commands:
                 raise core.InvalidInput("commands must be a non-empty list of commands")
             commands = [core.validate_command(c) for c in commands]
-            core.validate_count(len(commands), max(commands, key=len))
+            core.validate_count(len(commands))
         elif count is not None:
-            core.validate_count(count, core.validate_command(command))
-            commands = [command] * count
+            core.validate_count(count)
+            commands = [core.validate_command(command)] * count
         array = commands is not None
         if not array:
             spec.pop("max_running", None)  # it throttles an array's members only
@@ -107,10 +117,12 @@ class Verbs:
         jobs = [core.new_job(c, uid, gid, user, now, submitter=caller.user, submitter_uid=caller.uid,
                              **spec, **({"array": array_id, "array_index": i} if array else {}))
                 for i, c in enumerate(commands if array else [command])]
-        await self._check_fits(jobs[0])
-        await self._check_quota(caller, uid, len(jobs))
         if self.signing_key is not None:
             jobs = [core.sign(job, self.signing_key) for job in jobs]
+        if array:
+            self._check_one_transaction(jobs)
+        await self._check_fits(jobs[0])
+        await self._check_quota(caller, uid, len(jobs))
         if array or idempotency_key is not None:  # its own transaction: its compares are its own
             existing = await self.call(functools.partial(
                 self.store.submit_many, jobs, idempotency_key=idempotency_key))
@@ -123,6 +135,29 @@ class Verbs:
             self.applier.counters.submitted += len(jobs)
         self.wake()
         return (array_id, jobs) if array else jobs[0]
+
+    def _check_one_transaction(self, jobs):
+        """An array is written in one etcd transaction: refuse (TooLarge) one
+        whose records and index keys etcd would not take in one request.
+        Members differ only in their uuid (one length), index and command:
+        the last one's size (the widest index) with each one's command is
+        each one's size, without encoding them all (submit_many does)."""
+        last = jobs[-1]
+        each, widest = etcd_store.submit_size(last, self.store.prefix)
+        own = len(json.dumps(last.command))  # as the record holds it
+        size = sum(widest - own + (own if job.command is last.command else len(json.dumps(job.command)))
+                   for job in jobs)
+        ops = each * len(jobs)
+        if size + len(jobs) * MEMBER_BYTES + ops * OP_OVERHEAD > ETCD_REQUEST_BYTES:
+            raise core.TooLarge(
+                f"an array of {len(jobs)} such jobs is more than the 1.5 MiB etcd takes in one "
+                "transaction: queue fewer jobs a call, or shorten their command, env or workdir")
+        ops += 2  # the arrays/<id> key, the idempotency key
+        if not etcd_store._fits(ARRAY_GUARDS, ops):
+            raise core.TooLarge(
+                f"an array of {len(jobs)} jobs with {len(jobs[0].after)} parent(s) each is {ops} "
+                "etcd operations, more than one transaction takes: queue fewer jobs a call, or "
+                "give fewer --after jobs")
 
     def _user(self, name):
         """name's passwd entry, looked up at most once a poll_interval (NSS

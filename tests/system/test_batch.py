@@ -1,6 +1,7 @@
 """Batch submit on the installed package: `lclusterc addjob --count N` (an
-array, queued all or none in one request), and that every member runs, as
-its submitter, with its index, and leaves no unit behind."""
+array of up to 1,000, queued all or none in one request), and that every
+member runs, as its submitter, with its index, and leaves no unit behind;
+an array over the count or too big for etcd is refused whole, in one line."""
 
 import json
 import re
@@ -32,13 +33,38 @@ def test_addjob_count_json_and_bad_counts(box):
     before = box.job_count()
     for args, message in (("--count 0 true", "count must be a whole number of at least 1"),
                           ("--count 2 --wait true", "--wait takes one job"),
-                          ("--count 65 true", "at most 64")):
+                          ("--count 1001 true", "an array holds at most 1000 jobs")):
         r = box.lc(f"addjob {args}", user="bob", check=False)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     # The API refuses a batch over the limit whole, and writes nothing.
     r = box.sh("python3 -c 'from lclusterd.client import Client, ClientError\n"
-               "try: Client().add_jobs(\"true\", 65)\n"
+               "try: Client().add_jobs(\"true\", 1001)\n"
                "except ClientError as e: print(e.cause, e.message)'", user="bob")
-    assert r.stdout.startswith("400 count must be at most 64"), r.stdout
+    assert r.stdout.startswith("400 an array holds at most 1000 jobs"), r.stdout
+    assert box.job_count() == before
+
+
+def test_addjob_count_1000_queues_them_in_one_call_and_all_run(box):
+    array, *out = box.lc("addjob --count 1000 true", user="alice").stdout.split()
+    assert len(out) == 1000 and len(set(out)) == 1000 and all(UUID.match(u) for u in out)
+    box.lc(f"wait {array}", user="alice", timeout=900)  # at ~16 jobs/s, about a minute
+    answer = json.loads(box.lc(f"checkjob {array} --json", user="alice").stdout)
+    assert answer["counts"] == {"succeeded": 1000}, answer["counts"]
+
+
+def test_an_array_too_big_for_one_etcd_transaction_is_refused_in_one_line(box):
+    before = box.job_count()
+    command = "echo " + "x" * 600  # 1,000 records of ~1.6 KB: over etcd's 1.5 MiB a request
+    box.sh(f"for i in $(seq 100); do echo '{command}'; done > /tmp/big-array")
+    env = " ".join(f"--env K{i}={'x' * 480}" for i in range(40))  # ~20 KB a member
+    for args, words in ((f"--count 1000 '{command}'", "more than the 1.5 MiB etcd takes in one "
+                         "transaction: queue fewer jobs"),
+                        (f"--file /tmp/big-array {env}", "more than the 1.5 MiB etcd takes"),
+                        ("--file /tmp/too-long", "request body too large (over 128 KiB")):
+        box.sh(f"for i in $(seq 1000); do echo '{command[:200]}'; done > /tmp/too-long")
+        r = box.lc(f"addjob {args}", user="bob", check=False)
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert words in r.stderr, r.stderr
     assert box.job_count() == before

@@ -232,8 +232,7 @@ def test_addjob_count_json_prints_the_array_and_its_jobs(fake):
     (["--count", "0", "true"], "count must be a whole number of at least 1"),
     (["--count", "-3", "true"], "count must be a whole number of at least 1"),
     (["--count", "2", "--wait", "true"], "--wait takes one job"),
-    (["--count", "64", "x" * 20000], "count x command length"),
-    (["--count", "65", "true"], "--count 65: an array holds at most 64 jobs"),
+    (["--count", "1001", "true"], "--count 1001: an array holds at most 1000 jobs; queue more"),
 ])
 def test_addjob_count_refused(fake, args, message):
     result = run(fake, "addjob", *args)
@@ -839,7 +838,7 @@ def test_addjob_file_from_stdin_with_json(fake):
     (b"\n  \n\t\n", "has no commands"),
     (b"echo ok\necho \xff\n", "line 2: command is not valid UTF-8"),
     (b"echo\x00x\n", "line 1: command contains a NUL byte"),
-    (b"true\n" * 65, "has 65 commands; an array holds at most 64"),
+    (b"true\n" * 1001, "has 1001 commands; an array holds at most 1000"),
 ])
 def test_an_unusable_file_is_one_line_exit_2_nothing_sent(fake, tmp_path, content, words):
     path = tmp_path / "commands"

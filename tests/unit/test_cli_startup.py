@@ -156,7 +156,7 @@ def test_core_re_exports_the_checks_of_inputs():
 def test_the_cli_constants_are_cores():
     # quick keeps copies so that the options need not import core
     assert quick.STATES == core.STATES and quick.TERMINAL == core.TERMINAL
-    assert quick.MAX_BATCH == core.MAX_BATCH
+    assert quick.MAX_ARRAY == core.MAX_ARRAY
     assert (quick.MIN_PRIORITY, quick.MAX_PRIORITY) == (core.MIN_PRIORITY, core.MAX_PRIORITY)
     assert (quick.DEFAULT_ATTEMPTS, quick.MAX_ATTEMPTS) == (core.DEFAULT_ATTEMPTS, core.MAX_ATTEMPTS)
     assert (quick.DEFAULT_SOCKET, quick.DEFAULT_TOKEN_FILE) == (client.DEFAULT_SOCKET,
