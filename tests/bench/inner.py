@@ -33,6 +33,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import ssl
 import socket
 import subprocess
@@ -70,8 +71,15 @@ N_E2E = max(32, int(500 * SCALE))  # jobs of an end-to-end throughput run
 N_LATENCY = {"true": max(10, int(200 * SCALE)), "sleep": max(10, int(100 * SCALE))}
 N_SLURM_LATENCY = max(5, int(50 * SCALE))
 N_CLI = max(10, int(50 * SCALE))  # lclusterc addjob (and sbatch) calls in a shell loop
-N_ARRAY = max(core.MAX_BATCH, int(640 * SCALE))  # jobs by addjob --count (and --file), 64 a call
-N_STARTUP = 20  # lclusterc --version runs (the median is reported)
+# jobs by addjob --count and by --file: one full array each, at any scale
+# (its jobs then run, about a minute each at 16 jobs/s)
+N_ARRAY = core.MAX_ARRAY
+N_STARTUP = 20  # runs of the addjob path's start-up (the median is reported)
+# addjob up to its first check, which fails before any request: the start-up
+# (interpreter, imports, reading the command line, the client) of the
+# command users loop over, without the request
+ADDJOB_STARTUP = ["lclusterc", "addjob", "--count", "0", "true"]
+ADDJOB_PATH = ("lclusterd", "lclusterd.quick", "lclusterd.client", "lclusterd.inputs")
 HTTP_CLIENTS = 32  # concurrent HTTP clients
 BATCH_CLIENTS = 4  # concurrent HTTP clients of the batch submit, core.MAX_BATCH jobs a request
 SBATCH_PROCS = 8  # sbatch processes at a time in Slurm's end-to-end run
@@ -370,12 +378,15 @@ async def lclusterd_latency(watch, kind, n):
 
 
 def addjob_arrays(lclusterc, command, n, file=None):
-    """n jobs by `lclusterc addjob --count` (or --file FILE of core.MAX_BATCH
-    lines of command) in arrays of at most core.MAX_BATCH, one call after
-    another; their uuids. lclusterc: the argv before addjob."""
+    """n jobs by `lclusterc addjob --count` (or --file FILE, k lines of
+    command, written before each call) in arrays of at most core.MAX_ARRAY,
+    one call after another; their uuids. lclusterc: the argv before addjob."""
     uuids = []
-    for i in range(0, n, core.MAX_BATCH):
-        k = min(core.MAX_BATCH, n - i)
+    for i in range(0, n, core.MAX_ARRAY):
+        k = min(core.MAX_ARRAY, n - i)
+        if file:
+            with open(file, "w") as f:
+                f.write(f"{command}\n" * k)
         how = ["--file", file] if file else ["--count", str(k), "--", command]
         r = subprocess.run([*lclusterc, "addjob", *how], capture_output=True, text=True,
                            timeout=300)
@@ -383,17 +394,19 @@ def addjob_arrays(lclusterc, command, n, file=None):
             raise RuntimeError(f"lclusterc addjob {how[0]} exited {r.returncode}: {r.stderr.strip()}")
         lines = r.stdout.split()
         uuids += lines[1:]  # the first line is the array's id
-        if len(lines) != (core.MAX_BATCH if file else k) + 1:
+        if len(lines) != k + 1:
             raise RuntimeError(f"lclusterc addjob {how[0]} printed {len(lines)} lines")
     return uuids
 
 
-def median_wall(argv, n=N_STARTUP):
+def median_wall(argv, n=N_STARTUP, exit_code=0):
     walls = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+        r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         walls.append(time.perf_counter() - t0)
+        if r.returncode != exit_code:
+            raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}, not {exit_code}")
     return sorted(walls)[len(walls) // 2]
 
 
@@ -405,13 +418,14 @@ def shell_loop(command, n):
 
 
 def lclusterc_submit(watch):
-    """lclusterc's start-up, addjob in a shell loop, and arrays (--count, --file)."""
-    imports = subprocess.run(["/usr/bin/python3", "-X", "importtime", "-c", "import lclusterd.cli"],
-                             capture_output=True, text=True, check=True).stderr
-    out = {"startup_s": median_wall(["lclusterc", "--version"]),
+    """lclusterc addjob's start-up, addjob in a shell loop, and arrays (--count, --file)."""
+    lclusterc = shutil.which("lclusterc")
+    imports = subprocess.run(["/usr/bin/python3", "-X", "importtime", lclusterc, *ADDJOB_STARTUP[1:]],
+                             capture_output=True, text=True).stderr
+    out = {"startup_s": median_wall(ADDJOB_STARTUP, exit_code=2),  # 2: the usage error
            "python_s": median_wall(["/usr/bin/python3", "-c", "pass"]),
-           "import_cli_s": readings.parse_importtime(imports, "lclusterd.cli"),
-           "loop_n": N_CLI, "array_n": N_ARRAY}
+           "import_addjob_s": sum(readings.parse_importtime(imports, m) for m in ADDJOB_PATH),
+           "loop_n": N_CLI, "array_n": N_ARRAY, "array_size": core.MAX_ARRAY}
     seconds, printed = shell_loop("lclusterc addjob true", N_CLI)
     out["loop_per_s"] = N_CLI / seconds
     uuids = printed.split()
@@ -421,9 +435,7 @@ def lclusterc_submit(watch):
     out["count_per_s"] = N_ARRAY / (time.time() - t0)
     watch.wait(uuids, timeout=max(300, N_ARRAY / 5))
     path = "/var/tmp/bench-jobs"
-    with open(path, "w") as f:
-        f.write("true\n" * core.MAX_BATCH)
-    t0 = time.time()
+    t0 = time.time()  # (writing the file of true lines is in it: microseconds)
     uuids = addjob_arrays(["lclusterc"], "true", N_ARRAY, file=path)
     out["file_per_s"] = N_ARRAY / (time.time() - t0)
     watch.wait(uuids, timeout=max(300, N_ARRAY / 5))
@@ -691,7 +703,7 @@ def spread(ran_on, names):
 
 def cluster_e2e(watch, kind, urls, n):
     """n jobs submitted across the nodes at once (lclusterc --server URL addjob
-    --count, n/len(urls) each, in arrays of at most core.MAX_BATCH) until all
+    --count, n/len(urls) each, in arrays of at most core.MAX_ARRAY) until all
     are recorded finished; where they ran."""
     shares = [n // len(urls) + (i < n % len(urls)) for i in range(len(urls))]
     t0 = time.time()

@@ -104,20 +104,21 @@ def table(res):
                          *((g(r, ("load",)) or [None])[0] for r in runs[shape]), None))
         if mode == "quiet":
             cli = g(lc, ("lclusterc",)) or {}
+            size = cli.get("array_size", "N")
             rows += [
                 ("submit, single HTTP requests, 32 clients (Slurm: sbatch, 8 at once), jobs/s",
                  g(runs["true"][0], ("submit_per_s",)), None,
                  g(runs["true"][2], ("submit_per_s",)), "http"),
                 ("submit, lclusterc addjob / sbatch in a shell loop, jobs/s",
                  cli.get("loop_per_s"), None, g(sl, ("sbatch_loop_per_s",)), "loop"),
-                ("lclusterc start-up, median wall of `lclusterc --version`, ms",
+                ("lclusterc addjob start-up, median wall up to its first check (no request), ms",
                  ms(cli.get("startup_s")), None, None, "startup"),
                 ("  python3 -c pass, median wall, ms", ms(cli.get("python_s")), None, None, None),
-                ("  import lclusterd.cli, cumulative (-X importtime), ms",
-                 ms(cli.get("import_cli_s")), None, None, None),
-                ("submit, lclusterc addjob --count 64, one call after another, jobs/s",
+                ("  imports of the addjob path, cumulative (-X importtime), ms",
+                 ms(cli.get("import_addjob_s")), None, None, None),
+                (f"submit, lclusterc addjob --count {size}, one call after another, jobs/s",
                  cli.get("count_per_s"), None, None, "array"),
-                ("submit, lclusterc addjob --file (64 lines), one after another, jobs/s",
+                (f"submit, lclusterc addjob --file ({size} lines), one after another, jobs/s",
                  cli.get("file_per_s"), None, None, "array"),
                 ("idle node: etcd writes/s", g(lc, ("idle", "etcd_writes_per_s")), None, None,
                  "idle"),

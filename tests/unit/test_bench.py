@@ -61,13 +61,15 @@ def test_latency_targets_only_in_the_quiet_mode():
 
 
 def test_submission_targets():
-    cli = {"loop_per_s": 40.0, "startup_s": 0.030, "count_per_s": 5000.0, "file_per_s": 4999.0}
+    cli = {"loop_per_s": 40.0, "startup_s": 0.030, "count_per_s": 5000.0, "file_per_s": 4999.0,
+           "array_size": 1000}
     res = {"quiet": {"lclusterd": {"lclusterc": cli, "idle": {"etcd_writes_per_s": 0.25}}}}
     rows = rows_by_figure(res)
     assert rows["submit, lclusterc addjob / sbatch in a shell loop, jobs/s"]["met"] == "met"
-    assert rows["lclusterc start-up, median wall of `lclusterc --version`, ms"]["met"] == "missed"
-    assert rows["submit, lclusterc addjob --count 64, one call after another, jobs/s"]["met"] == "met"
-    assert rows["submit, lclusterc addjob --file (64 lines), one after another, jobs/s"]["met"] \
+    assert rows["lclusterc addjob start-up, median wall up to its first check (no request), ms"][
+        "met"] == "missed"  # 30 ms is not under 30 ms
+    assert rows["submit, lclusterc addjob --count 1000, one call after another, jobs/s"]["met"] == "met"
+    assert rows["submit, lclusterc addjob --file (1000 lines), one after another, jobs/s"]["met"] \
         == "missed"
     assert rows["idle node: etcd writes/s"]["met"] == "missed"
 
