@@ -507,14 +507,28 @@ def select(jobs, state=None, node=None, user=None, since=None, until=None, limit
     return chosen if limit is None else chosen[:limit]
 
 
+def finished_at(job):
+    """When a finished record counts as finished (the history's order): its
+    end, or its submission if it has none."""
+    return job.ended_at or job.submitted_at
+
+
 def expired(jobs, now, retention, max_finished):
     """uuids of finished records to delete: those that ended more than
     retention seconds ago, and all but the max_finished latest. Live records
     (warned ones too) are never deleted."""
-    finished = sorted((j for j in jobs if j.terminal),
-                      key=lambda j: j.ended_at or j.submitted_at, reverse=True)
-    return [j.uuid for i, j in enumerate(finished)
-            if i >= max_finished or now - (j.ended_at or j.submitted_at) > retention]
+    finished = sorted((finished_at(j), j.uuid) for j in jobs if j.terminal)
+    return expired_among(finished, len(finished), now, retention, max_finished)
+
+
+def expired_among(oldest, total, now, retention, max_finished):
+    """expired()'s rule given only the oldest of the total finished records,
+    as [(finished_at, uuid)] oldest first (ties by uuid): the uuids of those
+    to delete among them. The doomed are always the oldest, so once one of
+    `oldest` is kept, every later record is kept too (history.py reads the
+    history from its oldest end, a batch at a time, and stops there)."""
+    over = total - max_finished
+    return [u for i, (at, u) in enumerate(oldest) if i < over or now - at > retention]
 
 
 # --- times as people write them -------------------------------------------------

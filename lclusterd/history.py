@@ -10,10 +10,15 @@ log = logging.getLogger("lclusterd.node")
 
 MAX_PRUNE_EVERY = 300.0  # seconds; shorter retentions are pruned every retention/10
 # A node that has ended this share of max_finished_jobs since its last look
-# looks again at once: at 130 jobs/s, 300 s would let the records (and every
-# node's copy of them, store.all_jobs) grow to 5 times the cap (make bench's
-# 100,000-job run: +443 MB of RSS and 40 MB of etcd db).
+# looks again at once: at 130 jobs/s, 300 s would let the records grow to 5
+# times the cap (make bench's 100,000-job run: +443 MB of RSS and 40 MB of
+# etcd db).
 EARLY_PRUNE_SHARE = 0.1
+PRUNE_BATCH = 500  # finished/ entries read, and records deleted, at a time
+# Records finished by an older lclusterd (a rolling upgrade) have no
+# finished/ key: the pruning node indexes them on its first pass and this
+# often after (store.reindex reads every record, a page at a time).
+REINDEX_EVERY = 3600.0  # seconds
 
 
 class History:
@@ -24,6 +29,7 @@ class History:
         self.clock = clock
         self.next_prune = 0.0  # loop time of the next look at the history
         self.ended_at_last = 0  # this node's count of ended jobs at its last look
+        self.next_reindex = 0.0  # clock() time
 
     def prune_every(self):
         return max(self.config.poll_interval, min(self.config.retention / 10, MAX_PRUNE_EVERY))
@@ -31,19 +37,36 @@ class History:
     async def prune(self):
         """Delete finished records past the retention or the count cap, if no
         other node has done so this interval (a lock under a lease as long as
-        the interval, left to run out). Returns how many were deleted."""
+        the interval, left to run out). Reads the history's index
+        (store.finished) from its oldest end, and only the records it
+        deletes, a batch at a time (and every REINDEX_EVERY, every record:
+        store.reindex). Returns how many were deleted."""
         call = self.applier.call
         if not await call(self.store.lock, "prune", self.config.node_name, self.prune_every()):
             return 0
         await call(self.store.compact)  # etcd's history of revisions nobody reads (C7)
-        records = await call(self.store.all_jobs)
-        doomed = set(core.expired([job for job, _ in records], self.clock(),
-                                  self.config.retention, self.config.max_finished_jobs))
-        if not doomed:
-            return 0
-        deleted = await call(self.store.delete,
-                             [(job, rev) for job, rev in records if job.uuid in doomed])
-        log.info("history: deleted %d finished job record(s)", deleted)
+        if self.clock() >= self.next_reindex:
+            written = await call(self.store.reindex)
+            self.next_reindex = self.clock() + REINDEX_EVERY  # (not if etcd failed: next pass)
+            if written:
+                log.info("history: wrote or dropped %d index key(s) (records of an older lclusterd)",
+                         written)
+        deleted, after = 0, None
+        while True:
+            count, oldest = await call(self.store.finished, after, PRUNE_BATCH)
+            doomed = core.expired_among(oldest, count, self.clock(), self.config.retention,
+                                        self.config.max_finished_jobs)
+            if doomed:
+                gone, dropped = await call(self.store.delete_finished, oldest[:len(doomed)])
+                deleted += gone
+                if dropped:  # keys an older lclusterd left: they were counted, count again
+                    after = None
+                    continue
+            if len(doomed) < len(oldest) or not oldest:
+                break
+            after = oldest[-1]
+        if deleted:
+            log.info("history: deleted %d finished job record(s)", deleted)
         return deleted
 
     async def prune_when_due(self, now):

@@ -245,6 +245,15 @@ class MemStore:
             return found
         return self._read(read)
 
+    def finished(self, after=None, limit=etcd_store.PAGE_KEYS):
+        def read():
+            prefix = self._key("finished")
+            start = prefix if after is None else etcd_store.finished_key(self.prefix, *after) + "\0"
+            i = bisect.bisect_left(self._keys, start)
+            keys = list(itertools.takewhile(lambda k: k.startswith(prefix), self._keys[i:]))
+            return len(keys), [etcd_store.finished_entry(k) for k in keys[:min(limit, self.page_keys)]]
+        return self._read(read)
+
     def queued(self, limit):
         if limit < 1:
             return []
@@ -299,16 +308,44 @@ class MemStore:
     def reindex(self):
         def write():
             self._enter(write=True)
-            ops = []
+            ops, indexed = [], set(k for k, _, _ in self._range(self._key("finished")))
             for key, value, _ in self._range(f"{self.prefix}/jobs/"):
                 job = _decode(value)
                 held = etcd_store._assigned_key(self.prefix, job)
                 if held is not None and held not in self._kv:
                     ops.append(self._put(held, _dumps(etcd_store.reservation(job))))
+                if job.terminal:
+                    done = etcd_store.finished_key(self.prefix, core.finished_at(job), job.uuid)
+                    if done in indexed:
+                        indexed.discard(done)
+                    else:
+                        ops.append(self._put(done, ""))
+            ops += [("delete", key) for key in indexed]  # no record says them
             if ops:
                 self._apply(ops)
             return len(ops)
         return self._write(write)
+
+    def delete_finished(self, entries):
+        found = self.get_many([u for _, u in entries])  # as Store: tests count what it reads
+        doomed, stale = [], []
+        for at, job_uuid in entries:
+            job, rev = found.get(job_uuid, (None, 0))
+            key = etcd_store.finished_key(self.prefix, at, job_uuid)
+            if job is not None and key in etcd_store.index_keys(self.prefix, job):
+                doomed.append((job, rev))
+            else:
+                stale.append((key, job_uuid, rev))
+
+        def drop():  # each guarded by its record (its revision, or its absence)
+            self._enter()
+            ops = [("delete", key) for key, job_uuid, rev in stale
+                   if key in self._kv and self._mod(self._job_key(job_uuid)) == rev]
+            if ops:
+                self._apply(ops)
+            return len(ops)
+        dropped = self._write(drop) if stale else 0
+        return (self.delete(doomed) if doomed else 0), dropped
 
     def warned(self):
         return self._read(lambda: {k.rsplit("/", 1)[1]: v

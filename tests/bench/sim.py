@@ -77,6 +77,7 @@ TARGET_NODES = 100
 TARGET_JOBS_PER_S = 1000
 TARGET_P99 = 0.250
 TARGET_REVISIONS = 3
+TARGET_HISTORY_RSS_MB = 5  # issue 13: 100,000 jobs through a node, RSS growth
 TICK = 0.2  # seconds between looks at the workers' progress
 WORKER_STACK = 512 * 1024  # bytes of stack per thread in the many-node processes
 IDLE_SECONDS = 5  # the idle cluster measured this long before the runs
@@ -762,8 +763,10 @@ def run_history(cluster, jobs, args, ctx):
     worker = Worker(ctx, spec)
     try:
         wait_for(lambda: store.cluster()[3] == "n0001", "the node to take the prime", 60)
-        out["rss_start_mb"] = worker.ask()["rss_mb"]
+        w = worker.ask()
+        out["rss_start_mb"] = w["rss_mb"]
         rev0, t0, done = etcd_revision(client), time.time(), 0
+        cpu0 = {"node": w["cpu"], "etcd": cluster.cpu()}
         while done < jobs:
             k = min(chunk, jobs - done)
             submit_burst(store, "true", k)
@@ -782,6 +785,8 @@ def run_history(cluster, jobs, args, ctx):
         t_end = time.time()
         out["jobs_per_s"] = jobs / (t_end - t0)
         out["revisions_per_job"] = (etcd_revision(client) - rev0) / jobs
+        out["cpu_ms_per_job"] = {"node": (worker.ask()["cpu"] - cpu0["node"]) * 1000 / jobs,
+                                 "etcd": (cluster.cpu() - cpu0["etcd"]) * 1000 / jobs}
 
         def passes_after(t):
             return [p for p in worker.ask()["prunes"] if p[0] >= t]
@@ -811,6 +816,7 @@ def run_history(cluster, jobs, args, ctx):
         out["records"] = sum(check_records(store).values())
         out["rss_end_mb"] = w["rss_mb"]
         out["rss_growth_mb"] = w["rss_mb"] - out["rss_first_mb"]
+        out["load_end"] = list(os.getloadavg())
         out["wall_s"] = time.time() - t0
         out["note"] = (f"one simulated node (real node code, systemd simulated), one real etcd member, "
                        f"retention {config.retention / 86400:g} d, max_finished_jobs "
@@ -1111,6 +1117,13 @@ def history_main(args, workdir):
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))
+    if "rss_growth_mb" in res:
+        growth = res["rss_growth_mb"]
+        say(f"history: node RSS growth from job {res['first']:,} on {growth:.1f} MB (target <= "
+            f"{TARGET_HISTORY_RSS_MB:g} MB: {'met' if growth <= TARGET_HISTORY_RSS_MB else 'missed'}); "
+            f"db in use {res['first_db_in_use_mb']:.1f} -> {res['db_in_use_mb']:.1f} MB; CPU per job "
+            f"node {res['cpu_ms_per_job']['node']:.2f} ms, etcd {res['cpu_ms_per_job']['etcd']:.2f} ms; "
+            f"load average {res['load'][0]:.1f} -> {res['load_end'][0]:.1f}")
     return 0
 
 

@@ -2,10 +2,13 @@
 
 import time
 
+import etcd3
+
 from lclusterd import core
 from lclusterd.store import MAX_TXN_OPS, Store
 
 from tests.integration.test_store import UUID_A, UUID_B, make_job
+from tests.unit import test_history
 
 
 def running(store, job_uuid):
@@ -53,3 +56,17 @@ def test_lock_is_held_by_one_until_its_lease_runs_out(etcd, store):
         assert not store.lock("prune", "n1", ttl=2)
     finally:
         other.close()
+
+
+def test_prune_deletes_what_expired_would_reading_only_those(store, monkeypatch):
+    """The history's prune on a real etcd: the finished/ keys, then only the
+    doomed records (tests/unit/test_history.py has the scenario)."""
+    test_history.check_prune_deletes_what_expired_would(store, monkeypatch)
+
+
+def test_records_of_an_older_lclusterd_are_pruned(etcd, store):
+    client = etcd3.client(port=etcd.client_port)
+    try:
+        test_history.check_records_of_an_older_lclusterd_are_pruned(store, client.put, client.delete)
+    finally:
+        client.close()

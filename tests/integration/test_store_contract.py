@@ -859,7 +859,7 @@ def test_both_leave_the_same_keys_after_the_same_calls(etcd, prefix):
         assert keyspace(fake, prefix + "-mem") == found
         assert {k.split("/")[1] for k in found} == {
             "jobs", "queue", "queued_by", "warned_jobs", "assigned", "arrays", "dependents",
-            "idempotency", "nodes", "members", "failed_nodes", "prime", "drained", "locks"}
+            "idempotency", "nodes", "members", "failed_nodes", "prime", "drained", "locks", "finished"}
     finally:
         real.close()
 

@@ -201,6 +201,19 @@ def test_all_jobs_again_sees_every_change(store):
     assert all(again[j.uuid] == (j, first[j.uuid]) for j in jobs[2:])
 
 
+def test_all_jobs_forgets_what_it_decoded(store, monkeypatch):
+    """A node that served `lclusterc list` once does not hold every record decoded for good."""
+    monkeypatch.setattr(store_module, "DECODED_TTL", 0.3)
+    for job in [make_job() for _ in range(3)]:
+        store.submit(job)
+    assert len(store.all_jobs()) == 3 and len(store._decoded) == 3
+    deadline = time.monotonic() + 10
+    while store._decoded:
+        assert time.monotonic() < deadline, "all_jobs kept what it decoded"
+        time.sleep(0.05)
+    assert len(store.all_jobs()) == 3
+
+
 # --- issue 11: the placer's writes and reads at scale ----------------------------------
 
 def test_placing_5000_jobs_on_100_nodes(etcd, store, capsys):
