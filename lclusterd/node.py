@@ -57,7 +57,7 @@ class Node:
         self.placer = Placer(config, self.applier, self.membership, clock)
         self.history = History(config, self.applier, clock)
         self.verbs = Verbs(config, self.applier, self.runner, self.membership, units, job_log,
-                           peers, clock, signing_key, wake=self.placer.wake)
+                           peers, clock, signing_key, wake=self.placer.changed_here)
         # Loop time each long-lived loop last went round ("runner", "placer",
         # "heartbeat"): the daemon pets the watchdog only while all are recent.
         self.progress = {}

@@ -74,9 +74,9 @@ def test_the_placer_reads_the_drains_when_they_change_not_every_pass(tmp_path):
 
 
 def test_a_busy_placer_passes_again_only_when_there_is_room(tmp_path, monkeypatch):
-    """Its own assignments' events make no room, and neither does the pass
-    after a pass that placed (before: 2 passes for nothing each time, an
-    etcd read each)."""
+    """Its own assignments' events make no room, nor do its placements'
+    queue events, nor the pass after a pass that placed (before: 3 passes
+    for nothing each time, etcd reads each)."""
     monkeypatch.setattr(placer_module, "BACKSTOP", 100)
     n = make_node(tmp_path, slots=2)
     register(n)
@@ -90,9 +90,9 @@ def test_a_busy_placer_passes_again_only_when_there_is_room(tmp_path, monkeypatc
     run_for(n, 0.5, n.place)
     assert sorted(n.store.get(u)[0].state for u in (U1, U2, U3)) == [
         core.QUEUED, core.STARTING, core.STARTING]
-    # The pass that placed two, and one on the queue's change (its keys went);
-    # before, also one right after the first.
-    assert len(passes) == 2, len(passes)
+    # The pass that placed two, only: the queue's change (its keys went)
+    # makes no room; before, a pass on it and one right after the first.
+    assert len(passes) == 1, len(passes)
 
 
 def test_a_pass_with_one_free_slot_reads_a_short_head_of_a_deep_queue(tmp_path):
@@ -114,3 +114,76 @@ def test_a_pass_with_one_free_slot_reads_a_short_head_of_a_deep_queue(tmp_path):
     assert limits and limits[0] <= 17, limits
     assert sum(n.store.get(f"{i:08d}-0000-4000-8000-000000000000")[0].state == core.STARTING
                for i in range(40)) == 1
+
+
+def test_the_placer_passes_on_a_job_queued_not_on_one_gone_from_the_queue(tmp_path):
+    """A placement (or cancel) takes a job's key out of the queue: nothing
+    becomes placeable by that, and a pass for it was two etcd reads a job
+    for nothing. A job queued, or missed events, still wake it."""
+    p = make_node(tmp_path).placer
+    p.events([("a", True), ("b", True)])
+    assert not p._wake.is_set()
+    p.events([("a", True), ("c", False)])
+    assert p._wake.is_set()
+    p._wake.clear()
+    p.events([])  # events were missed: read again
+    assert p._wake.is_set()
+
+
+def test_a_change_made_here_wakes_the_placer_only_without_its_watches(tmp_path):
+    """While primed, the queue's and drains' watches bring a submission or
+    a drain made here; without them (not primed yet) the node passes now."""
+    p = make_node(tmp_path).placer
+    p.changed_here()
+    assert p._wake.is_set()
+    p._wake.clear()
+    p._cancels = [lambda: None]
+    p.changed_here()
+    assert not p._wake.is_set()
+
+
+def test_the_placer_reads_the_queue_with_the_assignments_once_it_knows_the_room(tmp_path):
+    """After a pass, the room it left plus the slots freed since (the
+    assignments' watch) sizes a read of the queue's head made together with
+    the read of the assignments; what is assigned still decides, so a room
+    that is wrong either way neither over-commits nor leaves a slot idle."""
+    n = make_node(tmp_path, slots=3)
+    register(n)
+    for i in range(6):
+        put(n.store, job(job_uuid=f"{i:08d}-0000-4000-8000-000000000000", submitted_at=100.0 + i))
+    limits = []
+    queued = n.store.queued
+    n.store.queued = lambda limit: (limits.append(limit), queued(limit))[1]
+    states = lambda: [n.store.get(f"{i:08d}-0000-4000-8000-000000000000")[0].state
+                      for i in range(6)]
+
+    async def scenario():
+        assert await n.membership.hold_prime()
+        await n.placer.place()  # the room not known yet: the assignments first
+        assert states().count(core.STARTING) == 3 and n.placer._room == 0
+        n.placer.assigned_events([])  # (missed events: the room is not known)
+        assert n.placer._room is None
+        await n.placer.place()  # no room: no read of the queue
+        assert n.placer._room == 0 and len(limits) == 1
+        n.placer._room = 5  # more than there is: the assignments say no room
+        await n.placer.place()
+        assert states().count(core.STARTING) == 3 and n.placer._room == 0 and len(limits) == 2
+        first = states().index(core.STARTING)
+        old, rev = n.store.get(f"{first:08d}-0000-4000-8000-000000000000")
+        n.store.update_many([(old, core.transition(old, core.SUCCEEDED, ended_at=300.0), rev)])
+        fin = old
+        n.placer.assigned_events([(f"me/{fin.uuid}", True)])
+        assert n.placer._room == 1
+        await n.placer.place()  # one read, with the assignments'
+        assert states().count(core.STARTING) == 3 and len(limits) == 3
+        for u in [f"{i:08d}-0000-4000-8000-000000000000" for i, s in enumerate(states())
+                  if s == core.STARTING][:2]:
+            old, rev = n.store.get(u)
+            n.store.update_many([(old, core.transition(old, core.SUCCEEDED, ended_at=300.0), rev)])
+        n.placer._room = 1  # less than there is (one end not heard yet): read again
+        await n.placer.place()
+        assert states().count(core.STARTING) == 3 and states().count(core.QUEUED) == 0
+    asyncio.run(scenario())
+    assert limits == [3 + placer_module.LOOKAHEAD, 5 + placer_module.LOOKAHEAD,
+                      1 + placer_module.LOOKAHEAD, 1 + placer_module.LOOKAHEAD,
+                      2 + placer_module.LOOKAHEAD], limits
