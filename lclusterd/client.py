@@ -6,16 +6,16 @@ means as an exit status is the CLI's business (cli.py's table).
 
 Cheap to import, because `lclusterc addjob` in a shell loop is mostly
 start-up: a request over the unix socket is written and read on a plain
-socket (HTTP/1.1, Connection: close), and http.client (which brings email and
+socket (_socket's, HTTP/1.1, Connection: close), and http.client (which brings email and
 ssl), urllib.parse and tls are imported only by what needs them: TCP and
 HTTPS (--server), following output (logs), a path with a job's ref in it; the
 Idempotency-Key of a submission is made without the uuid module.
 """
 
+import _json  # json's C core: json itself imports re and enum, a third of an addjob's start-up
+import _socket  # socket.py's C core: enough for the plain path (socket.py costs an addjob ~13%)
 import contextlib
-import json
 import os
-import socket
 import sys
 import time
 
@@ -52,9 +52,55 @@ class ClientError(Exception):
         self.lost = lost  # the request may have reached the daemon, its answer did not reach us
 
 
-def unix_connect(path, timeout):
-    """A stream socket connected to the unix socket path."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _dumps(value):
+    """value (dicts, lists, tuples, str, int, float, bool, None) as JSON, as
+    json.dumps writes it (ASCII, lone surrogates escaped) but without blanks."""
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float) and value - value == 0:  # not NaN nor infinite: JSON has no such
+        return float.__repr__(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_dumps, value)) + "]"
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return "{" + ",".join(f"{_dumps(k)}:{_dumps(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"{value!r:.40} is not JSON")
+
+
+class _Decoder:
+    """What _json's scanner reads of a json.JSONDecoder: json.loads' defaults."""
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float, parse_int, parse_constant = float, int, float
+
+
+_scan = _json.make_scanner(_Decoder)
+_BLANKS = " \t\n\r"  # JSON's whitespace
+
+
+def _loads(raw):
+    """The JSON value of bytes (UTF-8) or str, as json.loads; ValueError if
+    it is not one JSON value."""
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # UnicodeDecodeError: a ValueError
+    start = len(text) - len(text.lstrip(_BLANKS))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration:  # nothing JSON where a value starts
+        raise ValueError("not JSON") from None
+    if text[end:].strip(_BLANKS):
+        raise ValueError("not JSON: more after the value")
+    return value
+
+
+def unix_connect(path, timeout, kind=_socket.socket):
+    """A stream socket connected to the unix socket path; kind: its class
+    (http.client needs socket.socket's makefile)."""
+    sock = kind(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
@@ -75,7 +121,8 @@ def _unix_http_connection():
             self.socket_path = path
 
         def connect(self):
-            self.sock = unix_connect(self.socket_path, self.timeout)
+            import socket
+            self.sock = unix_connect(self.socket_path, self.timeout, socket.socket)
     return UnixHTTPConnection
 
 
@@ -283,7 +330,7 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         data = None
         if body is not None:
-            data = json.dumps(body).encode("utf-8")
+            data = _dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         timeout = timeout or self.timeout
         plain = not self.server and not stream
@@ -313,7 +360,7 @@ class Client:
     @staticmethod
     def _refusal(answer, raw):
         try:
-            payload = json.loads(raw)
+            payload = _loads(raw)
         except ValueError:  # also UnicodeDecodeError
             payload = None
         error = payload.get("error") if isinstance(payload, dict) else None
@@ -329,7 +376,7 @@ class Client:
         finally:
             conn.close()
         try:
-            payload = json.loads(raw)
+            payload = _loads(raw)
         except ValueError:  # also UnicodeDecodeError
             payload = None
         if not isinstance(payload, dict):

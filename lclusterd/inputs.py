@@ -3,11 +3,26 @@ sends anything (the daemon runs them again): pure, and light to import.
 
 quick.py (the addjob path) imports this instead of core: core's own imports
 (dataclasses, typing, hashlib, uuid, datetime) cost about as much as the rest
-of a submission (issue 13). So this module imports only re; core imports
-everything here back, and core.X stays what it was.
+of a submission (issue 13). So this module imports nothing at the top: its
+patterns are compiled when first used (re, with the enum it imports, is a
+fifth of an `addjob COMMAND`'s start-up, which needs none of them); core
+imports everything here back, and core.X stays what it was.
 """
 
-import re
+
+class _Pattern:
+    """A regular expression compiled on its first match or fullmatch."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self._compiled = None
+
+    def __getattr__(self, name):  # match, fullmatch, ...: the compiled pattern's
+        if self._compiled is None:
+            import re
+            self._compiled = re.compile(self.pattern)
+        return getattr(self._compiled, name)
+
 
 MAX_COMMAND_BYTES = 64 * 1024
 # What shares one etcd transaction with a compare per job (a group commit,
@@ -62,8 +77,8 @@ def validate_command(command) -> str:
     return command
 
 
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_PREFIX = re.compile(r"^[0-9a-f-]+$")
+_UUID = _Pattern(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_PREFIX = _Pattern(r"^[0-9a-f-]+$")
 
 
 def validate_ref(ref) -> str:
@@ -82,8 +97,8 @@ def validate_ref(ref) -> str:
 
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.I)
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
+_SIZE = _Pattern(r"(?i)^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$")
+_DURATION = _Pattern(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
 MIN_MEMORY = 1024 ** 2  # less and not even /bin/sh starts
 MAX_MEMORY = 1024 ** 5  # 1P: beyond any machine, and well inside systemd's uint64
 MAX_DURATION = 366 * 86400 * 100  # a century, in seconds
@@ -133,9 +148,9 @@ def parse_tasks(value) -> int:
 MAX_ENV = 64  # variables per job
 MAX_ENV_BYTES = 32 * 1024
 MAX_PATH = 4096
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_KEY = _Pattern(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = ("LCLUSTER_JOB_ID", "LCLUSTER_ARRAY_ID", "LCLUSTER_ARRAY_INDEX")  # set by lclusterd
-NAMESPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAMESPACE_NAME = _Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def validate_env(env) -> tuple:
@@ -183,9 +198,9 @@ AFTER_MODES = (AFTER_OK, AFTER_ANY, AFTER_FAILED)
 MAX_AFTER = MAX_BATCH
 MAX_CONSTRAINTS = 32
 MAX_RUNNING = 10 ** 6
-_LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+_LABEL_KEY = _Pattern(r"[A-Za-z0-9_.-]{1,63}")
 # No ',' (labels are listed comma-separated), no '=' and no blanks in a value.
-_LABEL_VALUE = re.compile(r"[A-Za-z0-9_.:/+@-]{1,255}")
+_LABEL_VALUE = _Pattern(r"[A-Za-z0-9_.:/+@-]{1,255}")
 
 
 def string_list(value, wrong: str) -> list:

@@ -135,14 +135,53 @@ def test_an_array_with_dependencies_needs_no_more(fake, args, tmp_path):  # noqa
     assert imported(modules, NOT_FOR_ADDJOB) == []
 
 
-def test_importing_inputs_imports_only_re():
+def test_importing_inputs_imports_nothing_and_its_patterns_compile_when_used():
     def modules(statement):
         code = f"import sys; {statement}; print(' '.join(sys.modules))"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": ROOT}, timeout=60, check=True)
         return set(done.stdout.split())
-    assert modules("import lclusterd.inputs") == modules("import re") | {"lclusterd",
-                                                                          "lclusterd.inputs"}
+    assert modules("import lclusterd.inputs") == modules("pass") | {"lclusterd", "lclusterd.inputs"}
+    assert "re" in modules("import lclusterd.inputs as i; i.validate_env(['A=1'])")
+    assert inputs.parse_size("1.5g") == 3 << 29 and inputs._UUID.pattern.startswith("^[0-9a-f]{8}")
+
+
+@pytest.mark.parametrize("args", [["addjob", "true"], ["--addjob=echo hi"]])
+def test_a_plain_addjob_imports_neither_re_json_nor_socket(fake, args):  # noqa: F811
+    # re (with enum), json and socket.py were over a third of its start-up
+    # (instructions under cachegrind); client.py uses their C cores _json, _socket.
+    modules, done = modules_after("--socket", fake.socket, *args)
+    assert done.returncode == 0 and done.stdout.strip() in fake.jobs, done.stderr
+    assert imported(modules, NOT_FOR_ADDJOB + ("re", "json", "enum", "socket")) == []
+
+
+@pytest.mark.parametrize("value", [
+    {"command": "echo 'é' \"$x\"\n\t\\", "count": 3, "env": ["A=1", "B=\udc80"], "cpus": 0.5,
+     "after": ("a", "b"), "wait": True, "no": False, "user": None, "n": -12, "big": 10 ** 30},
+    [], {}, "", "\u2028\x00\x7f", 1.5e300, [[{"a": [None]}]],
+])
+def test_the_clients_json_is_jsons(value):
+    import json
+    text = client._dumps(value)
+    assert text == json.dumps(value, separators=(",", ":"))
+    assert client._loads(text.encode()) == json.loads(text)
+    assert client._loads(f" \n{json.dumps(value, indent=2)}\r\n") == json.loads(json.dumps(value))
+
+
+@pytest.mark.parametrize("raw", [b"", b"  ", b"{", b'{"a": 1} x', b"[1,]", b"nul", b"\xff",
+                                 b'{"a": 1}{"b": 2}', b"'a'"])
+def test_the_clients_json_refuses_what_json_refuses(raw):
+    import json
+    with pytest.raises(ValueError):
+        json.loads(raw)
+    with pytest.raises(ValueError):
+        client._loads(raw)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {1: 2}, object(), b"x"])
+def test_the_clients_json_refuses_what_is_not_json(value):
+    with pytest.raises(ValueError, match="is not JSON"):
+        client._dumps(value)
 
 
 def test_core_re_exports_the_checks_of_inputs():
