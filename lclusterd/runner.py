@@ -96,6 +96,7 @@ class Runner:
         self.in_flight = set()  # uuids whose unit this process is starting now
         self.changed = set()  # uuids whose unit systemd told us about
         self.assigned = set()  # uuids etcd said were assigned to us (the watch): to start
+        self.ending = set()  # uuids whose end this node is writing now
         self.recheck = {}  # uuid -> seconds until the next re-read of its changing unit
         # uuid -> (job, revision, started_at, loop time) of jobs whose unit
         # started and whose record is not written running yet
@@ -208,7 +209,9 @@ class Runner:
         for suffix, deleted in events:
             job_uuid = suffix.rsplit("/", 1)[-1]
             if deleted:
-                if job_uuid in self.mine:
+                # (Not our own write of its end: that is a status read of a
+                # released unit for nothing, 12 Gets, most jobs.)
+                if job_uuid in self.mine and job_uuid not in self.ending:
                     self.changed.add(job_uuid)  # cancelled elsewhere? reconcile it now
             else:
                 self.assigned.add(job_uuid)
@@ -363,7 +366,11 @@ class Runner:
                     status = dataclasses.replace(status, started_at=started[j.uuid][2])
                 return core.settle(j, status, now)
             return None
-        done = await self.applier.change_many(records, decide)
+        self.ending |= set(ended)
+        try:
+            done = await self.applier.change_many(records, decide)
+        finally:
+            self.ending -= set(ended)
         for job_uuid in started:
             if self.started.get(job_uuid) == started[job_uuid]:
                 del self.started[job_uuid]

@@ -158,7 +158,7 @@ class Units:
             seen.update((name, v.value) for name, v in changed.items() if name in SIGNALLED)
             if interface == UNIT:
                 seen["Unit"] = True
-                if self.on_change and _may_have_ended(msg.body):
+                if self.on_change and _may_have_ended(msg.body, seen):
                     self.on_change(job_uuid)
         return None  # never consume: dbus-next routes the message on
 
@@ -546,16 +546,22 @@ def parse_oom_kills(text):
     return 0
 
 
-def _may_have_ended(body):
+def _may_have_ended(body, seen):
     """Whether a unit's PropertiesChanged (interface, changed, invalidated) may
     tell that it ended: only an ActiveState of its Unit interface does. The
     others (it loaded, it started) would each cost the node a status read for
-    nothing; the sweep catches anything missed."""
+    nothing; the sweep catches anything missed. seen: what its signals said
+    so far, this one's included."""
     interface, changed = body[0], body[1]
     if interface != UNIT or "ActiveState" not in changed:
         return interface == UNIT and "ActiveState" in body[2]  # invalidated: look
     state = changed["ActiveState"].value
     sub = changed["SubState"].value if "SubState" in changed else None
+    if state == "inactive" and _job_pending(seen.get("Job")):
+        # A job of systemd's is on its way (every unit's first signal: loaded,
+        # its start queued), which cost a status read of 12 Gets a job; the
+        # signal of that job's end (Job back to 0) says what it came to.
+        return False
     return state in ("inactive", "failed", "deactivating") or (state == "active" and sub != "running")
 
 

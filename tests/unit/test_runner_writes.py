@@ -98,3 +98,30 @@ def test_a_job_our_own_placer_assigned_is_started_without_a_read(tmp_path):
         await n.runner.start_assigned()
     asyncio.run(scenario())
     assert n.units.started == [U1] and reads == []  # before: get_many([U1])
+
+
+def test_the_deletion_of_an_assignment_by_our_own_end_write_is_not_looked_at(tmp_path):
+    """The assignments' watch says a job's assignment went while its end is
+    being written (its own write): not a change to reconcile (before: a
+    status read of its released unit, 12 Gets, most jobs). A deletion by
+    anyone else (a removejob elsewhere) still is."""
+    n = make_node(tmp_path)
+    register(n)
+    started(n, U1, U2)
+    change_many = n.applier.change_many
+
+    async def hearing_the_deletion(records, decide):
+        done = await change_many(records, decide)
+        n.runner.assignment_events([(u, True) for u in records])  # as etcd's watch does, meanwhile
+        return done
+    n.applier.change_many = hearing_the_deletion
+
+    async def scenario():
+        await n.runner.start_assigned()
+        n.units.loaded[U1] = EXITED
+        n.unit_changed(U1)
+        await n.runner.record_changed()
+        assert n.store.get(U1)[0].state == core.SUCCEEDED and U1 not in n.runner.changed
+        n.runner.assignment_events([(U2, True)])  # U2's went, not by us
+        assert U2 in n.runner.changed
+    asyncio.run(scenario())

@@ -165,3 +165,26 @@ def test_a_unit_not_watched_is_unwatched_without_a_call():
     assert asyncio.run(u.stop_and_wait(UUID, 1.0)) is True  # (the fake's Get: not loaded)
     asyncio.run(u.unwatch(UUID))
     assert "RemoveMatch" not in bus.sent
+
+
+def test_a_unit_loaded_with_its_start_queued_has_not_ended():
+    """Every job's first Unit signal: loaded, inactive, its start job queued
+    (systemd may have forked it already: ExecMainStartTimestamp is set in the
+    Service signal before it). Before, each cost a status read (12 Gets).
+    The end of systemd's job (Job back to 0) is looked at."""
+    u, changed = watched()
+    u._on_message(service())
+    u._on_message(unit("inactive", "dead", job=7))
+    assert changed == []
+    u._on_message(unit("active", "running", job=7))
+    u._on_message(unit("active", "running"))
+    assert changed == []
+    u._on_message(unit("inactive", "dead", job=8))  # a stop queued from outside
+    assert changed == []
+    u._on_message(unit("inactive", "dead", job=0))  # ... and done
+    assert changed == [UUID]
+    # A start job that went without starting it (cancelled) too.
+    v, changed = watched()
+    v._on_message(unit("inactive", "dead", job=7))
+    v._on_message(unit("inactive", "dead", job=0))
+    assert changed == [UUID]
