@@ -194,8 +194,8 @@ def validate_network(network) -> str:
 AFTER_OK, AFTER_ANY, AFTER_FAILED = "ok", "any", "failed"
 AFTER_MODES = (AFTER_OK, AFTER_ANY, AFTER_FAILED)
 # Parents per job (each is a dependents key submit writes, and a job's
-# record lists them): --after ARRAY_ID names an array of up to this many whole.
-MAX_AFTER = MAX_BATCH
+# record lists them): --after ARRAY_ID names a whole array of the largest size.
+MAX_AFTER = MAX_ARRAY
 MAX_CONSTRAINTS = 32
 MAX_RUNNING = 10 ** 6
 _LABEL_KEY = _Pattern(r"[A-Za-z0-9_.-]{1,63}")

@@ -83,3 +83,14 @@ def test_an_array_with_the_most_operations_the_node_admits_commits(n, etcd, stor
     with pytest.raises(core.TooLarge, match="5002 etcd operations"):
         submit(n, "true", count=core.MAX_ARRAY, request={"after": [j.uuid for j in parents]})
     assert etcd.revision() == before + 1
+
+
+def test_a_job_after_a_whole_array_of_max_array_members_is_queued_in_one_revision(n, etcd, store):
+    """--after ARRAY_ID names every member: an array of the largest size must
+    be a valid parent (core.MAX_AFTER was 64 while arrays grew to 1,000)."""
+    array, members = submit(n, "true", count=core.MAX_ARRAY)
+    before = etcd.revision()
+    child = submit(n, "echo done", request={"after": [array]})
+    assert etcd.revision() == before + 1
+    assert sorted(child.after) == sorted(j.uuid for j in members)
+    assert store.dependents(members[-1].uuid) == [child.uuid]
