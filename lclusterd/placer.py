@@ -226,7 +226,7 @@ class Placer:
 
     async def place(self):
         """One pass: read, plan, write. True if it wrote MAX_ASSIGN
-        assignments: another pass may place more at once. (Else the watches
+        assignments, or found the prime free: another pass may place more at once. (Else the watches
         say when there is more: a pass after each pass that placed, and one
         for each assignment this placer wrote, found no room: ~2 etcd reads
         a job for nothing on a busy node.)"""
@@ -244,7 +244,9 @@ class Placer:
             if prime != self.me:  # taken from us (deleted by hand, our lease gone): campaign again
                 self.membership.primed = False
                 self.membership.prime_taken = prime is not None
-                return False
+                # Free: campaign again now (returning False waited out the
+                # backstop with the watches still up: a job waited 10 s).
+                return prime is None
         _, live, drains = self._live
         # Only this placer adds assignments: the loads can only shrink after the read.
         room, self._room = self._room, None  # (None until this pass has read)

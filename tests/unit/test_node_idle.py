@@ -187,3 +187,24 @@ def test_the_placer_reads_the_queue_with_the_assignments_once_it_knows_the_room(
     assert limits == [3 + placer_module.LOOKAHEAD, 5 + placer_module.LOOKAHEAD,
                       1 + placer_module.LOOKAHEAD, 1 + placer_module.LOOKAHEAD,
                       2 + placer_module.LOOKAHEAD], limits
+
+
+def test_a_placer_that_finds_the_prime_free_campaigns_again_at_once(tmp_path, monkeypatch):
+    """The prime went (its key deleted) under a pass: the placement's guard
+    fails, the pass that follows reads the prime free and the placer takes
+    it again and places at once (before: it waited out BACKSTOP x
+    poll_interval with its watches up, 10 s for the job in hand)."""
+    monkeypatch.setattr(placer_module, "BACKSTOP", 100)
+    n = make_node(tmp_path)
+    register(n)
+
+    async def scenario():
+        assert await n.membership.hold_prime()
+        n.store.resign(n.config.node_name)
+        put(n.store, job(job_uuid=U1))
+        n.placer._nodes_changed = True  # (as a failed placement leaves it)
+        assert await n.placer.place() is True and not n.membership.primed
+        assert n.store.get(U1)[0].state == core.QUEUED
+    asyncio.run(scenario())
+    run_for(n, 0.3, n.place)
+    assert n.store.get(U1)[0].state == core.STARTING
