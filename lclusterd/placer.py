@@ -102,11 +102,6 @@ class Placer:
         # counts change every sweep; placement reads capacity, not counts).
         self._live = None
         self._nodes_changed = True
-        # Slots free as the last pass left them plus those the watch freed
-        # since (None: not known): the next pass reads the queue's head
-        # together with the assignments, not after them (a round trip less
-        # before a job starts; the assignments still decide what fits).
-        self._room = None
         self._pool = concurrent.futures.ThreadPoolExecutor(PLACER_THREADS, thread_name_prefix="placer")
         self.writes = 0  # transactions of assignments and cancels (tests, bench)
 
@@ -136,13 +131,11 @@ class Placer:
         known = self._live[1] if self._live is not None else {}
         if not events or any(deleted or suffix not in known for suffix, deleted in events):
             self._nodes_changed = True
-            self._room = None
         self.wake()
 
     def drain_events(self, events):
         """store.watch("drained"): read the drains (and the nodes) again."""
         self._nodes_changed = True
-        self._room = None
         self.wake()
 
     def assigned_events(self, events):
@@ -152,10 +145,6 @@ class Placer:
         for suffix, deleted in events:
             if deleted:
                 self.ended.add(suffix.rsplit("/", 1)[-1])
-                if self._room is not None:
-                    self._room += 1
-        if not events:
-            self._room = None
         if not events or any(deleted for _, deleted in events):
             self.wake()
 
@@ -189,7 +178,6 @@ class Placer:
             cancel()
         self._cancels = []
         self._live = None  # read afresh once primed again
-        self._room = None
 
     async def run(self, stopping):
         """Place while we hold the prime, until stopping is set."""
@@ -226,10 +214,10 @@ class Placer:
 
     async def place(self):
         """One pass: read, plan, write. True if it wrote MAX_ASSIGN
-        assignments, or found the prime free: another pass may place more at once. (Else the watches
-        say when there is more: a pass after each pass that placed, and one
-        for each assignment this placer wrote, found no room: ~2 etcd reads
-        a job for nothing on a busy node.)"""
+        assignments, or found the prime free: another pass may place more
+        at once. (Else the watches say when there is more: a pass after each
+        pass that placed, and one for each assignment this placer wrote,
+        found no room: ~2 etcd reads a job for nothing on a busy node.)"""
         call, store = self.call, self.store
         loop = asyncio.get_running_loop()
         self._wake.clear()  # what changes from now on wakes the next pass
@@ -249,24 +237,17 @@ class Placer:
                 return prime is None
         _, live, drains = self._live
         # Only this placer adds assignments: the loads can only shrink after the read.
-        room, self._room = self._room, None  # (None until this pass has read)
-        early = min(room, MAX_ASSIGN) + LOOKAHEAD if room else 0
-        assigned, head = await asyncio.gather(call(store.assigned),
-                                              call(store.queued, early) if early else asyncio.sleep(0, []))
+        assigned = await call(store.assigned)
         nodes = scheduler.node_views(live, drains)
         loads = scheduler.loads(assigned)
         free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)
                    for n in nodes if not n.drained)
-        self._room = free  # (less what this pass places, plus what ends meanwhile)
         if not free:
             return False
         wanted_assign = min(free, MAX_ASSIGN)
         limit = wanted_assign + LOOKAHEAD
         while True:
-            # The head read early holds this pass's limit unless more slots
-            # were free than the watch had said (then it is read again).
-            queue = (head[:limit] if early >= limit else await call(store.queued, limit))
-            early = 0
+            queue = await call(store.queued, limit)
             if not queue:
                 return False
             jobs = {job.uuid: (job, rev) for job, rev in queue}
@@ -300,8 +281,5 @@ class Placer:
             await cancel_dependents(self.applier, cancelled, self.clock, self.call)
         if placed < len(assign) or len(cancelled) < len(plan.cancel):
             self._nodes_changed = True  # some records moved, or the prime did: read all again
-            self._room = None
             self.wake()
-        elif self._room is not None:
-            self._room -= placed  # (and plus what ended since the read)
         return placed >= MAX_ASSIGN

@@ -142,53 +142,6 @@ def test_a_change_made_here_wakes_the_placer_only_without_its_watches(tmp_path):
     assert not p._wake.is_set()
 
 
-def test_the_placer_reads_the_queue_with_the_assignments_once_it_knows_the_room(tmp_path):
-    """After a pass, the room it left plus the slots freed since (the
-    assignments' watch) sizes a read of the queue's head made together with
-    the read of the assignments; what is assigned still decides, so a room
-    that is wrong either way neither over-commits nor leaves a slot idle."""
-    n = make_node(tmp_path, slots=3)
-    register(n)
-    for i in range(6):
-        put(n.store, job(job_uuid=f"{i:08d}-0000-4000-8000-000000000000", submitted_at=100.0 + i))
-    limits = []
-    queued = n.store.queued
-    n.store.queued = lambda limit: (limits.append(limit), queued(limit))[1]
-    states = lambda: [n.store.get(f"{i:08d}-0000-4000-8000-000000000000")[0].state
-                      for i in range(6)]
-
-    async def scenario():
-        assert await n.membership.hold_prime()
-        await n.placer.place()  # the room not known yet: the assignments first
-        assert states().count(core.STARTING) == 3 and n.placer._room == 0
-        n.placer.assigned_events([])  # (missed events: the room is not known)
-        assert n.placer._room is None
-        await n.placer.place()  # no room: no read of the queue
-        assert n.placer._room == 0 and len(limits) == 1
-        n.placer._room = 5  # more than there is: the assignments say no room
-        await n.placer.place()
-        assert states().count(core.STARTING) == 3 and n.placer._room == 0 and len(limits) == 2
-        first = states().index(core.STARTING)
-        old, rev = n.store.get(f"{first:08d}-0000-4000-8000-000000000000")
-        n.store.update_many([(old, core.transition(old, core.SUCCEEDED, ended_at=300.0), rev)])
-        fin = old
-        n.placer.assigned_events([(f"me/{fin.uuid}", True)])
-        assert n.placer._room == 1
-        await n.placer.place()  # one read, with the assignments'
-        assert states().count(core.STARTING) == 3 and len(limits) == 3
-        for u in [f"{i:08d}-0000-4000-8000-000000000000" for i, s in enumerate(states())
-                  if s == core.STARTING][:2]:
-            old, rev = n.store.get(u)
-            n.store.update_many([(old, core.transition(old, core.SUCCEEDED, ended_at=300.0), rev)])
-        n.placer._room = 1  # less than there is (one end not heard yet): read again
-        await n.placer.place()
-        assert states().count(core.STARTING) == 3 and states().count(core.QUEUED) == 0
-    asyncio.run(scenario())
-    assert limits == [3 + placer_module.LOOKAHEAD, 5 + placer_module.LOOKAHEAD,
-                      1 + placer_module.LOOKAHEAD, 1 + placer_module.LOOKAHEAD,
-                      2 + placer_module.LOOKAHEAD], limits
-
-
 def test_a_placer_that_finds_the_prime_free_campaigns_again_at_once(tmp_path, monkeypatch):
     """The prime went (its key deleted) under a pass: the placement's guard
     fails, the pass that follows reads the prime free and the placer takes
