@@ -16,7 +16,7 @@ import uuid as uuidlib
 from typing import Optional
 
 from lclusterd.inputs import (  # noqa: F401  (core.X as it was: see inputs.py)
-    MAX_COMMAND_BYTES, MAX_BATCH, MAX_ARRAY, MAX_BATCH_BYTES, MIN_PREFIX_LEN, InvalidInput, TooLarge, utf8,
+    MAX_COMMAND_BYTES, MAX_BATCH, MAX_ARRAY, MIN_PREFIX_LEN, InvalidInput, TooLarge, utf8,
     validate_count, validate_command, validate_ref, _UUID, parse_size, parse_duration, parse_cpus,
     parse_tasks, SIZE_UNITS, DURATION_UNITS, MIN_MEMORY, MAX_MEMORY, MAX_DURATION, MAX_TASKS,
     MAX_ENV, MAX_ENV_BYTES, MAX_PATH, RESERVED_ENV, NAMESPACE_NAME, validate_env, validate_workdir,
@@ -282,17 +282,6 @@ def with_warned(rows, warned):
 
 
 # --- validation ------------------------------------------------------------
-
-def validate_batch_bytes(count: int, command: str, env=(), workdir=None) -> int:
-    """A batch is one etcd transaction (its limit: 1.5 MiB a request): count
-    x what each copy carries (command, env, workdir) stays under
-    MAX_BATCH_BYTES. TooLarge otherwise."""
-    each = sum(len(text.encode("utf-8")) for text in (command, *env, workdir or ""))
-    if count * each > MAX_BATCH_BYTES:
-        raise TooLarge(f"count x (command + env + workdir) is {count * each} bytes; a batch "
-                       f"must stay under {MAX_BATCH_BYTES} bytes (send fewer copies a request)")
-    return count
-
 
 def is_full_uuid(ref: str) -> bool:
     return bool(_UUID.match(ref))

@@ -25,15 +25,14 @@ class _Pattern:
 
 
 MAX_COMMAND_BYTES = 64 * 1024
-# What shares one etcd transaction with a compare per job (a group commit,
-# a job's --after parents): at most 64 (etcd's default --max-txn-ops is 128).
+# What shares one etcd transaction with a compare per job (a group commit):
+# at most 64 (etcd's default --max-txn-ops is 128).
 MAX_BATCH = 64
 # An array's members share one transaction guarded by its one new key
 # (store.submit_many): 1,000 `true` jobs are about 1.1 MB of etcd's 1.5 MiB.
 # Whether an array's records fit one transaction the daemon finds from their
 # sizes (verbs.py); a too-big array is refused there, as TooLarge.
 MAX_ARRAY = 1000
-MAX_BATCH_BYTES = 1024 * 1024
 MIN_PREFIX_LEN = 4
 
 

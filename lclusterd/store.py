@@ -1287,7 +1287,7 @@ def batches(sizes, guards=0):
     same transactions, so the same revisions.)"""
     batch, count, size = [], 0, 0
     for i, (n, b) in enumerate(sizes):
-        if batch and (not _fits(len(batch) + 1 + guards, count + n) or size + b > PAGE_BYTES):
+        if batch and (not fits(len(batch) + 1 + guards, count + n) or size + b > PAGE_BYTES):
             yield batch
             batch, count, size = [], 0, 0
         batch.append(i)
@@ -1296,7 +1296,7 @@ def batches(sizes, guards=0):
         yield batch
 
 
-def _fits(compares, ops):
+def fits(compares, ops):
     """Whether one transaction takes that many compares and success ops,
     nested as _nested() nests them: n lists of s ops pass etcd's check when
     max(compares, n) + s <= MAX_TXN_OPS (each nested list is checked against

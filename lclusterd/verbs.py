@@ -153,7 +153,7 @@ class Verbs:
                 f"an array of {len(jobs)} such jobs is more than the 1.5 MiB etcd takes in one "
                 "transaction: queue fewer jobs a call, or shorten their command, env or workdir")
         ops += 2  # the arrays/<id> key, the idempotency key
-        if not etcd_store._fits(ARRAY_GUARDS, ops):
+        if not etcd_store.fits(ARRAY_GUARDS, ops):
             raise core.TooLarge(
                 f"an array of {len(jobs)} jobs with {len(jobs[0].after)} parent(s) each is {ops} "
                 "etcd operations, more than one transaction takes: queue fewer jobs a call, or "

@@ -16,7 +16,7 @@ from tests.integration.test_store import make_job
 def submit(store, count, command="true", uid=1000, at=1000.0):
     """count queued jobs, in the largest batches the API takes; their uuids in queue order."""
     uuids = []
-    batch = min(core.MAX_BATCH, core.MAX_BATCH_BYTES // len(command))
+    batch = min(core.MAX_BATCH, (1 << 20) // len(command))  # about a MiB a transaction
     for start in range(0, count, batch):
         jobs = [core.new_job(command, uid, uid, "alice", now=at + (start + i) / 1e6)
                 for i in range(min(batch, count - start))]
