@@ -736,14 +736,27 @@ class Store:
         return self._call(write)
 
     def campaign(self, name, lease):
-        """Take the prime if nobody holds it; True if we hold it now."""
+        """Take the prime if nobody holds it; True if we hold it now. Held
+        under our name but another lease (this node's daemon before a
+        restart, whose lease has yet to run out), it moves to ours: left
+        there, it would go with that lease and stall placement once."""
         key = self._key("prime")
         def write(c):
             ok, ranges = c.transaction(
                 compare=[c.transactions.version(key) == 0],
                 success=[c.transactions.put(key, name, lease=lease)],
                 failure=[c.transactions.get(key)])
-            return ok or any(v.decode() == name for kvs in ranges for v, _ in kvs)
+            if ok:
+                return True
+            held = [(v, meta) for kvs in ranges for v, meta in kvs]
+            if not held or held[0][0].decode() != name:
+                return False
+            if held[0][1].lease_id == lease:
+                return True
+            ok, _ = c.transaction(
+                compare=[c.transactions.mod(key) == held[0][1].mod_revision],
+                success=[c.transactions.put(key, name, lease=lease)], failure=[])
+            return ok
         return self._call(write)
 
     def resign(self, name):

@@ -568,7 +568,7 @@ class MemStore:
         def write():
             self._enter(write=True)
             holder = self._value(self._key("prime"))
-            if holder is None:
+            if holder is None or (holder == name and self._kv[self._key("prime")][2] != lease):
                 self._apply([self._put(self._key("prime"), name, lease)])
                 return True
             return holder == name

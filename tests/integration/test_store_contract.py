@@ -465,6 +465,19 @@ def test_registration_lives_with_its_lease(any_store):
     assert any_store.record_failed("n1", 10.0) is False  # alive
 
 
+def test_a_restarted_node_takes_its_prime_over_under_its_new_lease(any_store):
+    """The prime under our name but the lease of this node's daemon before a
+    restart: campaign moves it to our lease, so it does not go with the old
+    one (placement stalled once, ~10 s after every restart)."""
+    before, after = any_store.grant(60), any_store.grant(60)
+    assert any_store.campaign("n1", before) is True
+    assert any_store.campaign("n1", after) is True
+    any_store.revoke(before)  # the old process's lease runs out
+    assert any_store.cluster()[3] == "n1"
+    any_store.revoke(after)
+    assert any_store.cluster()[3] is None
+
+
 def test_campaign_and_resign(any_store):
     l1, l2 = any_store.grant(60), any_store.grant(60)
     assert any_store.campaign("n1", l1) is True
