@@ -163,7 +163,7 @@ class Membership:
             written = await self.applier.call(self.store.reindex)
             self._reindexed = self.lease
             if written:
-                log.info("wrote %d missing assigned/ keys (records of an older lclusterd)", written)
+                log.info("wrote or dropped %d index key(s) (records of an older lclusterd)", written)
         return self.primed
 
     def prime_events(self, events):
