@@ -119,6 +119,9 @@ class Units:
         # uuid: {name: value} of SIGNALLED as the unit's last signals (or
         # status read) said, while it is watched; "Unit": a Unit signal came.
         self._seen = {}
+        # uuids of memory-limited jobs whose cgroup start() found not made
+        # yet: the status read when the unit runs adds their OomWatch.
+        self._oom_later = set()
         self._in_flight = 0  # messages sent and not answered yet
         self._room = asyncio.Condition()
         self.oom = OomWatch()
@@ -158,9 +161,17 @@ class Units:
             seen.update((name, v.value) for name, v in changed.items() if name in SIGNALLED)
             if interface == UNIT:
                 seen["Unit"] = True
-                if self.on_change and _may_have_ended(msg.body, seen):
+                if self.on_change and (_may_have_ended(msg.body, seen) or self._runs_unwatched(job_uuid)):
                     self.on_change(job_uuid)
         return None  # never consume: dbus-next routes the message on
+
+    def _runs_unwatched(self, job_uuid):
+        """Whether the job's unit now runs with its OomWatch still to add (a
+        status read adds it): once."""
+        if job_uuid in self._oom_later and self._seen[job_uuid].get("ActiveState") == "active":
+            self._oom_later.discard(job_uuid)
+            return True
+        return False
 
     def signalled(self, job_uuid):
         """core.UnitStatus as the unit's signals said, or None if they did
@@ -272,6 +283,7 @@ class Units:
     def _unwatching(self, job_uuid):
         """[the message that removes its rule] if it is watched, else []."""
         self.oom.forget(job_uuid)
+        self._oom_later.discard(job_uuid)
         if job_uuid not in self._watched:
             return []
         self._forget(job_uuid)
@@ -323,7 +335,7 @@ class Units:
             await self.unwatch(job.uuid)
             raise Refused(started.text) from None
         if job.memory is not None:
-            # Its cgroup exists once systemd ran the start (else the next status read looks).
+            # Its cgroup exists once systemd ran the start (else a status read adds it when the unit runs).
             try:
                 (cg,) = await self._call(SYSTEMD, unit_path(job.unit), PROPERTIES, "Get", "ss",
                                          [SERVICE, "ControlGroup"])
@@ -331,6 +343,8 @@ class Units:
                 return  # gone already: its status says how it ended
             if cg.value:
                 self.oom.add(job.uuid, cg.value)
+            else:
+                self._oom_later.add(job.uuid)
 
     async def status(self, job_uuid):
         """core.UnitStatus of the job's unit, or None if it is not loaded.

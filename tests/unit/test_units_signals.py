@@ -188,3 +188,29 @@ def test_a_unit_loaded_with_its_start_queued_has_not_ended():
     v._on_message(unit("inactive", "dead", job=7))
     v._on_message(unit("inactive", "dead", job=0))
     assert changed == [UUID]
+
+
+def test_a_memory_job_whose_cgroup_start_did_not_find_is_read_once_it_runs():
+    """On Debian 13 StartTransientUnit may answer before systemd made the
+    unit's cgroup: its OomWatch (cgroup v1) is added by a status read once the
+    unit runs. (The first signal's status read used to do it by chance; with
+    it gone, a child's OOM kill went unseen: test_command on trixie.)"""
+    class NoCgroupYet(FakeBus):
+        async def call(self, msg):
+            if msg.member == "Get":
+                self.sent.append(msg.member)
+                return Reply([Variant("s", "")])
+            return await super().call(msg)
+    changed = []
+    u = units.Units(on_change=changed.append)
+    u._bus = NoCgroupYet()
+    job = core.Job(uuid=UUID, command="true", uid=0, gid=0, user="root", submitted_at=1.0,
+                   memory=64 << 20)
+    asyncio.run(u.start(job, [("Description", "x")]))
+    u._on_message(service())
+    u._on_message(unit("inactive", "dead", job=7))
+    assert changed == []
+    u._on_message(unit("active", "running"))
+    assert changed == [UUID]
+    u._on_message(unit("active", "running"))
+    assert changed == [UUID]  # once
