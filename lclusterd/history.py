@@ -25,8 +25,9 @@ REINDEX_EVERY = 3600.0  # seconds
 
 
 class History:
-    def __init__(self, config, applier, clock):
+    def __init__(self, config, applier, clock, batch=PRUNE_BATCH):
         self.config = config
+        self.batch = batch  # PRUNE_BATCH
         self.applier = applier
         self.store = applier.store
         self.clock = clock
@@ -56,7 +57,7 @@ class History:
                          written)
         deleted, after = 0, None
         while True:
-            count, oldest = await call(self.store.finished, after, PRUNE_BATCH)
+            count, oldest = await call(self.store.finished, after, self.batch)
             doomed = core.expired_among(oldest, count, self.clock(), self.config.retention,
                                         self.config.max_finished_jobs)
             if doomed:

@@ -249,12 +249,14 @@ class _Conn:
 
 
 class Store:
-    def __init__(self, endpoints, prefix="/lcluster", tls=None, page_keys=PAGE_KEYS):
+    def __init__(self, endpoints, prefix="/lcluster", tls=None, page_keys=PAGE_KEYS,
+                 decoded_ttl=DECODED_TTL):
         """tls: {"ca_cert", "cert_key", "cert_cert"} file paths, or None (plain).
         page_keys: keys per range page at most."""
         self.endpoints = list(endpoints)
         self.prefix = prefix
         self.page_keys = page_keys
+        self.decoded_ttl = decoded_ttl
         self.tls = {k: v for k, v in (tls or {}).items() if v}
         self._lock = threading.Lock()  # guards everything below
         self._conns = [None] * len(self.endpoints)
@@ -263,7 +265,7 @@ class Store:
         self._idem_lease = None  # (lease id, monotonic time to stop using it)
         self._compacted = 0
         self._quota = None
-        self._decoded = {}  # key -> (mod_revision, Job) of the last all_jobs(), for DECODED_TTL
+        self._decoded = {}  # key -> (mod_revision, Job) of the last all_jobs(), for decoded_ttl
         self._forget = None  # the timer that empties _decoded
         self._watches = set()  # live _Watch objects: close() cancels them
 
@@ -407,7 +409,7 @@ class Store:
         kvs = self._call(self._consistent(
             lambda c: _scan(c, f"{self.prefix}/jobs/", self.page_keys)[0]))
         # Decoding costs 4 times the read: a record decoded by the last call
-        # (if within DECODED_TTL) and unchanged since (same mod_revision:
+        # (if within decoded_ttl) and unchanged since (same mod_revision:
         # every write of a key gets a new one) is not decoded again.
         with self._lock:
             known = self._decoded
@@ -417,7 +419,7 @@ class Store:
             if seen is None or seen[0] != kv.mod_revision:
                 seen = (kv.mod_revision, _decode(kv.value))
             decoded[kv.key] = seen
-        forget = threading.Timer(DECODED_TTL, self._forget_decoded)
+        forget = threading.Timer(self.decoded_ttl, self._forget_decoded)
         forget.daemon = True
         with self._lock:
             self._decoded = decoded

@@ -58,10 +58,10 @@ def test_lock_is_held_by_one_until_its_lease_runs_out(etcd, store):
         other.close()
 
 
-def test_prune_deletes_what_expired_would_reading_only_those(store, monkeypatch):
+def test_prune_deletes_what_expired_would_reading_only_those(store):
     """The history's prune on a real etcd: the finished/ keys, then only the
     doomed records (tests/unit/test_history.py has the scenario)."""
-    test_history.check_prune_deletes_what_expired_would(store, monkeypatch)
+    test_history.check_prune_deletes_what_expired_would(store)
 
 
 def test_records_of_an_older_lclusterd_are_pruned(etcd, store):

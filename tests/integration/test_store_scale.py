@@ -201,9 +201,9 @@ def test_all_jobs_again_sees_every_change(store):
     assert all(again[j.uuid] == (j, first[j.uuid]) for j in jobs[2:])
 
 
-def test_all_jobs_forgets_what_it_decoded(store, monkeypatch):
+def test_all_jobs_forgets_what_it_decoded(etcd, prefix):
     """A node that served `lclusterc list` once does not hold every record decoded for good."""
-    monkeypatch.setattr(store_module, "DECODED_TTL", 0.3)
+    store = Store([etcd.endpoint], prefix=prefix, decoded_ttl=0.3)
     for job in [make_job() for _ in range(3)]:
         store.submit(job)
     assert len(store.all_jobs()) == 3 and len(store._decoded) == 3
@@ -212,6 +212,7 @@ def test_all_jobs_forgets_what_it_decoded(store, monkeypatch):
         assert time.monotonic() < deadline, "all_jobs kept what it decoded"
         time.sleep(0.05)
     assert len(store.all_jobs()) == 3
+    store.close()
 
 
 # --- issue 11: the placer's writes and reads at scale ----------------------------------

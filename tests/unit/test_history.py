@@ -59,27 +59,26 @@ class Reads:
         store.get_many, store.all_jobs = counted, refused
 
 
-def node_history(store, cap=CAP):
+def node_history(store, cap=CAP, batch=history.PRUNE_BATCH):
     async def call(fn, *args):
         return fn(*args)
     config = types.SimpleNamespace(node_name="n1", retention=RETENTION, max_finished_jobs=cap,
                                    poll_interval=1.0)
     applier = types.SimpleNamespace(store=store, call=call,
                                     counters=types.SimpleNamespace(ended={}))
-    return history.History(config, applier, clock=lambda: NOW)
+    return history.History(config, applier, clock=lambda: NOW, batch=batch)
 
 
 def uuids_in(store):
     return {job.uuid for job, _ in store.all_jobs()}
 
 
-def check_prune_deletes_what_expired_would(store, monkeypatch):
-    monkeypatch.setattr(history, "PRUNE_BATCH", 4)  # many batches, and one past the doomed
+def check_prune_deletes_what_expired_would(store):
     jobs = history_records()
     store.submit_many(jobs)
     doomed = set(core.expired(jobs, NOW, RETENTION, CAP))
     assert len(doomed) == len(jobs) - 3 - CAP  # every record over the cap (past the retention too)
-    reads, pruning = Reads(store), node_history(store)
+    reads, pruning = Reads(store), node_history(store, batch=4)  # many batches, one past the doomed
     pruning.next_reindex = NOW + 1  # not due (the hourly look reads every record)
     assert asyncio.run(pruning.prune()) == len(doomed)
     assert sorted(reads.uuids) == sorted(doomed)  # the doomed records, read once, and no other
@@ -118,8 +117,8 @@ def check_records_of_an_older_lclusterd_are_pruned(store, raw_put, raw_delete):
     assert store.finished()[0] == CAP and store.reindex() == 0
 
 
-def test_prune_deletes_what_expired_would_reading_only_those(monkeypatch):
-    check_prune_deletes_what_expired_would(MemStore(), monkeypatch)
+def test_prune_deletes_what_expired_would_reading_only_those():
+    check_prune_deletes_what_expired_would(MemStore())
 
 
 def test_records_of_an_older_lclusterd_are_pruned():
