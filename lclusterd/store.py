@@ -918,18 +918,8 @@ class Store:
         """The keys under prefix a page at a time (each page at its own
         revision): for reads that must not hold all of them at once."""
         start, end, limit = _b(prefix), _end(prefix), self.page_keys
-        def read(c):
-            try:
-                return _range(c, start, end, limit=limit, keys_only=keys_only)
-            except grpc.RpcError as e:
-                if _too_big(e) and limit > 1:
-                    return None
-                raise
         while True:
-            answer = self._call(read)
-            if answer is None:
-                limit = max(1, limit // 4)
-                continue
+            answer, limit = self._call(lambda c: _page(c, start, end, limit, keys_only))
             if answer.kvs:
                 yield answer.kvs
             if not answer.more or not answer.kvs:
@@ -1351,20 +1341,27 @@ def _next_size(kvs, most):
     return max(1, min(most, PAGE_BYTES * len(kvs) // max(1, size)))
 
 
-def _scan(c, prefix, page_keys, keys_only=False, revision=0):
-    """Every key under prefix, in key order, pages of page_keys keys at most,
-    all at one revision: ([KeyValue], revision)."""
-    start, end, limit, kvs = _b(prefix), _end(prefix), page_keys, []
+def _page(c, start, end, limit, keys_only=False, revision=0):
+    """One page of keys from start, up to limit of them, fewer if that many
+    make a message gRPC refuses: (the range's answer, the limit it took)."""
     while True:
         try:
             # No sort order: etcd returns keys in order anyway, and a sorted
             # range would make it read the whole prefix for every page.
-            answer = _range(c, start, end, limit=limit, revision=revision, keys_only=keys_only)
+            return _range(c, start, end, limit=limit, revision=revision, keys_only=keys_only), limit
         except grpc.RpcError as e:
             if _too_big(e) and limit > 1:
                 limit = max(1, limit // 4)
                 continue
             raise
+
+
+def _scan(c, prefix, page_keys, keys_only=False, revision=0):
+    """Every key under prefix, in key order, pages of page_keys keys at most,
+    all at one revision: ([KeyValue], revision)."""
+    start, end, limit, kvs = _b(prefix), _end(prefix), page_keys, []
+    while True:
+        answer, limit = _page(c, start, end, limit, keys_only, revision)
         revision = revision or answer.header.revision
         kvs.extend(answer.kvs)
         if not answer.more or not answer.kvs:
