@@ -114,11 +114,8 @@ class Verbs:
             spec.pop("max_running", None)  # it throttles an array's members only
         now = self.clock()
         array_id = str(uuidlib.uuid4()) if array else None
-        jobs = [core.new_job(c, uid, gid, user, now, submitter=caller.user, submitter_uid=caller.uid,
-                             **spec, **({"array": array_id, "array_index": i} if array else {}))
-                for i, c in enumerate(commands if array else [command])]
-        if self.signing_key is not None:
-            jobs = [core.sign(job, self.signing_key) for job in jobs]
+        jobs = core.new_jobs(commands if array else [command], uid, gid, user, now, self.signing_key,
+                             array=array_id, submitter=caller.user, submitter_uid=caller.uid, **spec)
         if array:
             self._check_one_transaction(jobs)
         await self._check_fits(jobs[0])

@@ -832,3 +832,38 @@ def test_node_rows_of_old_callers_and_old_registrations():
     assert (row["state"], row["running"], row["cpus"], row["memory"], row["labels"]) == (
         core.PRIMED, 1, None, None, {})
     assert (row["reserved_cpus"], row["reserved_memory"], row["drain_reason"]) == (0.0, 0, None)
+
+
+# --- making many jobs at once (issue 13 item 2) --------------------------------------
+
+def test_a_signature_made_by_sign_before_new_jobs_still_verifies():
+    # Signed by the code before new_jobs (git 2dac1c6) with KEY.
+    old = dataclasses.replace(
+        job(env=("A=1",), cpus=2, timeout=60, submitter="alice", submitter_uid=1000, after=(P1,),
+            after_mode="ok", constraints=("gpu=1",), array=ARRAY, array_index=12, max_running=3,
+            signature="dff979e1e6b524f256cfeb7211d93306103e341762aa6461b5fd714524c0b5db"),
+        command='echo "é" \udc80 \\n')
+    assert core.verify(old, KEY)
+
+
+@pytest.mark.parametrize("array", [None, ARRAY])
+def test_new_jobs_are_what_new_job_and_sign_make(array):
+    commands = ["true", 'echo "é" \u2603 \\n', "true", "sleep 1"]
+    spec = dict(env=("A=1", "B=\u2603"), memory=1 << 20, cpus=1, timeout=600, network="none",
+                submitter="alice", submitter_uid=1000, after=(P1, P2), after_mode="ok",
+                constraints=("gpu=1",), max_running=2 if array else None)
+    made = core.new_jobs(commands if array else commands[:1], 1000, 1000, "alice", 5.0, KEY,
+                         array=array, **spec)
+    assert [j.command for j in made] == (commands if array else commands[:1])
+    assert len({j.uuid for j in made}) == len(made)
+    for index, member in enumerate(made):
+        alike = core.new_job(member.command, 1000, 1000, "alice", 5.0, **spec, array=array,
+                             array_index=None if array is None else index)
+        assert core.sign(dataclasses.replace(alike, uuid=member.uuid), KEY) == member
+        assert core.verify(core.Job.from_dict(member.to_dict()), KEY)
+    assert core.new_jobs(["true"], 1000, 1000, "alice", 5.0)[0].signature is None  # no key
+
+
+def test_new_jobs_check_each_command():
+    with pytest.raises(core.InvalidInput, match="empty"):
+        core.new_jobs(["true", " "], 1000, 1000, "alice", 5.0, KEY, array=ARRAY)
