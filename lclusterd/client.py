@@ -403,17 +403,17 @@ class Client:
         import urllib.parse
         return "/v1/jobs/" + urllib.parse.quote(ref, safe="")
 
-    def _submit(self, body):
+    def _submit(self, body, path="/v1/jobs"):
         """POST /v1/jobs with an Idempotency-Key, sent once more with the same
         key if the answer was lost: the jobs are queued once either way."""
         key = {"Idempotency-Key": _random_uuid()}
         try:
-            return self._request("POST", "/v1/jobs", body, extra_headers=key)
+            return self._request("POST", path, body, extra_headers=key)
         except ClientError as e:
             if not e.lost:
                 raise
         time.sleep(RETRY_PAUSE)
-        return self._request("POST", "/v1/jobs", body, extra_headers=key)
+        return self._request("POST", path, body, extra_headers=key)
 
     @staticmethod
     def _spec(spec):
@@ -436,18 +436,29 @@ class Client:
     def nodes(self):
         return self._field(self._request("GET", "/v1/nodes"), "nodes", list)
 
-    def add_array(self, command=None, count=None, commands=None, **spec):
+    def add_array(self, command=None, count=None, commands=None, records=True, **spec):
         """An array in one request, all queued or none: count copies of
         command, or one job per entry of commands (addjob --file).
         spec as add_job's, plus max_running (members running at once).
-        Returns {"array": id, "jobs": [JOB, ...]} in member order."""
+        Returns {"array": id, "jobs": [JOB, ...]} in member order; with
+        records=False {"array": id, "uuids": [UUID, ...]} (a smaller answer)."""
         if (commands is None) == (count is None):
             raise ValueError("add_array takes count (with command) or commands")
         body = ({"command": command, "count": count} if commands is None
                 else {"commands": list(commands)})
-        answer = self._submit({**body, **self._spec(spec)})
+        answer = self._submit({**body, **self._spec(spec)},
+                              "/v1/jobs" if records else "/v1/jobs?answer=uuids")
+        array = self._field(answer, "array", str)
+        if not records and "jobs" not in answer:
+            uuids = self._field(answer, "uuids", list)
+            if not all(isinstance(u, str) for u in uuids):
+                raise ClientError("malformed answer from lclusterd: a uuid that is not a string",
+                                  BAD_ANSWER)
+            return {"array": array, "uuids": uuids}
         jobs = [self._job({"job": job}) for job in self._field(answer, "jobs", list)]
-        return {"array": self._field(answer, "array", str), "jobs": jobs}
+        if not records:  # a node of an older version answers with the records
+            return {"array": array, "uuids": [job["uuid"] for job in jobs]}
+        return {"array": array, "jobs": jobs}
 
     def add_jobs(self, command, count, **spec):
         """count copies of command in one request (an array; core.MAX_ARRAY

@@ -462,9 +462,9 @@ def _addjob_array(client, as_json, spec, command=None, count=None, commands=None
             inputs.validate_count(count)
         except inputs.InvalidInput as e:
             raise Failure(f"--count {count}: {e}", EXIT_USAGE) from None
-    answer = client.add_array(command, count=count, commands=commands, **spec)
+    answer = client.add_array(command, count=count, commands=commands, records=as_json, **spec)
     if as_json:
         echo_json(answer)
     else:
-        say("\n".join([answer["array"], *(job["uuid"] for job in answer["jobs"])]))
+        say("\n".join([answer["array"], *answer["uuids"]]))
     return EXIT_OK

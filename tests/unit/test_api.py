@@ -757,6 +757,15 @@ def test_count_and_commands_make_an_array(served, node):
     assert verb == "submit" and args[0] is None and args[5] == ["echo a", "echo b"]
 
 
+def test_an_array_may_be_answered_with_its_uuids_only(served, node):
+    code, _, payload = served.call("POST", "/v1/jobs?answer=uuids", {"command": "true", "count": 3})
+    assert code == 201 and set(payload) == {"array", "uuids"} and len(payload["uuids"]) == 3
+    code, _, payload = served.call("POST", "/v1/jobs?answer=uuids", {"command": "true"})
+    assert code == 201 and set(payload) == {"job"}  # one job: its record, as ever
+    code, _, payload = served.call("POST", "/v1/jobs?answer=all", {"command": "true", "count": 3})
+    assert code == 400 and "answer must be 'uuids'" in payload["error"]
+
+
 @pytest.mark.parametrize("body, words", [
     ({"commands": []}, "non-empty list"),
     ({"commands": "echo a"}, "non-empty list"),

@@ -216,7 +216,7 @@ def test_addjob_count_makes_one_array_and_prints_its_id_then_every_uuid(fake):
     array, *uuids = result.stdout.split()
     assert array in fake.arrays and uuids == fake.arrays[array]
     assert len(set(uuids)) == 5 and all(UUID.match(u) for u in uuids)
-    assert fake.requests == [("POST", "/v1/jobs", {"command": "true", "count": 5})]
+    assert fake.requests == [("POST", "/v1/jobs?answer=uuids", {"command": "true", "count": 5})]
 
 
 def test_addjob_count_json_prints_the_array_and_its_jobs(fake):
@@ -711,7 +711,7 @@ def test_a_lost_answer_is_asked_again_once_with_the_same_key(fake, monkeypatch, 
     fake.drop = 1
     result = run(fake, *args)
     assert result.exit_code == 0, result.stderr
-    assert [r[:2] for r in fake.requests] == [("POST", "/v1/jobs")] * 2
+    assert [r[0] for r in fake.requests] == ["POST"] * 2 and fake.requests[0] == fake.requests[1]
     assert fake.headers[0]["Idempotency-Key"] == fake.headers[1]["Idempotency-Key"]
     assert all(UUID.match(line) for line in result.stdout.split())
 
@@ -819,7 +819,7 @@ def test_addjob_file_makes_an_array_of_one_job_per_line(fake, tmp_path):
     assert result.exit_code == 0, result.stderr
     array, *uuids = result.stdout.split()
     assert uuids == fake.arrays[array] and len(uuids) == 3
-    assert fake.requests == [("POST", "/v1/jobs", {
+    assert fake.requests == [("POST", "/v1/jobs?answer=uuids", {
         "commands": ["./run a", "./run 'b c'", "./run d"], "max_running": 2, "after": [JOB_A],
         "after_mode": "ok", "memory": "1G"})]
     assert [fake.jobs[u]["command"] for u in uuids] == ["./run a", "./run 'b c'", "./run d"]

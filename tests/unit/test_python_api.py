@@ -29,6 +29,7 @@ class Daemon:
         self.ends = {}  # uuid: (state, exit_status) it ends with
         self.between_chunks = threading.Event()  # a follow stream waits on it after chunk 1
         self.arrays = {}  # id: [uuids]
+        self.old_version = False  # True: ignores ?answer=uuids, as nodes before it did
         self.nodes = {"node1": {"name": "node1", "state": "primed"},
                       "node2": {"name": "node2", "state": "failed"}}
 
@@ -97,6 +98,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 jobs = [d.new({**body, "command": c, "array": array, "array_index": i})
                         for i, c in enumerate(commands)]
                 d.arrays[array] = [j["uuid"] for j in jobs]
+                if args.get("answer") == "uuids" and not d.old_version:
+                    return self.answer(201, {"array": array, "uuids": d.arrays[array]})
                 return self.answer(201, {"array": array, "jobs": jobs})
             return self.answer(201, {"job": d.new(body)})
         if route.startswith("/v1/nodes/"):
@@ -312,3 +315,12 @@ def test_describe_waiting_words_it_as_lclusterc_does():
         "resources: no node has 8.0G free; most free: n2 3.1G"
     assert describe({"kind": "drained", "text": ""}) == "drained"
     assert describe(None) is None and describe({"text": "x"}) is None
+
+
+@pytest.mark.parametrize("old_version", [False, True])
+def test_an_array_answered_with_its_uuids_only_also_by_an_older_node(daemon, old_version):
+    daemon.old_version = old_version
+    made = Client(daemon.socket).add_array("true", count=3, records=False)
+    assert daemon.requests[-1][1] == "/v1/jobs?answer=uuids"
+    assert made == {"array": made["array"], "uuids": daemon.arrays[made["array"]]}
+    assert len(made["uuids"]) == 3
