@@ -8,10 +8,13 @@ import asyncio
 import dataclasses
 import logging
 import os
+from struct import unpack_from
 
-from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_next._private.unmarshaller import Unmarshaller
 from dbus_next.aio import MessageBus
-from dbus_next.errors import DBusError
+from dbus_next.errors import DBusError, InvalidMessageError
+from dbus_next.signature import SignatureTree
 
 from lclusterd import core
 
@@ -104,6 +107,167 @@ def unit_path(name):
 _JOB_PATH_PREFIX = unit_path(core.UNIT_PREFIX)
 
 
+class _Unmarshaller(Unmarshaller):
+    """dbus-next's reader of messages, but a job unit's PropertiesChanged
+    signal keeps only SIGNALLED: systemd's carry ~40 properties each, ~10
+    signals a job, and dbus-next's pure-Python reading of all of them was
+    two thirds of the daemon's own thread (make bench, cProfile). The
+    others (answers, the bus's own signals) are read as dbus-next reads them."""
+
+    def _unmarshall(self):
+        self.offset = 0
+        self.read(16, prefetch=True)
+        buf = self.buf
+        if buf[0] not in (ord("l"), ord("B")) or buf[3] != 1:
+            raise InvalidMessageError("not a D-Bus message of protocol version 1")
+        self.endian = buf[0]
+        e = "<" if buf[0] == ord("l") else ">"
+        body_len, serial, header_len = unpack_from(e + "III", buf, 4)
+        body_at = 16 + header_len + (-header_len & 7)
+        self.read(body_at + body_len, prefetch=True)  # the whole message (offset is 0)
+        fields = _header_fields(buf, e, 16, 16 + header_len)
+        if fields is None:  # a field of a type we do not read: as dbus-next does
+            return super()._unmarshall()
+        path, member, signature = fields.get(1), fields.get(3), fields.get(8, "")
+        message_type = MessageType(buf[1])
+        tree = SignatureTree._get(signature)
+        if (message_type == MessageType.SIGNAL and member == "PropertiesChanged"
+                and signature == "sa{sv}as" and path and path.startswith(_JOB_PATH_PREFIX)):
+            body = _properties_changed(buf, e, body_at, SIGNALLED, self._value)
+        else:
+            self.offset = body_at
+            body = [self.read_argument(t) for t in tree.types] if body_len else []
+        self.offset = body_at + body_len
+        self.message = Message(
+            destination=fields.get(6), path=path, interface=fields.get(2), member=member,
+            message_type=message_type, flags=MessageFlag(buf[2]), error_name=fields.get(4),
+            reply_serial=fields.get(5), sender=fields.get(7), unix_fds=self.unix_fds,
+            signature=tree, body=body, serial=serial)
+
+    def _value(self, at, sig):
+        """Variant(sig, the value at offset at), read as dbus-next reads it."""
+        self.offset = at
+        tree = SignatureTree._get(sig)
+        return Variant(tree, self.read_argument(tree.types[0]))
+
+
+class _Bus(MessageBus):
+    def _create_unmarshaller(self):
+        return _Unmarshaller(self._stream, self._sock if self._negotiate_unix_fd else None)
+
+
+# D-Bus basic types: (struct format, size = alignment)
+_FIXED = {"y": ("B", 1), "b": ("I", 4), "n": ("h", 2), "q": ("H", 2), "i": ("i", 4),
+          "u": ("I", 4), "h": ("I", 4), "x": ("q", 8), "t": ("Q", 8), "d": ("d", 8)}
+_ALIGN = {**{t: n for t, (_, n) in _FIXED.items()}, "s": 4, "o": 4, "g": 1, "a": 4, "v": 1,
+          "(": 8, "{": 8}
+
+
+def _header_fields(buf, e, at, end):
+    """{code: value} of a message's header fields (a(yv) from at to end),
+    or None if one has a signature other than s, o, g or u."""
+    fields = {}
+    while at < end:
+        at += -at & 7
+        code, sig_len = buf[at], buf[at + 1]
+        sig = bytes(buf[at + 2:at + 2 + sig_len])
+        at += 3 + sig_len
+        if sig in (b"s", b"o"):
+            at += -at & 3
+            (n,) = unpack_from(e + "I", buf, at)
+            fields[code] = buf[at + 4:at + 4 + n].decode()
+            at += 5 + n
+        elif sig == b"g":
+            n = buf[at]
+            fields[code] = buf[at + 1:at + 1 + n].decode()
+            at += 2 + n
+        elif sig == b"u":
+            at += -at & 3
+            (fields[code],) = unpack_from(e + "I", buf, at)
+            at += 4
+        else:
+            return None
+    return fields
+
+
+def _skip(buf, e, at, sig, i):
+    """The offset past a value of the complete type at sig[i:] that starts
+    at (or after its padding from) at; and the index past that type in sig."""
+    t = sig[i]
+    at += -at & (_ALIGN[t] - 1)
+    if t in _FIXED:
+        return at + _FIXED[t][1], i + 1
+    if t in "so":
+        return at + 5 + unpack_from(e + "I", buf, at)[0], i + 1
+    if t == "g":
+        return at + 2 + buf[at], i + 1
+    if t == "v":
+        n = buf[at]
+        inner = bytes(buf[at + 1:at + 1 + n]).decode()
+        return _skip(buf, e, at + 2 + n, inner, 0)[0], i + 1
+    if t == "a":
+        (n,) = unpack_from(e + "I", buf, at)
+        at += 4
+        at += -at & (_ALIGN[sig[i + 1]] - 1)  # (the padding to the first element is not in n)
+        return at + n, _end_of_type(sig, i + 1)
+    # a struct or dict entry: its fields in turn
+    close = ")" if t == "(" else "}"
+    i += 1
+    while sig[i] != close:
+        at, i = _skip(buf, e, at, sig, i)
+    return at, i + 1
+
+
+def _end_of_type(sig, i):
+    """The index past the complete type at sig[i:]."""
+    while sig[i] == "a":
+        i += 1
+    if sig[i] not in "({":
+        return i + 1
+    depth = 0
+    while True:
+        depth += (sig[i] in "({") - (sig[i] in ")}")
+        i += 1
+        if depth == 0:
+            return i
+
+
+def _read_string(buf, e, at):
+    at += -at & 3
+    (n,) = unpack_from(e + "I", buf, at)
+    return buf[at + 4:at + 4 + n].decode(), at + 5 + n
+
+
+def _properties_changed(buf, e, at, wanted, value):
+    """The body (interface, {name: Variant}, invalidated) of a
+    PropertiesChanged signal starting at at, with only the wanted
+    properties in its dict, each read by value(offset, signature)."""
+    interface, at = _read_string(buf, e, at)
+    at += -at & 3
+    (n,) = unpack_from(e + "I", buf, at)
+    at += 4
+    at += -at & 7
+    end = at + n
+    changed = {}
+    while at < end:
+        at += -at & 7
+        name, at = _read_string(buf, e, at)
+        sig_len = buf[at]
+        sig = bytes(buf[at + 1:at + 1 + sig_len]).decode()
+        value_at = at + 2 + sig_len
+        at = _skip(buf, e, value_at, sig, 0)[0]
+        if name in wanted:
+            changed[name] = value(value_at, sig)
+    at += -at & 3
+    (n,) = unpack_from(e + "I", buf, at)
+    at += 4
+    invalidated, end = [], at + n
+    while at < end:
+        name, at = _read_string(buf, e, at)
+        invalidated.append(name)
+    return [interface, changed, invalidated]
+
+
 def _variant(value):
     """dbus-next wants a struct as a list, not a tuple."""
     if isinstance(value, (list, tuple)):
@@ -128,7 +292,7 @@ class Units:
 
     async def connect(self):
         try:
-            bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(),
+            bus = await asyncio.wait_for(_Bus(bus_type=BusType.SYSTEM).connect(),
                                          CALL_TIMEOUT)
         except asyncio.TimeoutError:
             raise Unavailable(f"the system bus did not answer within {CALL_TIMEOUT:.0f} s")
