@@ -125,6 +125,9 @@ GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000)]
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops (per list of one transaction)
+# Dependents read per parent in dependents_many's transaction (a parent with
+# more is read on its own): 128 parents of 64 keys stay far below gRPC's 4 MiB.
+DEPENDENTS_AT_ONCE = 64
 PAGE_KEYS = 1000  # keys per range page at most
 PAGE_BYTES = 1 << 20  # aim a page's keys+values at 1 MiB; gRPC refuses over 4 MiB
 COMPACT_MARGIN = 100  # revisions of history kept by compact() (a revision is a
@@ -484,6 +487,23 @@ class Store:
         kvs = self._call(self._consistent(
             lambda c: _scan(c, prefix, self.page_keys, keys_only=True)[0]))
         return [kv.key.decode().rsplit("/", 1)[1] for kv in kvs]
+
+    def dependents_many(self, parent_uuids):
+        """{parent: dependents(parent)} of many parents, a transaction of
+        ranges for up to MAX_TXN_OPS of them (the primed node read each
+        ended job's dependents on its own: an etcd call a job); a parent
+        with more than DEPENDENTS_AT_ONCE is read again on its own, paged."""
+        parents, found = list(dict.fromkeys(parent_uuids)), {}
+        for i in range(0, len(parents), MAX_TXN_OPS):
+            batch = parents[i:i + MAX_TXN_OPS]
+            prefixes = [self._key("dependents", f"{p}/") for p in batch]
+            answer = self._call(lambda c: _txn(c, [], [_prefix_keys(prefix, DEPENDENTS_AT_ONCE)
+                                                       for prefix in prefixes]))
+            for p, r in zip(batch, answer.responses):
+                kvs = r.response_range
+                found[p] = (self.dependents(p) if kvs.more else
+                            [kv.key.decode().rsplit("/", 1)[1] for kv in kvs.kvs])
+        return found
 
     def queue_position(self, job):
         """(ahead, total): how many queue keys sort before the job's, and how
@@ -1235,6 +1255,12 @@ def _delete(key):
 
 def _get(key, keys_only=False):
     return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=_b(key), keys_only=keys_only))
+
+
+def _prefix_keys(prefix, limit):
+    """The first limit keys under prefix (no values), in key order."""
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+        key=_b(prefix), range_end=_end(prefix), limit=limit, keys_only=True))
 
 
 def _value(key, value):

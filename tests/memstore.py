@@ -295,6 +295,9 @@ class MemStore:
         return self._read(lambda: [k.rsplit("/", 1)[1]
                                    for k, _, _ in self._range(self._key("dependents", f"{parent_uuid}/"))])
 
+    def dependents_many(self, parent_uuids):
+        return {p: self.dependents(p) for p in parent_uuids}
+
     def drains(self):
         return self._read(lambda: {k.rsplit("/", 1)[1]: json.loads(v)
                                    for k, v, _ in self._range(self._key("drained"))})

@@ -397,6 +397,22 @@ def test_dependents_are_indexed_at_submission_and_dropped_with_the_child(any_sto
     assert any_store.dependents(b.uuid) == []
 
 
+def test_dependents_of_many_parents_at_once(any_store):
+    """dependents_many says what dependents says of each parent, also of
+    one with more dependents than its transaction reads per parent."""
+    a, b, c = make_job(), make_job(), make_job()
+    any_store.submit_many([a, b, c])
+    many = [make_job(after=(a.uuid,)) for _ in range(etcd_store.DEPENDENTS_AT_ONCE + 6)]
+    any_store.submit_many(many)
+    child = make_job(after=(a.uuid, b.uuid), after_mode=core.AFTER_OK)
+    any_store.submit(child)
+    found = any_store.dependents_many([a.uuid, b.uuid, c.uuid, a.uuid])
+    assert found == {p: any_store.dependents(p) for p in (a.uuid, b.uuid, c.uuid)}
+    assert found[a.uuid] == sorted([j.uuid for j in many] + [child.uuid])
+    assert found[b.uuid] == [child.uuid] and found[c.uuid] == []
+    assert any_store.dependents_many([]) == {}
+
+
 def test_records_are_written_as_to_dict_says(any_store):
     """Store encodes without dataclasses.asdict (for speed): the same bytes."""
     import json

@@ -1103,3 +1103,41 @@ def test_a_node_that_ended_a_tenth_of_the_cap_prunes_before_its_interval(tmp_pat
     assert len(passes) == 2  # 10 = a tenth of the cap
     asyncio.run(n.history.prune_when_due(3.0))
     assert len(passes) == 2
+
+
+class DependentsCounting(MemStore):
+    """Counts the reads of dependents: one call per parent, or per generation."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def dependents(self, parent_uuid):
+        self.reads.append("dependents")
+        return super().dependents(parent_uuid)
+
+    def dependents_many(self, parent_uuids):
+        self.reads.append("dependents_many")
+        return {p: MemStore.dependents(self, p) for p in parent_uuids}
+
+
+def test_the_dependents_of_many_ended_jobs_are_read_in_one_call():
+    """The primed node looks at every job that ended (make bench: an etcd
+    call a job was its dependents' read): one read per generation."""
+    import asyncio
+
+    from lclusterd import metrics, placer
+    from lclusterd.applier import Applier
+    store = DependentsCounting()
+    parents = [job(job_uuid=u) for u in (U1, U2, U3)]
+    child = job(job_uuid="40000000-0000-4000-8000-000000000000", after=(U1, U2),
+                after_mode=core.AFTER_OK)
+    store.submit_many(parents + [child])
+    for p in parents[:2]:
+        current, rev = store.get(p.uuid)
+        store.update(current, core.transition(current, CANCELLED, ended_at=101.0, reason="x"), rev)
+    applier = Applier(store, metrics.Counters(), "n1")
+    cancelled = asyncio.run(placer.cancel_dependents(applier, [U1, U2, U3], lambda: 102.0))
+    assert cancelled == [child.uuid]
+    assert store.get(child.uuid)[0].state == CANCELLED
+    assert store.reads == ["dependents_many", "dependents_many"]  # the parents', then the child's
