@@ -421,6 +421,29 @@ def test_submit_refuses_a_job_that_could_never_fit(tmp_path):
     assert n.store.all_jobs() == []
 
 
+def test_concurrent_submissions_share_one_read_of_the_registrations(tmp_path):
+    """Issue 13 item 2: 32 clients at once read the nodes once, not 32 times."""
+    n = make_node(tmp_path)
+    register(n)
+    reads = []
+    cluster = n.store.cluster
+    n.store.cluster = lambda: reads.append(1) or cluster()
+
+    async def many():
+        await asyncio.gather(*(n.submit("true", ROOT) for _ in range(32)))
+    asyncio.run(many())
+    assert len(reads) == 1 and len(n.store.all_jobs()) == 32
+    def refused():
+        raise core.Conflict("etcd said no")
+    n.store.cluster = refused
+    n.verbs._live = None
+    with pytest.raises(core.Conflict):  # a failed read fails its submissions; the next reads again
+        asyncio.run(many())
+    n.store.cluster = cluster
+    asyncio.run(n.submit("true", ROOT))
+    assert len(n.store.all_jobs()) == 33
+
+
 def test_submit_with_a_known_idempotency_key_returns_the_first_jobs(tmp_path):
     """Contract C5: the store writes nothing and names what it queued first."""
     n = make_node(tmp_path)
