@@ -1013,8 +1013,12 @@ def _signed_piece(name, value) -> str:
         value = repr(float(value))  # 600 and 600.0 are one timeout
     elif name in ("env", "after", "constraints"):
         value = list(value)
-    # JSON with ASCII escapes: a canonical form even for lone surrogates.
-    return json.dumps([name, value], ensure_ascii=True, separators=(",", ":"))
+    return _SIGNED_JSON.encode([name, value])
+
+
+# JSON with ASCII escapes: a canonical form even for lone surrogates. One
+# encoder: json.dumps with options makes one a call.
+_SIGNED_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
 def _joined(pieces: dict) -> bytes:

@@ -560,10 +560,10 @@ class Store:
             compares = []
         else:
             compares = [_version(key, 0) for key in keys]
-        ops = []
-        for job, key in zip(jobs, keys):
+        ops, records = [], [_encode(job) for job in jobs]
+        for job, key, record in zip(jobs, keys, records):
             puts, _ = index_changes(self.prefix, None, job)
-            ops += [_put(key, _encode(job))] + [_put(k, v) for k, v in puts.items()]
+            ops += [_put(key, record)] + [_put(k, v) for k, v in puts.items()]
         for array_id, value in arrays.items():
             compares.append(_version(self._key("arrays", array_id), 0))
             ops.append(_put(self._key("arrays", array_id), json.dumps(value, separators=(",", ":"))))
@@ -573,7 +573,7 @@ class Store:
             idem = f"{self.prefix}/idempotency/{jobs[0].uid}/{digest}"
             compares.insert(0, _version(idem, 0))
         uuids = json.dumps([job.uuid for job in jobs])
-        first = _encode(jobs[0]).encode()
+        first = records[0].encode()
 
         def write(c):
             for again in (True, False):
