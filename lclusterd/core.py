@@ -210,7 +210,7 @@ def new_jobs(commands, uid: int, gid: int, user: str, now: float, key: Optional[
     making)."""
     template = Job(uuid="", command="", uid=uid, gid=gid, user=user, submitted_at=now,
                    array=array, array_index=None if array is None else 0, **spec)
-    fields = {f.name: getattr(template, f.name) for f in dataclasses.fields(Job)}
+    fields = dict(vars(template))
     pieces = _signed_pieces(template) if key is not None else None
     jobs, command_pieces = [], {}  # --count: one command, encoded once
     for index, command in enumerate(commands):
