@@ -41,6 +41,11 @@ MAX_ASSIGN = 256
 # Threads for the placer's etcd calls: not queued behind the runner's and
 # the API's in the default pool.
 PLACER_THREADS = 4
+# Seconds between reads of the dependents of jobs that ended: those of all
+# that ended meanwhile in one etcd call (a read every pass was an etcd call
+# every job or two on a busy node: make bench). A dependent that can never
+# run now is cancelled up to this much later; plan() cancels those it reads.
+DEPENDENTS_EVERY = 1.0
 # While its watches run, the placer passes at least once every this many
 # poll_intervals (the watches' backstop; they resume after errors and say
 # when they missed events).
@@ -96,6 +101,8 @@ class Placer:
         self.progress = {}
         self._wake = asyncio.Event()
         self.ended = set()  # uuids whose assignment went (they ended): their dependents to look at
+        self._next_dependents = 0.0  # loop time of the next read of their dependents
+        self._dependents_timer = None  # the wake-up for it
         self._cancels = []  # of the watches we hold while primed
         # The live registrations and the drains as last read (loop time,
         # {name: registration}, drains): read again when a node came or went
@@ -222,10 +229,15 @@ class Placer:
         call, store = self.call, self.store
         loop = asyncio.get_running_loop()
         self._wake.clear()  # what changes from now on wakes the next pass
-        if self.ended:
+        now = loop.time()
+        if self.ended and now >= self._next_dependents:
+            self._next_dependents = now + DEPENDENTS_EVERY
             ended, self.ended = sorted(self.ended), set()
             await cancel_dependents(self.applier, ended, self.clock, self.call)
-        now = loop.time()
+        elif self.ended:  # a pass then reads them
+            if self._dependents_timer is not None:
+                self._dependents_timer.cancel()
+            self._dependents_timer = loop.call_at(self._next_dependents, self.wake)
         if self._nodes_changed or self._live is None or now - self._live[0] >= self.config.poll_interval:
             self._nodes_changed = False
             (live, _, _, prime), drains = await asyncio.gather(call(store.cluster), call(store.drains))

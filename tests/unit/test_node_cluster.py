@@ -418,3 +418,30 @@ class LateExitUnits(SimUnits):
             self.loaded[job_uuid] = status
             self.world.running.pop(job_uuid, None)
             self.world.ended_at[job_uuid] = asyncio.get_running_loop().time() - 0.03
+
+
+def test_the_dependents_of_jobs_ending_together_are_read_together(tmp_path):
+    """The primed node reads the dependents of what ended at most once a
+    placer.DEPENDENTS_EVERY (a read every pass was an etcd call every job or
+    two: make bench); a failed parent's dependent is still cancelled."""
+    from lclusterd import placer
+
+    async def scenario(c):
+        reads, read = [], c.store.dependents_many
+
+        def counted(parents):
+            reads.append(len(parents))
+            return read(parents)
+        c.store.dependents_many = counted
+        n1 = c.nodes["n1"]
+        await asyncio.sleep(0.5)  # the prime taken
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        jobs = [await n1.submit("sleep 0.05", ROOT) for _ in range(40)]
+        bad = await n1.submit("false", ROOT)
+        child = await n1.submit("true", ROOT, {"after": [bad.uuid]})
+        await c.until(lambda: c.all_ended([j.uuid for j in jobs + [bad, child]]), timeout=20)
+        return reads, loop.time() - t0, c.jobs()[child.uuid]
+    reads, seconds, child = run(tmp_path, ["n1"], scenario, slots=4)
+    assert child.state == core.CANCELLED
+    assert len(reads) <= seconds / placer.DEPENDENTS_EVERY + 2, (reads, seconds)
