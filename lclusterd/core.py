@@ -211,7 +211,7 @@ def new_jobs(commands, uid: int, gid: int, user: str, now: float, key: Optional[
     template = Job(uuid="", command="", uid=uid, gid=gid, user=user, submitted_at=now,
                    array=array, array_index=None if array is None else 0, **spec)
     fields = dict(vars(template))
-    pieces = _signed_pieces(template) if key is not None else None
+    pieces = None if key is None else _signed_pieces(template) if array else _shared_pieces(template)
     jobs, command_pieces = [], {}  # --count: one command, encoded once
     for index, command in enumerate(commands):
         changes = {"uuid": str(uuidlib.uuid4()), "command": validate_command(command)}
@@ -1006,6 +1006,28 @@ def _signed_pieces(job: Job) -> dict:
     """{name: its [name, value] in JSON} of each field signed, in order."""
     names = list(SIGNED_FIELDS) + [name for name in SIGNED_IF_SET if getattr(job, name) not in (None, ())]
     return {name: _signed_piece(name, getattr(job, name)) for name in names}
+
+
+_OWN = ("uuid", "command", "array_index")  # the signed fields jobs made alike differ in
+_SHARED = {}  # (field, type, value) of the others -> their _signed_pieces
+MAX_SHARED = 256
+
+
+def _shared_pieces(template: Job) -> dict:
+    """_signed_pieces(template), remembered for the next single submission
+    alike (a user's repeat theirs: the encoding was a sixth of one's CPU).
+    The type is in the key: 1 and True are equal but sign differently."""
+    known = tuple((name, type(value), value) for name in SIGNED_FIELDS + SIGNED_IF_SET
+                  if name not in _OWN for value in (getattr(template, name),))
+    try:
+        pieces = _SHARED.get(known)
+    except TypeError:  # an unhashable value: no node makes one
+        return _signed_pieces(template)
+    if pieces is None:
+        if len(_SHARED) >= MAX_SHARED:
+            _SHARED.clear()
+        pieces = _SHARED[known] = _signed_pieces(template)
+    return pieces
 
 
 def _signed_piece(name, value) -> str:

@@ -867,3 +867,12 @@ def test_new_jobs_are_what_new_job_and_sign_make(array):
 def test_new_jobs_check_each_command():
     with pytest.raises(core.InvalidInput, match="empty"):
         core.new_jobs(["true", " "], 1000, 1000, "alice", 5.0, KEY, array=ARRAY)
+
+
+def test_single_jobs_alike_share_signed_pieces_but_never_across_types():
+    one = core.new_jobs(["true"], 1, 1, "alice", 5.0, KEY)[0]
+    again = core.new_jobs(["true"], 1, 1, "alice", 6.0, KEY)[0]
+    other = core.new_jobs(["true"], True, 1, "alice", 5.0, KEY)[0]  # equal to 1, signed apart
+    for made in (one, again, other):
+        assert core.sign(dataclasses.replace(made, signature=None), KEY) == made
+    assert core.verify(one, KEY) and not core.verify(dataclasses.replace(other, uid=1), KEY)
