@@ -41,7 +41,7 @@ def connections_to(etcd):
     return found
 
 
-def settled_connections(etcd, at_most, within=3.0):
+def settled_connections(etcd, at_most, within=10.0):
     """The connection count once it is at_most (gRPC closes asynchronously), or
     what it still is after within seconds."""
     deadline = time.monotonic() + within

@@ -937,7 +937,8 @@ def test_metrics_count_etcd_errors_by_kind_and_time_every_call(tmp_path):
     s = scrape(n)
     assert sample(s, "lclusterd_etcd_request_seconds_count") == 5
     assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.025") <= 4
-    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="0.05") == 5
+    # (not 0.05: under a loaded CI machine a 0.03 s sleep may take longer)
+    assert sample(s, "lclusterd_etcd_request_seconds_bucket", le="1") == 5
     assert sample(s, "lclusterd_etcd_request_seconds_sum") >= 0.03
     for kind in metrics.ETCD_ERROR_KINDS:
         assert sample(s, "lclusterd_etcd_request_errors_total", kind=kind) == 0
