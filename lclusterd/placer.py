@@ -4,9 +4,10 @@ transaction, and cancels jobs whose dependency can never be met.
 
 It is woken by etcd's watches (a job queued, a node changed, an assignment
 gone, a drain; held only while primed), BACKSTOP poll_intervals at the
-latest; each pass reads a snapshot (the queue's head, and further down while the head's jobs wait
-and slots stay free; live registrations, store.assigned(), drains, the
-parents of jobs with dependencies), asks scheduler.plan() and writes at
+latest; each pass reads a snapshot (the assignments and the queue's head
+keys in one transaction, store.assigned_and_queue(), then the head's
+records, and further down while the head's jobs wait and slots stay free;
+live registrations, drains, the parents of jobs with dependencies), asks scheduler.plan() and writes at
 most MAX_ASSIGN assignments with update_many(..., prime=us): a pass of a
 node that lost the prime writes nothing. One placer, so nodes never race on the queue; every
 assignment is checked against what etcd says is assigned, so no node is
@@ -211,7 +212,8 @@ class Placer:
                 await asyncio.sleep(0)  # let the API's requests in between passes
                 continue
             # While primed its watches wake it: the backstop can wait longer
-            # (each idle pass is 3-4 etcd reads; placement has no clock).
+            # (each idle pass is an etcd read, and the nodes' and drains'
+            # once a poll_interval; placement has no clock).
             await woken(self._wake, self.config.poll_interval * (BACKSTOP if self._cancels else 1))
 
     def call(self, method, *args):
@@ -219,6 +221,21 @@ class Placer:
 
     def close(self):
         self._pool.shutdown(wait=False)
+
+    def _read_head(self, nodes):
+        """(assigned, loads, free slots, the queue's head [(Job, revision)]), in the
+        placer's thread: the assignments and the queue's first keys in one
+        etcd transaction (one revision: a job is never seen both queued and
+        assigned), then the records of as many of those as a pass looks at
+        (none with no slot free), one hand-off for both. Only this placer
+        adds assignments: the loads can only shrink after the read."""
+        slots = sum(n.slots for n in nodes if not n.drained)
+        assigned, heads = self.store.assigned_and_queue(min(slots, MAX_ASSIGN) + LOOKAHEAD if slots else 0)
+        loads = scheduler.loads(assigned)
+        free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)
+                   for n in nodes if not n.drained)
+        look = min(free, MAX_ASSIGN) + LOOKAHEAD
+        return assigned, loads, free, self.store.queued_jobs(heads[:look]) if free and heads else []
 
     async def place(self):
         """One pass: read, plan, write. True if it wrote MAX_ASSIGN
@@ -249,18 +266,15 @@ class Placer:
                 # backstop with the watches still up: a job waited 10 s).
                 return prime is None
         _, live, drains = self._live
-        # Only this placer adds assignments: the loads can only shrink after the read.
-        assigned = await call(store.assigned)
         nodes = scheduler.node_views(live, drains)
-        loads = scheduler.loads(assigned)
-        free = sum(max(0, n.slots - loads[n.name].jobs if n.name in loads else n.slots)
-                   for n in nodes if not n.drained)
+        assigned, loads, free, queue = await call(self._read_head, nodes)
         if not free:
             return False
         wanted_assign = min(free, MAX_ASSIGN)
         limit = wanted_assign + LOOKAHEAD
         while True:
-            queue = await call(store.queued, limit)
+            if queue is None:  # further down
+                queue = await call(store.queued, limit)
             if not queue:
                 return False
             jobs = {job.uuid: (job, rev) for job, rev in queue}
@@ -274,6 +288,7 @@ class Placer:
             if len(plan.assign) >= wanted_assign or len(queue) < limit or limit >= MAX_LOOK:
                 break
             limit = min(limit * LOOK_GROWTH, MAX_LOOK)
+            queue = None
         assign = plan.assign[:MAX_ASSIGN]  # in queue order: a prefix over-commits nothing
         now = self.clock()
         changes = [(jobs[u][0], core.transition(jobs[u][0], core.STARTING, now=now, node=node),

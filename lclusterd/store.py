@@ -454,8 +454,32 @@ class Store:
             heads = _range(c, f"{self.prefix}/queue/", _end(f"{self.prefix}/queue/"),
                            limit=min(limit, self.page_keys)).kvs
             return _get_many(c, [self._job_key(kv.value.decode()) for kv in heads])
-        found = [(_decode(kv.value), kv.mod_revision) for kv in self._call(read)]
-        return [(job, rev) for job, rev in found if job.state == core.QUEUED]
+        return _still_queued(self._call(read))
+
+    def queued_jobs(self, uuids):
+        """[(Job, revision)] of those of uuids (queue heads, in queue order)
+        whose records exist and say queued, in that order."""
+        return _still_queued(self._call(lambda c: _get_many(c, [self._job_key(u) for u in uuids])))
+
+    def assigned_and_queue(self, limit):
+        """(assigned(), the uuids of the queue's first `limit` keys), at one
+        revision, in one transaction: the placer read them in two calls, a
+        pass's first two. More assignments than a page are read on, paged,
+        at that revision (as assigned() does)."""
+        prefix, queue = self._key("assigned"), f"{self.prefix}/queue/"
+        def read(c):
+            ops = [_prefix_range(prefix, self.page_keys)]
+            if limit >= 1:  # etcd reads a limit of 0 as "everything"
+                ops.append(_prefix_range(queue, min(limit, self.page_keys)))
+            answer = _txn(c, [], ops)
+            first, *heads = (r.response_range for r in answer.responses)
+            kvs = list(first.kvs)
+            if first.more and first.kvs:
+                kvs += _scan(c, prefix, self.page_keys, revision=answer.header.revision,
+                             start=first.kvs[-1].key + b"\0")[0]
+            return kvs, [kv.value.decode() for r in heads for kv in r.kvs]
+        kvs, heads = self._call(self._consistent(read))
+        return self._assigned_map(kvs), heads
 
     def queued_count(self, uid):
         """How many jobs of uid are queued (a count-only read of an index)."""
@@ -474,6 +498,9 @@ class Store:
         it is in the answer even with nothing assigned)."""
         prefix = self._key("assigned", f"{node}/" if node is not None else "")
         kvs = self._call(self._consistent(lambda c: _scan(c, prefix, self.page_keys)[0]))
+        return self._assigned_map(kvs, node)
+
+    def _assigned_map(self, kvs, node=None):
         found = {node: {}} if node is not None else {}
         for kv in kvs:
             name, job_uuid = kv.key.decode()[len(self._key("assigned")):].split("/", 1)
@@ -1263,6 +1290,12 @@ def _prefix_keys(prefix, limit):
         key=_b(prefix), range_end=_end(prefix), limit=limit, keys_only=True))
 
 
+def _prefix_range(prefix, limit):
+    """The first limit keys under prefix with their values, in key order."""
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
+        key=_b(prefix), range_end=_end(prefix), limit=limit))
+
+
 def _value(key, value):
     return etcdrpc.Compare(key=_b(key), target=etcdrpc.Compare.VALUE,
                            result=etcdrpc.Compare.EQUAL, value=_b(value))
@@ -1382,10 +1415,10 @@ def _page(c, start, end, limit, keys_only=False, revision=0):
             raise
 
 
-def _scan(c, prefix, page_keys, keys_only=False, revision=0):
-    """Every key under prefix, in key order, pages of page_keys keys at most,
-    all at one revision: ([KeyValue], revision)."""
-    start, end, limit, kvs = _b(prefix), _end(prefix), page_keys, []
+def _scan(c, prefix, page_keys, keys_only=False, revision=0, start=None):
+    """Every key under prefix (from start on), in key order, pages of
+    page_keys keys at most, all at one revision: ([KeyValue], revision)."""
+    start, end, limit, kvs = start or _b(prefix), _end(prefix), page_keys, []
     while True:
         answer, limit = _page(c, start, end, limit, keys_only, revision)
         revision = revision or answer.header.revision
@@ -1394,6 +1427,13 @@ def _scan(c, prefix, page_keys, keys_only=False, revision=0):
             return kvs, revision
         start = answer.kvs[-1].key + b"\0"
         limit = _next_size(answer.kvs, page_keys)
+
+
+def _still_queued(kvs):
+    """[(Job, revision)] of the records kvs that say queued (one placed or
+    cancelled since its queue key was read says otherwise)."""
+    found = [(_decode(kv.value), kv.mod_revision) for kv in kvs]
+    return [(job, rev) for job, rev in found if job.state == core.QUEUED]
 
 
 def _get_many(c, keys):

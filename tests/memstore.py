@@ -264,6 +264,19 @@ class MemStore:
             return [(job, rev) for job, rev in jobs if job.state == core.QUEUED]
         return self._read(read)
 
+    def queued_jobs(self, uuids):
+        def read():
+            found = [(self._value(self._job_key(u)), self._mod(self._job_key(u))) for u in uuids]
+            jobs = [(_decode(v), rev) for v, rev in found if v is not None]
+            return [(job, rev) for job, rev in jobs if job.state == core.QUEUED]
+        return self._read(read)
+
+    def assigned_and_queue(self, limit):
+        def read():  # one read: one revision, as Store's one transaction
+            heads = self._range(f"{self.prefix}/queue/", min(limit, self.page_keys)) if limit >= 1 else []
+            return self._assigned(), [u for _, u, _ in heads]
+        return self._read(read)
+
     def queued_count(self, uid):
         return self._read(lambda: len(self._range(f"{self.prefix}/queued_by/{int(uid)}/")))
 
@@ -282,14 +295,15 @@ class MemStore:
         return self._read(read)
 
     def assigned(self, node=None):
-        def read():
-            base = self._key("assigned")
-            found = {node: {}} if node is not None else {}
-            for key, value, _ in self._range(self._key("assigned", f"{node}/" if node is not None else "")):
-                name, job_uuid = key[len(base):].split("/", 1)
-                found.setdefault(name, {})[job_uuid] = json.loads(value)
-            return found
-        return self._read(read)
+        return self._read(lambda: self._assigned(node))
+
+    def _assigned(self, node=None):
+        base = self._key("assigned")
+        found = {node: {}} if node is not None else {}
+        for key, value, _ in self._range(self._key("assigned", f"{node}/" if node is not None else "")):
+            name, job_uuid = key[len(base):].split("/", 1)
+            found.setdefault(name, {})[job_uuid] = json.loads(value)
+        return found
 
     def dependents(self, parent_uuid):
         return self._read(lambda: [k.rsplit("/", 1)[1]

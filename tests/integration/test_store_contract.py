@@ -209,6 +209,29 @@ def test_get_many_answers_those_that_exist(any_store):
     assert any_store.get_many([]) == {}
 
 
+def test_assigned_and_queue_reads_both_at_once_paged_past_a_page(request, kind, prefix):
+    """The placer's first read: every assignment (more than a page here)
+    and the queue's first keys' uuids, then the records of those still queued."""
+    s = (MemStore(prefix=prefix, clock=Clock(), page_keys=3) if kind == "memory" else
+         Store([request.getfixturevalue("etcd").endpoint], prefix=prefix, page_keys=3))
+    try:
+        jobs = [make_job(submitted_at=1000.0 + i) for i in range(9)]
+        s.submit_many(jobs)
+        revs = s.get_many([j.uuid for j in jobs[:5]])
+        s.update_many([(j, assign(j, f"n{i % 2}"), revs[j.uuid][1]) for i, j in enumerate(jobs[:5])])
+        waiting = [j.uuid for j in jobs[5:]]
+        assigned, first = s.assigned_and_queue(2)
+        assert assigned == s.assigned() and sum(len(v) for v in assigned.values()) == 5
+        assert first == waiting[:2]
+        assert s.assigned_and_queue(10)[1] == waiting[:3]  # a page at most, as queued()
+        assert s.assigned_and_queue(0) == (assigned, [])
+        found = s.queued_jobs([waiting[1], jobs[0].uuid, str(uuid.uuid4()), waiting[0]])
+        assert [(j.uuid, rev) for j, rev in found] == [
+            (u, s.get(u)[1]) for u in (waiting[1], waiting[0])]  # placed and missing left out
+    finally:
+        s.close()
+
+
 # --- the assigned index through the lifecycle -------------------------------------
 
 def test_assigned_follows_the_record_through_every_transition(any_store):

@@ -86,7 +86,7 @@ def test_a_busy_placer_passes_again_only_when_there_is_room(tmp_path, monkeypatc
     # etcd's events come a moment after the write, not within it.
     n.store.watch = lambda kind, callback, **kw: watch(
         kind, lambda events: threading.Timer(0.05, callback, [events]).start(), **kw)
-    passes = counted(n.store, "assigned")  # one read of each placement pass
+    passes = counted(n.store, "assigned_and_queue")  # one read of each placement pass
     run_for(n, 0.5, n.place)
     assert sorted(n.store.get(u)[0].state for u in (U1, U2, U3)) == [
         core.QUEUED, core.STARTING, core.STARTING]
@@ -103,17 +103,42 @@ def test_a_pass_with_one_free_slot_reads_a_short_head_of_a_deep_queue(tmp_path):
     register(n)
     for i in range(40):
         put(n.store, job(job_uuid=f"{i:08d}-0000-4000-8000-000000000000"))
-    limits = []
-    queued = n.store.queued
-    n.store.queued = lambda limit: (limits.append(limit), queued(limit))[1]
+    limits, records = [], []
+    heads, queued_jobs = n.store.assigned_and_queue, n.store.queued_jobs
+    n.store.assigned_and_queue = lambda limit: (limits.append(limit), heads(limit))[1]
+    n.store.queued_jobs = lambda uuids: (records.append(len(uuids)), queued_jobs(uuids))[1]
 
     async def scenario():
         assert await n.membership.hold_prime()
         await n.placer.place()
     asyncio.run(scenario())
-    assert limits and limits[0] <= 17, limits
+    assert limits == [17] and records == [17], (limits, records)
     assert sum(n.store.get(f"{i:08d}-0000-4000-8000-000000000000")[0].state == core.STARTING
                for i in range(40)) == 1
+
+
+def test_a_placement_pass_is_two_etcd_reads_in_one_hand_off_then_the_write(tmp_path):
+    """The assignments and the queue's head keys in one transaction, then
+    the head's records, both in one call to the placer's threads (before:
+    the assignments, then the keys and records: two hand-offs, three etcd
+    calls, each ~1 ms of the daemon's CPU)."""
+    n = make_node(tmp_path, slots=2)
+    register(n)
+    hand_offs = counted(n.placer._pool, "submit")
+
+    async def scenario():
+        assert await n.membership.hold_prime()
+        assert not await n.placer.place()  # the nodes and drains read; nothing queued
+        for u in (U1, U2):
+            put(n.store, job(job_uuid=u))
+        hand_offs.clear()
+        calls = counted(n.store, "_enter")  # every MemStore call starts there
+        await n.placer.place()
+        return len(calls)
+    calls = asyncio.run(scenario())
+    assert [n.store.get(u)[0].state for u in (U1, U2)] == [core.STARTING] * 2
+    assert len(hand_offs) == 2, len(hand_offs)  # the reads, the write
+    assert calls == 3, calls  # assigned_and_queue, queued_jobs, the write
 
 
 def test_the_placer_passes_on_a_job_queued_not_on_one_gone_from_the_queue(tmp_path):
