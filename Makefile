@@ -89,7 +89,7 @@ demo: deps deb
 	fi
 
 # ---- bench ------------------------------------------------------------------
-# `make bench` (issue 13's targets, each printed met / missed; ~30 minutes on
+# `make bench` (issue 13's targets, each printed met / missed; ~20 minutes on
 # 2 cores): first the scale section (tests/bench/sim.py, no containers: 10
 # and 100 simulated nodes running the real node code against a 3-member etcd
 # on loopback, 1,000 jobs a run). Then tests/bench/run.py: the history run
