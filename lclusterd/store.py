@@ -523,9 +523,9 @@ class Store:
         parents, found = list(dict.fromkeys(parent_uuids)), {}
         for i in range(0, len(parents), MAX_TXN_OPS):
             batch = parents[i:i + MAX_TXN_OPS]
-            prefixes = [self._key("dependents", f"{p}/") for p in batch]
-            answer = self._call(lambda c: _txn(c, [], [_prefix_keys(prefix, DEPENDENTS_AT_ONCE)
-                                                       for prefix in prefixes]))
+            ops = [_prefix_range(self._key("dependents", f"{p}/"), DEPENDENTS_AT_ONCE, keys_only=True)
+                   for p in batch]
+            answer = self._call(lambda c: _txn(c, [], ops))
             for p, r in zip(batch, answer.responses):
                 kvs = r.response_range
                 found[p] = (self.dependents(p) if kvs.more else
@@ -1284,16 +1284,11 @@ def _get(key, keys_only=False):
     return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=_b(key), keys_only=keys_only))
 
 
-def _prefix_keys(prefix, limit):
-    """The first limit keys under prefix (no values), in key order."""
+def _prefix_range(prefix, limit, keys_only=False):
+    """The first limit keys under prefix (with their values unless
+    keys_only), in key order."""
     return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
-        key=_b(prefix), range_end=_end(prefix), limit=limit, keys_only=True))
-
-
-def _prefix_range(prefix, limit):
-    """The first limit keys under prefix with their values, in key order."""
-    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
-        key=_b(prefix), range_end=_end(prefix), limit=limit))
+        key=_b(prefix), range_end=_end(prefix), limit=limit, keys_only=keys_only))
 
 
 def _value(key, value):

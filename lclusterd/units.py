@@ -173,10 +173,7 @@ def _header_fields(buf, e, at, end):
         sig = bytes(buf[at + 2:at + 2 + sig_len])
         at += 3 + sig_len
         if sig in (b"s", b"o"):
-            at += -at & 3
-            (n,) = unpack_from(e + "I", buf, at)
-            fields[code] = buf[at + 4:at + 4 + n].decode()
-            at += 5 + n
+            fields[code], at = _read_string(buf, e, at)
         elif sig == b"g":
             n = buf[at]
             fields[code] = buf[at + 1:at + 1 + n].decode()

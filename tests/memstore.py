@@ -259,17 +259,16 @@ class MemStore:
             return []
         def read():
             heads = self._range(f"{self.prefix}/queue/", min(limit, self.page_keys))
-            found = [(self._value(self._job_key(u)), self._mod(self._job_key(u))) for _, u, _ in heads]
-            jobs = [(_decode(v), rev) for v, rev in found if v is not None]
-            return [(job, rev) for job, rev in jobs if job.state == core.QUEUED]
+            return self._still_queued([u for _, u, _ in heads])
         return self._read(read)
 
     def queued_jobs(self, uuids):
-        def read():
-            found = [(self._value(self._job_key(u)), self._mod(self._job_key(u))) for u in uuids]
-            jobs = [(_decode(v), rev) for v, rev in found if v is not None]
-            return [(job, rev) for job, rev in jobs if job.state == core.QUEUED]
-        return self._read(read)
+        return self._read(lambda: self._still_queued(uuids))
+
+    def _still_queued(self, uuids):
+        found = [(self._value(self._job_key(u)), self._mod(self._job_key(u))) for u in uuids]
+        jobs = [(_decode(v), rev) for v, rev in found if v is not None]
+        return [(job, rev) for job, rev in jobs if job.state == core.QUEUED]
 
     def assigned_and_queue(self, limit):
         def read():  # one read: one revision, as Store's one transaction
